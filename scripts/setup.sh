@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what lineguard needs and does not find, idempotently:
+#   - libtorch 2.11.0 (the one tch 0.24 binds) from the PyPI torch wheel into .libtorch/ (git-ignored).
+#     CPU-only by default (~550 MB download); LINEGUARD_TORCH=cuda installs the full CUDA stack (~4.6 GB).
+# Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+CPU_EXTRAS="nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85"
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+need() { command -v "$1" >/dev/null 2>&1 || { say "missing '$1': $2"; exit 1; }; }
+
+need cargo "install Rust (https://rustup.rs) and run this again"
+need python3 "python3 with pip is needed once, to fetch libtorch from PyPI"
+
+if [ -f .libtorch/torch/lib/libtorch_cpu.so ] && [ -f .libtorch/.complete ]; then
+    say "libtorch found in .libtorch/"
+else
+    python3 -m pip --version >/dev/null 2>&1 || python3 -m ensurepip --upgrade >/dev/null 2>&1 || {
+        say "python3 has no pip; install it (Debian: apt-get install python3-pip) and run this again"; exit 1; }
+    variant="${LINEGUARD_TORCH:-cpu}"
+    say "installing libtorch ${TORCH_VERSION} (${variant}) from PyPI into .libtorch/ ..."
+    rm -rf .libtorch.partial
+    if [ "$variant" = cuda ]; then
+        packages="torch==${TORCH_VERSION}"; deps=""
+    else
+        # The x86_64 wheel is built for CUDA 13: libtorch_cpu.so itself links libcudart and libcupti, so
+        # the two small runtime wheels come along; the rest of the CUDA stack does not.
+        packages="torch==${TORCH_VERSION} ${CPU_EXTRAS}"; deps="--no-deps"
+    fi
+    # shellcheck disable=SC2086
+    python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir $deps \
+        --target .libtorch.partial $packages
+    touch .libtorch.partial/.complete
+    rm -rf .libtorch
+    mv .libtorch.partial .libtorch
+    say "libtorch installed ($(du -sh .libtorch | cut -f1))"
+fi

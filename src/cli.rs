@@ -1,0 +1,171 @@
+//! Command-line interface: what each subcommand and flag means, with short and long help.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use lineguard::model::config::Preset;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lineguard",
+    version,
+    about = "Logical and structural anomaly detection for factory lines (EfficientAD-S + DFSC)",
+    long_about = "lineguard trains and runs EfficientAD-S anomaly detectors with the Distinctive Feature \
+Separation Constraint (DFSC), which keeps logical anomalies - a missing part, a wrong pairing, a part in the \
+wrong place - visible, not only scratches and dents.\n\n\
+A typical session:\n  \
+lineguard synth --out data/synth                       # a dataset to try things on\n  \
+lineguard train --data data/synth --image-size 128 --steps 1000 --out model.safetensors\n  \
+lineguard eval --model model.safetensors --data data/synth\n  \
+lineguard predict --model model.safetensors data/synth/test/logical_anomalies --out heatmaps/\n\n\
+Or all of it at once: lineguard demo. Datasets use the MVTec LOCO AD layout (train/good, validation/good, \
+test/good, test/logical_anomalies, test/structural_anomalies, ground_truth/, defects_config.json).",
+    after_help = "Run 'lineguard <command> --help' for the flags of one command."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a procedural dataset in MVTec LOCO layout (trays with logical rules and defects).
+    Synth(SynthArgs),
+    /// Train a model on a dataset's train/good images and calibrate it on validation/good.
+    Train(TrainArgs),
+    /// Score images or folders of images and write heatmap pictures.
+    Predict(PredictArgs),
+    /// Image AUROC and pixel AU-sPRO of a model on a dataset's test split.
+    Eval(EvalArgs),
+    /// The embedded default: synthesise a line, train a small model, evaluate it, draw heatmaps.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output folder; must not exist yet or be empty (two datasets are never mixed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed: the same seed and sizes give byte-identical datasets.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Side of the square images in pixels.
+    #[arg(long, default_value_t = 256)]
+    pub image_size: u32,
+    /// Number of train/good images.
+    #[arg(long)]
+    pub train: Option<usize>,
+    /// Number of validation/good images.
+    #[arg(long)]
+    pub validation: Option<usize>,
+    /// Number of test images of each kind (good, logical, structural).
+    #[arg(long)]
+    pub test: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// Recipe file (TOML). Any key of the recipe may be set; see pipelines/recipes/*.toml.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Start from a preset: `dfsc` (the paper's method) or `efficientad_s` (its baseline).
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Override train.steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Override image_size (a multiple of 64, at least 128).
+    #[arg(long)]
+    pub image_size: Option<i64>,
+    /// Override dfsc.margin (0..2).
+    #[arg(long)]
+    pub margin: Option<f64>,
+    /// Override train.seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Teacher weights (safetensors, keys conv1.weight ... conv4.bias). Default: a random teacher.
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Dataset root in MVTec LOCO layout (needs train/good and validation/good).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where to write the trained model (safetensors with its recipe and calibration inside).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Continue from this checkpoint (written every train.checkpoint_every steps beside --out).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Run on the CPU even when CUDA is available.
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Model file written by `lineguard train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Image files or folders of images (PNG, JPEG).
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Folder for heatmap pictures (original | overlay), one PNG per input.
+    #[arg(long, default_value = "lineguard-heatmaps")]
+    pub out: PathBuf,
+    /// Score above which an image is reported ANOMALY; without it only scores are printed.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model file written by `lineguard train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Dataset root in MVTec LOCO layout (needs test/good; anomalous splits need ground_truth/).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Print one JSON object: {"image_auroc": {logical, structural, mean}, "au_spro": {...}, ...}.
+    #[arg(long)]
+    pub json: bool,
+    /// Multiply the absolute saturation thresholds of defects_config.json, for resized masks
+    /// (0.25 for masks at half the original resolution).
+    #[arg(long, default_value_t = 1.0)]
+    pub saturation_scale: f64,
+    /// Also write a heatmap picture of every test image into this folder.
+    #[arg(long)]
+    pub heatmaps: Option<PathBuf>,
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Working folder for the dataset, model and heatmaps (reused when run again).
+    #[arg(long, default_value = "runs/demo")]
+    pub workdir: PathBuf,
+    /// Training steps of the demo model.
+    #[arg(long, default_value_t = 1500)]
+    pub steps: u64,
+    /// Image side of the demo (small keeps it fast on a laptop CPU).
+    #[arg(long, default_value_t = 128)]
+    pub image_size: u32,
+    /// Preset of the demo model.
+    #[arg(long, value_enum, default_value_t = Preset::Dfsc)]
+    pub preset: Preset,
+    /// Retrain even if the work folder already has a model for these settings.
+    #[arg(long)]
+    pub retrain: bool,
+    #[arg(long)]
+    pub cpu: bool,
+}

@@ -1,0 +1,72 @@
+//! One function per subcommand. They own the user-facing side: progress bars, tables, files written.
+
+mod demo;
+mod eval;
+mod predict;
+mod synth;
+mod train;
+
+use std::process::ExitCode;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::{Cli, Command};
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Synth(args) => synth::run(&args),
+        Command::Train(args) => train::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Predict(args) => predict::run(&args),
+        Command::Eval(args) => eval::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(&args),
+    }
+}
+
+/// A progress bar on a terminal; when stderr is not a terminal (CI, logs) a log line every tenth instead,
+/// so long jobs still show they are alive.
+pub struct Progress {
+    bar: ProgressBar,
+    what: String,
+    total: u64,
+    logged_tenths: u64,
+}
+
+impl Progress {
+    pub fn new(total: u64, what: &str) -> Progress {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(what.to_string());
+        Progress { bar, what: what.to_string(), total, logged_tenths: 0 }
+    }
+
+    pub fn set_position(&mut self, position: u64, message: &str) {
+        self.bar.set_position(position);
+        self.bar.set_message(message.to_string());
+        if self.bar.is_hidden() && self.total > 0 {
+            let tenths = position * 10 / self.total;
+            if tenths > self.logged_tenths {
+                self.logged_tenths = tenths;
+                log::info!("{}: {position}/{} {message}", self.what, self.total);
+            }
+        }
+    }
+
+    pub fn inc(&mut self) {
+        let position = self.bar.position() + 1;
+        self.set_position(position, "");
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// `path` with its extension replaced, for files written beside another (checkpoints beside models).
+pub fn sibling(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    path.with_file_name(format!("{stem}{suffix}"))
+}

@@ -1,0 +1,126 @@
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use lineguard::dataset::{self, LocoDataset};
+use lineguard::model::config::Recipe;
+use lineguard::model::train::{StepLosses, Trainer};
+use lineguard::model::EfficientAd;
+use tch::{Device, Tensor};
+
+use super::{sibling, Progress};
+use crate::cli::{RecipeArgs, TrainArgs};
+
+/// Recipe from file and preset, then the command-line overrides, validated as a whole.
+pub fn recipe_from_args(args: &RecipeArgs) -> anyhow::Result<Recipe> {
+    let mut recipe = Recipe::load(args.config.as_deref(), args.preset)?;
+    if let Some(steps) = args.steps {
+        recipe.train.steps = steps;
+    }
+    if let Some(size) = args.image_size {
+        recipe.image_size = size;
+    }
+    if let Some(margin) = args.margin {
+        recipe.dfsc.margin = margin;
+    }
+    if let Some(seed) = args.seed {
+        recipe.train.seed = seed;
+    }
+    if let Some(teacher) = &args.teacher {
+        recipe.teacher = Some(teacher.clone());
+    }
+    recipe.validate()?;
+    Ok(recipe)
+}
+
+pub fn run(args: &TrainArgs) -> anyhow::Result<EfficientAd> {
+    let device = lineguard::torch::select_device(args.cpu);
+    let recipe = recipe_from_args(&args.recipe)?;
+    train(&args.data, &args.out, recipe, args.resume.as_deref(), device)
+}
+
+/// Loads the data, trains (or resumes), checkpoints, calibrates and saves. Returns the trained model.
+pub fn train(
+    data: &Path,
+    out: &Path,
+    recipe: Recipe,
+    resume: Option<&Path>,
+    device: Device,
+) -> anyhow::Result<EfficientAd> {
+    let dataset = LocoDataset::open(data)?;
+    let side = recipe.image_size as u32;
+    log::info!(
+        "training {} at {side} px on {} ({} train / {} validation images of {})",
+        recipe.preset,
+        lineguard::torch::describe(device),
+        dataset.train.len(),
+        dataset.validation.len(),
+        data.display()
+    );
+    let train_images = load(&dataset.train, side, "loading train/good")?;
+    let validation = load(&dataset.validation, side, "loading validation/good")?;
+
+    let mut trainer = match resume {
+        Some(checkpoint) => {
+            let trainer = Trainer::resume(checkpoint, train_images, device)
+                .with_context(|| format!("resuming from {}", checkpoint.display()))?;
+            log::info!("resumed {} at step {}", checkpoint.display(), trainer.step);
+            trainer
+        }
+        None => Trainer::new(recipe, train_images, device)?,
+    };
+    let checkpoint = sibling(out, ".checkpoint.safetensors");
+    let every = trainer.model.recipe.train.checkpoint_every;
+    let total = trainer.total_steps();
+    let mut progress = Progress::new(total, "train");
+    let started = Instant::now();
+    let first_step = trainer.step;
+    while !trainer.is_done() {
+        let losses = trainer.step()?;
+        progress.set_position(trainer.step, &describe_losses(&losses));
+        if every > 0 && trainer.step % every == 0 && !trainer.is_done() {
+            trainer
+                .save_checkpoint(&checkpoint)
+                .with_context(|| format!("writing checkpoint {}", checkpoint.display()))?;
+        }
+    }
+    progress.finish();
+    let steps_run = trainer.step - first_step;
+    let elapsed = started.elapsed().as_secs_f64();
+    if steps_run > 0 {
+        log::info!("{steps_run} steps in {elapsed:.1} s ({:.1} ms/step)", 1e3 * elapsed / steps_run as f64);
+    }
+    let model = trainer.finish(&validation, 1)?;
+    model.save(out).with_context(|| format!("writing model {}", out.display()))?;
+    if checkpoint.exists() {
+        // The finished model supersedes the checkpoint; keeping it would invite resuming a finished run.
+        let _ = std::fs::remove_file(&checkpoint);
+    }
+    log::info!("model written to {}", out.display());
+    Ok(model)
+}
+
+fn load(paths: &[PathBuf], side: u32, what: &str) -> anyhow::Result<Tensor> {
+    let progress = std::sync::Mutex::new(Progress::new(paths.len() as u64, what));
+    let images = dataset::load_inputs(paths, side, &|| {
+        if let Ok(mut p) = progress.lock() {
+            p.inc();
+        }
+    })?;
+    if let Ok(p) = progress.lock() {
+        p.finish();
+    }
+    Ok(images)
+}
+
+fn describe_losses(l: &StepLosses) -> String {
+    let mut text = format!("loss {:.4} (hard {:.4} ae {:.4} st-ae {:.4}", l.total, l.hard, l.autoencoder, l.student_autoencoder);
+    if let Some(dfsc) = l.dfsc {
+        text.push_str(&format!(" dfsc {dfsc:.3}"));
+    }
+    if let Some(penalty) = l.penalty {
+        text.push_str(&format!(" penalty {penalty:.4}"));
+    }
+    text.push_str(&format!(") lr {:.1e}", l.learning_rate));
+    text
+}

@@ -1,0 +1,317 @@
+//! EfficientAD-S with the Distinctive Feature Separation Constraint.
+//!
+//! - [`config`]: the typed training recipe and its two presets;
+//! - [`net`]: teacher/student PDN and the autoencoder;
+//! - [`losses`]: hard feature loss, MSEs, ImageNet penalty, DFSC margin loss;
+//! - [`train`]: the training loop with our own AdamW state, warm-up, EMA and resumable checkpoints;
+//! - [`weights`]: the self-describing safetensors model file.
+//!
+//! [`EfficientAd`] is the trained detector that `predict`, `eval` and the streaming service load.
+
+pub mod config;
+pub mod losses;
+pub mod net;
+pub mod train;
+pub mod weights;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::WeightsError;
+use config::Recipe;
+use net::{Autoencoder, Pdn};
+use weights::TensorFile;
+
+/// Identifies our files among other safetensors files.
+pub const MODEL_FORMAT: &str = "lineguard-efficientad";
+/// Bumped when the tensor layout or metadata of model files changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Validation quantiles (low, high) of each raw map, used to put both maps on one scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MapQuantiles {
+    pub student_teacher: (f64, f64),
+    pub autoencoder: (f64, f64),
+}
+
+/// Provenance carried in every model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Increases with every promoted model of a line; results carry it.
+    pub model_version: u64,
+    pub trained_steps: u64,
+    pub created_unix: u64,
+    pub lineguard_version: String,
+}
+
+impl ModelInfo {
+    pub fn new(model_version: u64, trained_steps: u64) -> ModelInfo {
+        ModelInfo {
+            model_version,
+            trained_steps,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            lineguard_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// Raw (unnormalised) difference maps at feature resolution, [B, 1, h, w] each.
+pub struct RawMaps {
+    pub student_teacher: Tensor,
+    pub autoencoder: Tensor,
+}
+
+/// Teacher, student and autoencoder with the statistics needed to score images.
+pub struct EfficientAd {
+    pub recipe: Recipe,
+    pub info: ModelInfo,
+    pub map_quantiles: Option<MapQuantiles>,
+    pub(crate) device: Device,
+    pub(crate) teacher_vs: nn::VarStore,
+    pub(crate) student_vs: nn::VarStore,
+    pub(crate) autoencoder_vs: nn::VarStore,
+    pub(crate) teacher: Pdn,
+    pub(crate) student: Pdn,
+    pub(crate) autoencoder: Autoencoder,
+    /// Per-channel statistics of the teacher output on the training images, [1, C, 1, 1].
+    pub(crate) teacher_mean: Tensor,
+    pub(crate) teacher_std: Tensor,
+}
+
+impl EfficientAd {
+    /// Freshly initialised networks (seeded by `recipe.train.seed`); the teacher comes from
+    /// `recipe.teacher` when set.
+    pub fn new(recipe: Recipe, device: Device) -> Result<EfficientAd, WeightsError> {
+        tch::manual_seed(recipe.train.seed as i64);
+        let c = recipe.channels;
+        let mut teacher_vs = nn::VarStore::new(device);
+        let teacher = Pdn::new(&teacher_vs.root(), c);
+        let student_vs = nn::VarStore::new(device);
+        let student = Pdn::new(&student_vs.root(), 2 * c);
+        let autoencoder_vs = nn::VarStore::new(device);
+        let autoencoder = Autoencoder::new(&autoencoder_vs.root(), c, recipe.image_size, recipe.autoencoder);
+        if let Some(path) = &recipe.teacher {
+            load_teacher(&mut teacher_vs, path)?;
+        }
+        teacher_vs.freeze();
+        Ok(EfficientAd {
+            info: ModelInfo::new(0, 0),
+            map_quantiles: None,
+            device,
+            teacher_vs,
+            student_vs,
+            autoencoder_vs,
+            teacher,
+            student,
+            autoencoder,
+            teacher_mean: Tensor::zeros([1, c, 1, 1], (Kind::Float, device)),
+            teacher_std: Tensor::ones([1, c, 1, 1], (Kind::Float, device)),
+            recipe,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Teacher output normalised per channel, without gradient (the teacher is frozen).
+    pub fn teacher_features(&self, images: &Tensor) -> Tensor {
+        tch::no_grad(|| (self.teacher.forward(images) - &self.teacher_mean) / &self.teacher_std)
+    }
+
+    /// The two difference maps (channel means of squared differences).
+    pub fn raw_maps(&self, images: &Tensor) -> RawMaps {
+        tch::no_grad(|| {
+            let c = self.recipe.channels;
+            let teacher = self.teacher_features(images);
+            let student = self.student.forward(images);
+            let autoencoder = self.autoencoder.forward_t(images, false);
+            RawMaps {
+                student_teacher: (teacher - student.narrow(1, 0, c)).square().mean_dim(1, true, Kind::Float),
+                autoencoder: (autoencoder - student.narrow(1, c, c)).square().mean_dim(1, true, Kind::Float),
+            }
+        })
+    }
+
+    /// Combined, normalised anomaly maps [B, height, width] at the requested output size (the original
+    /// image size). Needs map quantiles (set by training on validation images).
+    pub fn anomaly_maps(&self, images: &Tensor, height: i64, width: i64) -> Result<Tensor, WeightsError> {
+        let quantiles = self.map_quantiles.ok_or_else(|| WeightsError::Content {
+            path: "<in memory>".into(),
+            reason: "the model has no map normalisation quantiles (it was not calibrated on validation images)"
+                .into(),
+        })?;
+        let raw = self.raw_maps(images);
+        Ok(tch::no_grad(|| {
+            let maps = &self.recipe.maps;
+            let st = normalise_map(&raw.student_teacher, quantiles.student_teacher, maps.sigmoid);
+            let ae = normalise_map(&raw.autoencoder, quantiles.autoencoder, maps.sigmoid);
+            let combined = st * maps.student_teacher_weight + ae * maps.autoencoder_weight;
+            // The PDN's valid convolutions lose 4 feature cells of context on each side (8 px of a 4-px
+            // grid at 256); padding restores the alignment with the image before resizing.
+            combined
+                .constant_pad_nd([4, 4, 4, 4])
+                .upsample_bilinear2d([height, width], false, None::<f64>, None::<f64>)
+                .squeeze_dim(1)
+        }))
+    }
+
+    /// Map values for pictures: from where both maps sit at their low validation quantile (calm) to where
+    /// both are ten times further above it than the validation's high quantile (clearly anomalous).
+    pub fn display_range(&self) -> (f32, f32) {
+        let maps = &self.recipe.maps;
+        let level = |normalised: f64| {
+            let v = if maps.sigmoid { 1.0 / (1.0 + (-normalised).exp()) } else { normalised };
+            (v * (maps.student_teacher_weight + maps.autoencoder_weight)) as f32
+        };
+        (level(0.0), level(1.0))
+    }
+
+    /// Writes the model (inference student, teacher, autoencoder, statistics, recipe) atomically.
+    pub fn save(&self, path: &Path) -> Result<(), WeightsError> {
+        self.to_tensor_file().save(path)
+    }
+
+    pub(crate) fn to_tensor_file(&self) -> TensorFile {
+        let mut file = TensorFile::default();
+        weights::export_store(&self.teacher_vs, "teacher", &mut file.tensors);
+        weights::export_store(&self.student_vs, "student", &mut file.tensors);
+        weights::export_store(&self.autoencoder_vs, "autoencoder", &mut file.tensors);
+        file.tensors.insert("teacher_mean".into(), self.teacher_mean.to_device(Device::Cpu));
+        file.tensors.insert("teacher_std".into(), self.teacher_std.to_device(Device::Cpu));
+        file.metadata.insert("format".into(), MODEL_FORMAT.into());
+        file.metadata.insert("format_version".into(), FORMAT_VERSION.to_string());
+        file.metadata.insert("recipe".into(), json(&self.recipe));
+        file.metadata.insert("info".into(), json(&self.info));
+        file.metadata.insert("map_quantiles".into(), json(&self.map_quantiles));
+        file
+    }
+
+    pub fn load(path: &Path, device: Device) -> Result<EfficientAd, WeightsError> {
+        let mut file = TensorFile::load(path, device)?;
+        Self::from_tensor_file(&mut file, path, device)
+    }
+
+    pub(crate) fn from_tensor_file(
+        file: &mut TensorFile,
+        path: &Path,
+        device: Device,
+    ) -> Result<EfficientAd, WeightsError> {
+        match file.metadata.get("format").map(String::as_str) {
+            Some(MODEL_FORMAT) => {}
+            other => {
+                return Err(WeightsError::Content {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "not a lineguard model (format {:?}, expected {MODEL_FORMAT:?}); teacher-only files go \
+                         in the recipe's `teacher` key",
+                        other
+                    ),
+                })
+            }
+        }
+        let version: u32 = file.metadata_json(path, "format_version")?;
+        if version != FORMAT_VERSION {
+            return Err(WeightsError::Content {
+                path: path.to_path_buf(),
+                reason: format!("model format version {version}, this lineguard reads {FORMAT_VERSION}"),
+            });
+        }
+        let mut recipe: Recipe = file.metadata_json(path, "recipe")?;
+        // The teacher's weights are inside the file: do not go looking for the original teacher file.
+        recipe.teacher = None;
+        let info: ModelInfo = file.metadata_json(path, "info")?;
+        let map_quantiles: Option<MapQuantiles> = file.metadata_json(path, "map_quantiles")?;
+        let mut model = EfficientAd::new(recipe, device)?;
+        weights::import_store(&mut model.teacher_vs, "teacher", file, path)?;
+        weights::import_store(&mut model.student_vs, "student", file, path)?;
+        weights::import_store(&mut model.autoencoder_vs, "autoencoder", file, path)?;
+        let c = model.recipe.channels;
+        model.teacher_mean = file.take(path, "teacher_mean", &[1, c, 1, 1])?;
+        model.teacher_std = file.take(path, "teacher_std", &[1, c, 1, 1])?;
+        model.info = info;
+        model.map_quantiles = map_quantiles;
+        Ok(model)
+    }
+}
+
+/// EfficientAD's map normalisation: validation quantiles q_a → 0 and q_b → 0.1, optional sigmoid.
+pub fn normalise_map(map: &Tensor, (low, high): (f64, f64), sigmoid: bool) -> Tensor {
+    let scaled = (map - low) * (0.1 / (high - low).max(1e-12));
+    if sigmoid {
+        scaled.sigmoid()
+    } else {
+        scaled
+    }
+}
+
+/// Loads teacher weights from a safetensors file with keys `conv1.weight` … (or `teacher.conv1.weight`).
+fn load_teacher(vs: &mut nn::VarStore, path: &Path) -> Result<(), WeightsError> {
+    let mut file = TensorFile::load(path, vs.device())?;
+    let prefixed = file.tensors.keys().any(|k| k.starts_with("teacher."));
+    if !prefixed {
+        file.tensors = std::mem::take(&mut file.tensors).into_iter().map(|(k, v)| (format!("teacher.{k}"), v)).collect();
+    }
+    weights::import_store(vs, "teacher", &mut file, path)
+}
+
+/// Serialising our own plain-data types cannot fail (no maps with non-string keys, no foreign
+/// `Serialize` impls); the fallback keeps `expect` out of the call sites all the same.
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| format!("\"unserialisable: {e}\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Preset;
+
+    fn small_recipe() -> Recipe {
+        Recipe { image_size: 128, channels: 16, ..Recipe::preset(Preset::Dfsc) }
+    }
+
+    #[test]
+    fn save_and_load_give_identical_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let mut model = EfficientAd::new(small_recipe(), Device::Cpu).unwrap();
+        model.map_quantiles = Some(MapQuantiles { student_teacher: (0.1, 0.5), autoencoder: (0.2, 0.9) });
+        model.info = ModelInfo::new(7, 123);
+        model.save(&path).unwrap();
+        let loaded = EfficientAd::load(&path, Device::Cpu).unwrap();
+        assert_eq!(loaded.recipe, model.recipe);
+        assert_eq!(loaded.info, model.info);
+        assert_eq!(loaded.map_quantiles, model.map_quantiles);
+        let x = Tensor::randn([2, 3, 128, 128], (Kind::Float, Device::Cpu));
+        let a = model.anomaly_maps(&x, 100, 60).unwrap();
+        let b = loaded.anomaly_maps(&x, 100, 60).unwrap();
+        assert_eq!(a.size(), vec![2, 100, 60]);
+        assert!(a.equal(&b));
+    }
+
+    #[test]
+    fn normalisation_maps_quantiles_to_0_and_0_1() {
+        let map = Tensor::from_slice(&[1.0f32, 3.0, 5.0]);
+        let plain: Vec<f32> = Vec::try_from(normalise_map(&map, (1.0, 3.0), false)).unwrap();
+        assert_eq!(plain, vec![0.0, 0.1, 0.2]);
+        let squashed: Vec<f32> = Vec::try_from(normalise_map(&map, (1.0, 3.0), true)).unwrap();
+        assert!((squashed[0] - 0.5).abs() < 1e-6 && (squashed[1] - 0.524_979).abs() < 1e-5);
+    }
+
+    #[test]
+    fn loading_a_foreign_file_names_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.safetensors");
+        let mut file = TensorFile::default();
+        file.tensors.insert("x".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu)));
+        file.save(&path).unwrap();
+        let err = EfficientAd::load(&path, Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("not a lineguard model"), "{err}");
+    }
+}

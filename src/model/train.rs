@@ -1,0 +1,489 @@
+//! The training loop: EfficientAD-S losses plus DFSC, AdamW with optimiser state of our own (tch cannot
+//! save its optimiser, and training must survive restarts), exponential warm-up, a final learning-rate
+//! drop and an EMA student. Every step is a pure function of (weights, optimiser state, seed, step), so a
+//! resumed run continues exactly where an uninterrupted one would be.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use super::config::{DfscPair, Recipe, TrainConfig};
+use super::losses::{dfsc_loss, hard_feature_loss, imagenet_penalty, mse, quantile_of};
+use super::net::Pdn;
+use super::weights::{self, TensorFile};
+use super::{EfficientAd, MapQuantiles, ModelInfo};
+use crate::error::WeightsError;
+use crate::preprocess;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("training data: {0}")]
+    Data(String),
+    #[error("step {step}: the loss is not finite ({loss}); the update was skipped (poisoned batch?)")]
+    NonFinite { step: u64, loss: f64 },
+    #[error(transparent)]
+    Image(#[from] crate::error::ImageError),
+}
+
+/// Loss terms of one step, for progress output and metrics.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepLosses {
+    pub hard: f64,
+    pub autoencoder: f64,
+    pub student_autoencoder: f64,
+    pub dfsc: Option<f64>,
+    pub penalty: Option<f64>,
+    pub total: f64,
+    pub learning_rate: f64,
+}
+
+/// AdamW (decoupled weight decay) whose moments are plain tensors we can checkpoint.
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub steps_taken: u64,
+    first_moments: Vec<Tensor>,
+    second_moments: Vec<Tensor>,
+}
+
+impl AdamW {
+    pub fn new(params: &[Tensor], weight_decay: f64) -> AdamW {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            steps_taken: 0,
+            first_moments: params.iter().map(Tensor::zeros_like).collect(),
+            second_moments: params.iter().map(Tensor::zeros_like).collect(),
+        }
+    }
+
+    /// One update from the gradients currently stored in `params`.
+    pub fn step(&mut self, params: &[Tensor], learning_rate: f64) {
+        self.steps_taken += 1;
+        let t = self.steps_taken as i32;
+        let bias1 = 1.0 - self.beta1.powi(t);
+        let bias2 = 1.0 - self.beta2.powi(t);
+        tch::no_grad(|| {
+            for ((param, m), v) in params.iter().zip(&mut self.first_moments).zip(&mut self.second_moments) {
+                let grad = param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let mut param = param.shallow_clone();
+                let _ = param.g_mul_scalar_(1.0 - learning_rate * self.weight_decay);
+                let _ = m.g_mul_scalar_(self.beta1).g_add_(&(&grad * (1.0 - self.beta1)));
+                let _ = v.g_mul_scalar_(self.beta2).g_add_(&(grad.square() * (1.0 - self.beta2)));
+                let denominator = (&*v / bias2).sqrt() + self.eps;
+                let _ = param.g_sub_(&((&*m / bias1) / denominator * learning_rate));
+            }
+        });
+    }
+}
+
+/// Learning rate at `step` (0-based): exponential warm-up lr·(1 − exp(−(t+1)/τ)), τ = 1/(1 − β₂), then
+/// × `final_lr_factor` for the last `final_lr_fraction` of the steps.
+pub fn learning_rate(train: &TrainConfig, step: u64) -> f64 {
+    let mut lr = train.learning_rate;
+    if let Some(beta2) = train.warmup_beta2 {
+        let tau = 1.0 / (1.0 - beta2);
+        lr *= 1.0 - (-((step + 1) as f64) / tau).exp();
+    }
+    let drop_at = ((1.0 - train.final_lr_fraction) * train.steps as f64).round() as u64;
+    if step >= drop_at {
+        lr *= train.final_lr_factor;
+    }
+    lr
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    optimizer_steps: u64,
+}
+
+/// Trains one model; owns the networks, the EMA copy of the student and the optimiser state.
+pub struct Trainer {
+    pub model: EfficientAd,
+    ema: Option<(nn::VarStore, Pdn)>,
+    optimizer: AdamW,
+    /// Trainable parameters sorted by their file name, so checkpoints map moments by name.
+    params: Vec<(String, Tensor)>,
+    pub step: u64,
+    images: Tensor,
+    natural_images: Vec<PathBuf>,
+}
+
+impl Trainer {
+    /// A new run: initialises the networks and computes the teacher's channel statistics on `images`
+    /// ([N, 3, S, S], preprocessed training images).
+    pub fn new(recipe: Recipe, images: Tensor, device: Device) -> Result<Trainer, TrainError> {
+        let mut model = EfficientAd::new(recipe, device)?;
+        let images = images.to_device(device);
+        let (mean, std) = teacher_statistics(&model, &images)?;
+        model.teacher_mean = mean;
+        model.teacher_std = std;
+        Self::assemble(model, images, None)
+    }
+
+    fn assemble(model: EfficientAd, images: Tensor, state: Option<(&mut TensorFile, &Path)>) -> Result<Trainer, TrainError> {
+        if images.size().first().copied().unwrap_or(0) == 0 {
+            return Err(TrainError::Data("no training images".into()));
+        }
+        let natural_images = match &model.recipe.train.imagenet_penalty_dir {
+            Some(dir) => {
+                let found = crate::dataset::list_images(dir).map_err(|e| TrainError::Data(e.to_string()))?;
+                if found.is_empty() {
+                    return Err(TrainError::Data(format!("imagenet_penalty_dir {} holds no images", dir.display())));
+                }
+                found
+            }
+            None => Vec::new(),
+        };
+        let ema = model.recipe.train.ema_momentum.map(|_| {
+            let mut vs = nn::VarStore::new(model.device);
+            let pdn = Pdn::new(&vs.root(), 2 * model.recipe.channels);
+            // Copying cannot fail: both stores were built by the same constructor.
+            let _ = vs.copy(&model.student_vs);
+            vs.freeze();
+            (vs, pdn)
+        });
+        let mut params: Vec<(String, Tensor)> = Vec::new();
+        for (prefix, vs) in [("student", &model.student_vs), ("autoencoder", &model.autoencoder_vs)] {
+            for (name, tensor) in vs.variables() {
+                params.push((format!("{prefix}.{name}"), tensor));
+            }
+        }
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let optimizer = AdamW::new(&tensors, model.recipe.train.weight_decay);
+        let mut trainer = Trainer { model, ema, optimizer, params, step: 0, images, natural_images };
+        if let Some((file, path)) = state {
+            trainer.restore_state(file, path)?;
+        }
+        Ok(trainer)
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.model.recipe.train.steps
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.total_steps()
+    }
+
+    /// One optimisation step. A non-finite loss skips the update and reports the step.
+    pub fn step(&mut self) -> Result<StepLosses, TrainError> {
+        let recipe = &self.model.recipe;
+        let train = &recipe.train;
+        let c = recipe.channels;
+        let mut rng = ChaCha8Rng::seed_from_u64(train.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        tch::manual_seed((train.seed ^ self.step.wrapping_mul(0xD1B5_4A32_D192_ED03)) as i64);
+
+        let n = self.images.size()[0];
+        let indices: Vec<i64> = (0..train.batch_size).map(|_| rng.gen_range(0..n)).collect();
+        let batch = self.images.index_select(0, &Tensor::from_slice(&indices).to_device(self.model.device));
+
+        let teacher = self.model.teacher_features(&batch);
+        let student = self.model.student.forward(&batch);
+        let hard = hard_feature_loss(&teacher, &student.narrow(1, 0, c), train.hard_quantile);
+
+        // EfficientAD feeds a colour-jittered copy to the autoencoder branch; DFSC feeds the same image.
+        let (teacher_ae, student_ae, ae_input) = if train.augmentation {
+            let jittered = preprocess::jitter(&batch, rng.gen_range(0..3), rng.gen_range(0.8..1.2));
+            let teacher_ae = self.model.teacher_features(&jittered);
+            let student_ae = self.model.student.forward(&jittered).narrow(1, c, c);
+            (teacher_ae, student_ae, jittered)
+        } else {
+            (teacher.shallow_clone(), student.narrow(1, c, c), batch.shallow_clone())
+        };
+        let autoencoder = self.model.autoencoder.forward_t(&ae_input, true);
+        let ae_loss = mse(&teacher_ae, &autoencoder);
+        let stae_loss = mse(&autoencoder, &student_ae);
+        let mut total = &hard + &ae_loss + &stae_loss;
+
+        let dfsc = if recipe.dfsc.enabled {
+            let loss = match recipe.dfsc.pair {
+                DfscPair::TeacherAutoencoder => dfsc_loss(&teacher_ae, &autoencoder, &recipe.dfsc),
+                DfscPair::AutoencoderStudent => dfsc_loss(&autoencoder, &student_ae, &recipe.dfsc),
+            };
+            total = total + &loss * recipe.dfsc.alpha;
+            Some(loss.double_value(&[]))
+        } else {
+            None
+        };
+        let penalty = if self.natural_images.is_empty() {
+            None
+        } else {
+            let path = &self.natural_images[rng.gen_range(0..self.natural_images.len())];
+            let image = preprocess::load_image(path)?;
+            let natural = preprocess::to_input(&image, recipe.image_size as u32).unsqueeze(0).to_device(self.model.device);
+            let loss = imagenet_penalty(&self.model.student.forward(&natural).narrow(1, 0, c));
+            total = total + &loss;
+            Some(loss.double_value(&[]))
+        };
+
+        let total_value = total.double_value(&[]);
+        let losses = StepLosses {
+            hard: hard.double_value(&[]),
+            autoencoder: ae_loss.double_value(&[]),
+            student_autoencoder: stae_loss.double_value(&[]),
+            dfsc,
+            penalty,
+            total: total_value,
+            learning_rate: learning_rate(train, self.step),
+        };
+        if !total_value.is_finite() {
+            return Err(TrainError::NonFinite { step: self.step, loss: total_value });
+        }
+        for (_, param) in &mut self.params {
+            param.zero_grad();
+        }
+        total.backward();
+        let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        self.optimizer.step(&tensors, losses.learning_rate);
+        if let (Some((ema_vs, _)), Some(momentum)) = (&self.ema, train.ema_momentum) {
+            update_ema(ema_vs, &self.model.student_vs, momentum);
+        }
+        self.step += 1;
+        Ok(losses)
+    }
+
+    /// Everything needed to continue: the model, the EMA student, optimiser moments and the step.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<(), TrainError> {
+        let mut file = self.model.to_tensor_file();
+        if let Some((ema_vs, _)) = &self.ema {
+            weights::export_store(ema_vs, "ema", &mut file.tensors);
+        }
+        for (((name, _), m), v) in self.params.iter().zip(&self.optimizer.first_moments).zip(&self.optimizer.second_moments) {
+            file.tensors.insert(format!("adamw.m.{name}"), m.to_device(Device::Cpu));
+            file.tensors.insert(format!("adamw.v.{name}"), v.to_device(Device::Cpu));
+        }
+        let state = TrainState { step: self.step, optimizer_steps: self.optimizer.steps_taken };
+        file.metadata.insert("train_state".into(), serde_json::to_string(&state).unwrap_or_default());
+        file.save(path)?;
+        Ok(())
+    }
+
+    /// Continues a run from a checkpoint written by [`Trainer::save_checkpoint`].
+    pub fn resume(path: &Path, images: Tensor, device: Device) -> Result<Trainer, TrainError> {
+        let mut file = TensorFile::load(path, device)?;
+        if !file.metadata.contains_key("train_state") {
+            return Err(WeightsError::Content {
+                path: path.to_path_buf(),
+                reason: "not a training checkpoint (no train_state): finished models cannot be resumed".into(),
+            }
+            .into());
+        }
+        let model = EfficientAd::from_tensor_file(&mut file, path, device)?;
+        Self::assemble(model, images.to_device(device), Some((&mut file, path)))
+    }
+
+    fn restore_state(&mut self, file: &mut TensorFile, path: &Path) -> Result<(), TrainError> {
+        let state: TrainState = file.metadata_json(path, "train_state")?;
+        if let Some((ema_vs, _)) = &mut self.ema {
+            weights::import_store(ema_vs, "ema", file, path)?;
+        }
+        for (i, (name, param)) in self.params.iter().enumerate() {
+            let shape = param.size();
+            self.optimizer.first_moments[i] = file.take(path, &format!("adamw.m.{name}"), &shape)?;
+            self.optimizer.second_moments[i] = file.take(path, &format!("adamw.v.{name}"), &shape)?;
+        }
+        self.step = state.step;
+        self.optimizer.steps_taken = state.optimizer_steps;
+        Ok(())
+    }
+
+    /// The model to serve: the EMA student (when enabled) and map quantiles from the validation images.
+    pub fn finish(mut self, validation: &Tensor, model_version: u64) -> Result<EfficientAd, TrainError> {
+        if let Some((ema_vs, _)) = &self.ema {
+            self.model.student_vs.copy(ema_vs).map_err(WeightsError::from)?;
+        }
+        self.model.map_quantiles = Some(map_quantiles(&self.model, validation)?);
+        self.model.info = ModelInfo::new(model_version, self.step);
+        Ok(self.model)
+    }
+
+    /// Names and current values of every trainable parameter (for tests and diagnostics).
+    pub fn parameters(&self) -> BTreeMap<String, Tensor> {
+        self.params.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect()
+    }
+}
+
+fn update_ema(ema: &nn::VarStore, live: &nn::VarStore, momentum: f64) {
+    let live = live.variables();
+    tch::no_grad(|| {
+        for (name, mut shadow) in ema.variables() {
+            if let Some(current) = live.get(&name) {
+                let _ = shadow.g_mul_scalar_(momentum).g_add_(&(current * (1.0 - momentum)));
+            }
+        }
+    });
+}
+
+/// Runs `f` over `images` in chunks, without gradient.
+fn for_chunks(images: &Tensor, mut f: impl FnMut(&Tensor)) {
+    let n = images.size()[0];
+    let chunk = 8;
+    tch::no_grad(|| {
+        for start in (0..n).step_by(chunk as usize) {
+            f(&images.narrow(0, start, chunk.min(n - start)));
+        }
+    });
+}
+
+/// Per-channel mean and standard deviation of the raw teacher output over all training images.
+fn teacher_statistics(model: &EfficientAd, images: &Tensor) -> Result<(Tensor, Tensor), TrainError> {
+    let c = model.recipe.channels;
+    let device = model.device;
+    let mut sum = Tensor::zeros([c], (Kind::Double, device));
+    let mut sum_sq = Tensor::zeros([c], (Kind::Double, device));
+    let mut count = 0i64;
+    for_chunks(images, |chunk| {
+        let features = model.teacher.forward(chunk).to_kind(Kind::Double);
+        let dims = [0i64, 2, 3];
+        sum += features.sum_dim_intlist(dims.as_slice(), false, Kind::Double);
+        sum_sq += features.square().sum_dim_intlist(dims.as_slice(), false, Kind::Double);
+        count += features.numel() as i64 / c;
+    });
+    let mean = &sum / count as f64;
+    let variance = (sum_sq / count as f64 - mean.square()).clamp_min(0.0);
+    let std = variance.sqrt().clamp_min(1e-6);
+    let shape = [1, c, 1, 1];
+    let mean = mean.to_kind(Kind::Float).reshape(shape);
+    let std = std.to_kind(Kind::Float).reshape(shape);
+    if !bool::try_from(mean.isfinite().all()).unwrap_or(false) {
+        return Err(TrainError::Data("teacher statistics are not finite (corrupt images?)".into()));
+    }
+    Ok((mean, std))
+}
+
+/// EfficientAD's normalisation quantiles of both raw maps over the validation images.
+pub fn map_quantiles(model: &EfficientAd, validation: &Tensor) -> Result<MapQuantiles, TrainError> {
+    if validation.size().first().copied().unwrap_or(0) == 0 {
+        return Err(TrainError::Data("no validation images for map normalisation".into()));
+    }
+    let validation = validation.to_device(model.device);
+    let mut st = Vec::new();
+    let mut ae = Vec::new();
+    for_chunks(&validation, |chunk| {
+        let maps = model.raw_maps(chunk);
+        st.push(maps.student_teacher.flatten(0, -1));
+        ae.push(maps.autoencoder.flatten(0, -1));
+    });
+    let (st, ae) = (Tensor::cat(&st, 0), Tensor::cat(&ae, 0));
+    let cfg = &model.recipe.maps;
+    let q = |t: &Tensor, q: f64| quantile_of(t, q).double_value(&[]);
+    Ok(MapQuantiles {
+        student_teacher: (q(&st, cfg.quantile_low), q(&st, cfg.quantile_high)),
+        autoencoder: (q(&ae, cfg.quantile_low), q(&ae, cfg.quantile_high)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Preset;
+
+    fn tiny_recipe(preset: Preset, steps: u64) -> Recipe {
+        let mut recipe = Recipe::preset(preset);
+        recipe.image_size = 128;
+        recipe.channels = 8;
+        recipe.train.steps = steps;
+        recipe
+    }
+
+    fn images(n: i64) -> Tensor {
+        tch::manual_seed(3);
+        Tensor::randn([n, 3, 128, 128], (Kind::Float, Device::Cpu))
+    }
+
+    #[test]
+    fn warmup_and_final_drop_follow_the_reference() {
+        let train = TrainConfig { steps: 1000, ..TrainConfig::default() };
+        let tau: f64 = 1.0 / (1.0 - 0.997);
+        assert!((learning_rate(&train, 0) - 1e-4 * (1.0 - (-1.0 / tau).exp())).abs() < 1e-12);
+        assert!((learning_rate(&train, 899) - 1e-4 * (1.0 - (-900.0 / tau).exp())).abs() < 1e-12);
+        assert!((learning_rate(&train, 900) - 1e-5 * (1.0 - (-901.0 / tau).exp())).abs() < 1e-12);
+        let flat = TrainConfig { warmup_beta2: None, ..train };
+        assert_eq!(learning_rate(&flat, 0), 1e-4);
+    }
+
+    #[test]
+    fn adamw_matches_a_hand_computed_first_step() {
+        // First step: m̂ = g, v̂ = g², update = lr·g/(|g| + eps) = lr·sign(g); decay p·(1 − lr·wd) first.
+        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        (&p * Tensor::from_slice(&[3.0f32, -0.5])).sum(Kind::Float).backward();
+        let mut opt = AdamW::new(&[p.shallow_clone()], 0.1);
+        opt.step(&[p.shallow_clone()], 0.01);
+        let got: Vec<f32> = Vec::try_from(p.detach()).unwrap();
+        let expected = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) + 0.01];
+        for (g, e) in got.iter().zip(expected) {
+            assert!((*g as f64 - e).abs() < 1e-6, "{got:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn training_reduces_the_loss_on_repeated_data() {
+        let data = images(2);
+        let mut recipe = tiny_recipe(Preset::Dfsc, 30);
+        recipe.train.warmup_beta2 = None;
+        recipe.train.learning_rate = 1e-3;
+        let mut trainer = Trainer::new(recipe, data, Device::Cpu).unwrap();
+        let first = trainer.step().unwrap();
+        assert!(first.dfsc.is_some());
+        let mut last = first;
+        while !trainer.is_done() {
+            last = trainer.step().unwrap();
+        }
+        assert!(last.hard < first.hard, "hard loss {} → {}", first.hard, last.hard);
+        assert!(last.autoencoder < first.autoencoder, "ae loss {} → {}", first.autoencoder, last.autoencoder);
+    }
+
+    #[test]
+    fn ema_student_lags_the_trained_student() {
+        let mut trainer = Trainer::new(tiny_recipe(Preset::Dfsc, 3), images(2), Device::Cpu).unwrap();
+        let before = trainer.parameters();
+        for _ in 0..3 {
+            trainer.step().unwrap();
+        }
+        let name = "student.conv1.weight";
+        let trained = trainer.parameters()[name].shallow_clone();
+        let initial = before[name].shallow_clone();
+        let model = trainer.finish(&images(1), 1).unwrap();
+        let served = model.student_vs.variables()["conv1.weight"].detach();
+        // θ_ema after 3 steps = 0.99³·θ₀ + (1 − 0.99³)·(recent θ): strictly between start and trained.
+        let moved_trained = (&trained - &initial).abs().sum(Kind::Float).double_value(&[]);
+        let moved_served = (&served - &initial).abs().sum(Kind::Float).double_value(&[]);
+        assert!(moved_served > 0.0 && moved_served < 0.1 * moved_trained, "{moved_served} vs {moved_trained}");
+    }
+
+    #[test]
+    fn non_finite_loss_is_reported_and_skips_the_update() {
+        let mut poisoned = images(1);
+        let _ = poisoned.fill_(f64::NAN);
+        let recipe = tiny_recipe(Preset::Dfsc, 2);
+        // Teacher statistics on NaN images are rejected up front …
+        assert!(Trainer::new(recipe.clone(), poisoned.shallow_clone(), Device::Cpu).is_err());
+        // … and a NaN batch that reaches a step leaves the weights untouched.
+        let mut trainer = Trainer::new(recipe, images(1), Device::Cpu).unwrap();
+        trainer.images = poisoned;
+        let before = trainer.parameters();
+        let err = trainer.step().unwrap_err();
+        assert!(matches!(err, TrainError::NonFinite { step: 0, .. }), "{err}");
+        let after = trainer.parameters();
+        for (name, value) in &before {
+            assert!(value.equal(&after[name]), "{name} changed");
+        }
+    }
+}

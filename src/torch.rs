@@ -1,0 +1,42 @@
+//! libtorch start-up. rustc links with `--as-needed`, which drops `libtorch_cuda.so` because no symbol of
+//! it is referenced directly; CUDA then looks absent even on a GPU host (tch-rs issue 980). Loading the
+//! library by hand before any other tch call registers its CUDA hooks. A CUDA query made before that caches
+//! the CPU-only answer for the life of the process, hence [`init`] first thing in `main`.
+
+use std::sync::Once;
+
+use tch::Device;
+
+static INIT: Once = Once::new();
+
+/// Loads `libtorch_cuda.so` when present (GPU installs); harmless on CPU-only installs.
+pub fn init() {
+    INIT.call_once(|| {
+        for name in [c"libtorch_cuda.so", c"libtorch_hip.so"] {
+            // SAFETY: dlopen with a valid NUL-terminated name; the handle is deliberately never closed so
+            // the library's static initialisers stay registered.
+            let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            if !handle.is_null() {
+                log::debug!("loaded {}", name.to_string_lossy());
+            }
+        }
+    });
+}
+
+/// CUDA device 0 when available and not refused, else the CPU.
+pub fn select_device(force_cpu: bool) -> Device {
+    init();
+    if !force_cpu && tch::Cuda::is_available() {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    }
+}
+
+pub fn describe(device: Device) -> String {
+    match device {
+        Device::Cpu => format!("CPU ({} threads)", tch::get_num_threads()),
+        Device::Cuda(i) => format!("CUDA device {i}"),
+        other => format!("{other:?}"),
+    }
+}
