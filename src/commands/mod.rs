@@ -22,14 +22,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A progress bar on a terminal; when stderr is not a terminal (CI, logs) a log line every tenth instead,
-/// so long jobs still show they are alive.
+/// A progress bar on a terminal; when stderr is not a terminal (CI, logs) a log line per tenth of the work
+/// instead, at most one every few seconds, so long jobs show they are alive without flooding short ones.
 pub struct Progress {
     bar: ProgressBar,
     what: String,
     total: u64,
     logged_tenths: u64,
+    last_log: std::time::Instant,
 }
+
+const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Progress {
     pub fn new(total: u64, what: &str) -> Progress {
@@ -40,7 +43,7 @@ impl Progress {
                 .progress_chars("=> "),
         );
         bar.set_prefix(what.to_string());
-        Progress { bar, what: what.to_string(), total, logged_tenths: 0 }
+        Progress { bar, what: what.to_string(), total, logged_tenths: 0, last_log: std::time::Instant::now() }
     }
 
     pub fn set_position(&mut self, position: u64, message: &str) {
@@ -48,8 +51,9 @@ impl Progress {
         self.bar.set_message(message.to_string());
         if self.bar.is_hidden() && self.total > 0 {
             let tenths = position * 10 / self.total;
-            if tenths > self.logged_tenths {
+            if tenths > self.logged_tenths && self.last_log.elapsed() >= LOG_INTERVAL {
                 self.logged_tenths = tenths;
+                self.last_log = std::time::Instant::now();
                 log::info!("{}: {position}/{} {message}", self.what, self.total);
             }
         }

@@ -1,0 +1,102 @@
+//! The command line as a user meets it: help, clear errors that name the culprit, and a small
+//! synth → train → predict → eval round trip on real files.
+
+mod common;
+
+use common::{lineguard, lineguard_ok, path_str, stderr, stdout};
+
+#[test]
+fn help_teaches_the_workflow() {
+    let help = stdout(&lineguard_ok(&["--help"]));
+    for word in ["synth", "train", "predict", "eval", "demo", "MVTec LOCO"] {
+        assert!(help.contains(word), "--help lacks {word}:\n{help}");
+    }
+    let train_help = stdout(&lineguard_ok(&["train", "--help"]));
+    assert!(train_help.contains("--resume") && train_help.contains("efficientad_s"), "{train_help}");
+}
+
+#[test]
+fn missing_or_malformed_datasets_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let model = dir.path().join("m.safetensors");
+    let args = ["train", "--data", path_str(&root), "--out", path_str(&model), "--image-size", "128"];
+    let out = lineguard(&args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+
+    std::fs::create_dir_all(root.join("train/good")).unwrap();
+    std::fs::write(root.join("train/good/000.png"), b"not an image").unwrap();
+    std::fs::create_dir_all(root.join("validation/good")).unwrap();
+    let out = lineguard(&args);
+    assert!(stderr(&out).contains("validation/good") && stderr(&out).contains("no images"), "{}", stderr(&out));
+
+    std::fs::copy(root.join("train/good/000.png"), root.join("validation/good/000.png")).unwrap();
+    let out = lineguard(&args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("train/good/000.png"), "the broken file is named: {}", stderr(&out));
+}
+
+#[test]
+fn broken_recipes_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("r.toml");
+    let data = path_str(dir.path());
+    std::fs::write(&recipe, "[dfsc]\nmargn = 0.4\n").unwrap();
+    let out = lineguard(&["train", "--data", data, "--out", "m", "-c", path_str(&recipe)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("margn") && stderr(&out).contains("r.toml"), "{}", stderr(&out));
+
+    std::fs::write(&recipe, "image_size = 100\n[dfsc]\nmargin = 5.0\n").unwrap();
+    let out = lineguard(&["train", "--data", data, "--out", "m", "-c", path_str(&recipe)]);
+    let err = stderr(&out);
+    assert!(err.contains("image_size = 100") && err.contains("dfsc.margin = 5"), "all problems listed: {err}");
+
+    std::fs::write(&recipe, "image_size = [").unwrap();
+    let out = lineguard(&["train", "--data", data, "--out", "m", "-c", path_str(&recipe)]);
+    assert!(stderr(&out).contains("r.toml"), "{}", stderr(&out));
+}
+
+#[test]
+fn synth_train_predict_eval_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let model = dir.path().join("model.safetensors");
+    let heatmaps = dir.path().join("heatmaps");
+    lineguard_ok(&[
+        "synth", "--out", path_str(&data), "--image-size", "128", "--train", "3", "--validation", "2", "--test", "2",
+    ]);
+    assert!(data.join("defects_config.json").is_file());
+    lineguard_ok(&["train", "--data", path_str(&data), "--out", path_str(&model), "--image-size", "128", "--steps", "2"]);
+
+    // A corrupt file among good ones: reported by name, exit code 1, the others still scored.
+    let corrupt = dir.path().join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\ntruncated").unwrap();
+    let good = data.join("test/good/000.png");
+    let out = lineguard(&[
+        "predict", "--model", path_str(&model), "--out", path_str(&heatmaps), "--json", "--threshold", "0.5",
+        path_str(&good), path_str(&corrupt),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("corrupt.png"), "{}", stderr(&out));
+    let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert!(line["score"].as_f64().unwrap().is_finite());
+    let heatmap = std::path::PathBuf::from(line["heatmap"].as_str().unwrap());
+    let picture = image::open(&heatmap).unwrap();
+    assert_eq!((picture.width(), picture.height()), (2 * 128 + 4, 128), "original | overlay");
+
+    let out = lineguard_ok(&["eval", "--model", path_str(&model), "--data", path_str(&data), "--json"]);
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    for key in ["logical", "structural", "mean"] {
+        let auroc = report["image_auroc"][key].as_f64().unwrap();
+        let spro = report["au_spro"][key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&auroc) && (0.0..=1.0).contains(&spro), "{report}");
+    }
+
+    // An empty split is null, not an error.
+    std::fs::remove_dir_all(data.join("test/structural_anomalies")).unwrap();
+    let out = lineguard_ok(&["eval", "--model", path_str(&model), "--data", path_str(&data), "--json"]);
+    let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert!(report["image_auroc"]["structural"].is_null() && report["au_spro"]["structural"].is_null());
+    assert_eq!(report["image_auroc"]["mean"], report["image_auroc"]["logical"]);
+}

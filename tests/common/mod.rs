@@ -1,0 +1,49 @@
+//! Helpers shared by the integration tests: running the real `lineguard` binary and finding the shared
+//! datasets.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn lineguard(args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_lineguard"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the lineguard binary runs");
+    output
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Runs and requires success, showing stderr otherwise.
+pub fn lineguard_ok(args: &[&str]) -> Output {
+    let output = lineguard(args);
+    assert!(output.status.success(), "lineguard {args:?} failed:\n{}", stderr(&output));
+    output
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
+
+/// `../shared/datasets/<name>` when present. Absent data is a failure in CI (which always has it) and
+/// a loud note elsewhere, never a silent pass.
+pub fn shared_dataset(name: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets").join(name);
+    if path.is_dir() {
+        return Some(path);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{} is missing: CI must have the shared datasets", path.display());
+    }
+    eprintln!("NOTE: {} is absent; this test checked nothing on real data", path.display());
+    None
+}
