@@ -98,7 +98,8 @@ pub struct TrainArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub recipe: RecipeArgs,
-    /// Continue from this checkpoint (written every train.checkpoint_every steps beside --out).
+    /// Continue from this checkpoint (written every train.checkpoint_every steps beside --out, as
+    /// <out>.checkpoint.safetensors). The checkpoint's own recipe applies; --steps may extend it.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Run on the CPU even when CUDA is available.
@@ -154,9 +155,9 @@ pub struct DemoArgs {
     /// Working folder for the dataset, model and heatmaps (reused when run again).
     #[arg(long, default_value = "runs/demo")]
     pub workdir: PathBuf,
-    /// Training steps of the demo model.
-    #[arg(long, default_value_t = 1500)]
-    pub steps: u64,
+    /// Training steps of the demo model (default: pipelines/recipes/quick.toml's).
+    #[arg(long)]
+    pub steps: Option<u64>,
     /// Image side of the demo (small keeps it fast on a laptop CPU).
     #[arg(long, default_value_t = 128)]
     pub image_size: u32,

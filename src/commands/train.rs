@@ -36,7 +36,14 @@ pub fn recipe_from_args(args: &RecipeArgs) -> anyhow::Result<Recipe> {
 pub fn run(args: &TrainArgs) -> anyhow::Result<EfficientAd> {
     let device = lineguard::torch::select_device(args.cpu);
     let recipe = recipe_from_args(&args.recipe)?;
-    train(&args.data, &args.out, recipe, args.resume.as_deref(), device)
+    let resume = args.resume.as_deref().map(|checkpoint| Resume { checkpoint, steps: args.recipe.steps });
+    train(&args.data, &args.out, recipe, resume, device)
+}
+
+/// Continue a checkpoint; its own recipe applies, except for a new total step count.
+pub struct Resume<'a> {
+    pub checkpoint: &'a Path,
+    pub steps: Option<u64>,
 }
 
 /// Loads the data, trains (or resumes), checkpoints, calibrates and saves. Returns the trained model.
@@ -44,7 +51,7 @@ pub fn train(
     data: &Path,
     out: &Path,
     recipe: Recipe,
-    resume: Option<&Path>,
+    resume: Option<Resume<'_>>,
     device: Device,
 ) -> anyhow::Result<EfficientAd> {
     let dataset = LocoDataset::open(data)?;
@@ -61,10 +68,13 @@ pub fn train(
     let validation = load(&dataset.validation, side, "loading validation/good")?;
 
     let mut trainer = match resume {
-        Some(checkpoint) => {
-            let trainer = Trainer::resume(checkpoint, train_images, device)
+        Some(Resume { checkpoint, steps }) => {
+            let mut trainer = Trainer::resume(checkpoint, train_images, device)
                 .with_context(|| format!("resuming from {}", checkpoint.display()))?;
-            log::info!("resumed {} at step {}", checkpoint.display(), trainer.step);
+            if let Some(steps) = steps {
+                trainer.model.recipe.train.steps = steps;
+            }
+            log::info!("resumed {} at step {} of {}", checkpoint.display(), trainer.step, trainer.total_steps());
             trainer
         }
         None => Trainer::new(recipe, train_images, device)?,

@@ -225,41 +225,43 @@ impl Recipe {
     /// Layers: the preset (from `preset_override`, else the file's `preset` key, else `dfsc`), then the
     /// file. Unknown keys are errors, so a typo never silently trains the wrong model.
     pub fn load(file: Option<&Path>, preset_override: Option<Preset>) -> Result<Recipe, ConfigError> {
-        let file_table = match file {
+        match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-                let source = config::Config::builder()
-                    .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-                    .build()
-                    .map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })?;
-                Some((path.to_path_buf(), source))
+                Recipe::from_toml(&text, path, preset_override)
             }
-            None => None,
-        };
-        let file_preset = match &file_table {
-            Some((path, table)) => match table.get::<Preset>("preset") {
-                Ok(preset) => Some(preset),
-                Err(config::ConfigError::NotFound(_)) => None,
-                Err(source) => return Err(ConfigError::Parse { path: path.clone(), source }),
-            },
-            None => None,
+            None => {
+                let recipe = Recipe::preset(preset_override.unwrap_or(Preset::Dfsc));
+                recipe.validate()?;
+                Ok(recipe)
+            }
+        }
+    }
+
+    /// As [`Recipe::load`] for TOML text; `origin` names it in errors (embedded recipes have no file).
+    pub fn from_toml(text: &str, origin: &Path, preset_override: Option<Preset>) -> Result<Recipe, ConfigError> {
+        let parse_error = |source| ConfigError::Parse { path: origin.to_path_buf(), source };
+        let table = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(parse_error)?;
+        let file_preset = match table.get::<Preset>("preset") {
+            Ok(preset) => Some(preset),
+            Err(config::ConfigError::NotFound(_)) => None,
+            Err(source) => return Err(parse_error(source)),
         };
         let preset = preset_override.or(file_preset).unwrap_or(Preset::Dfsc);
-        let mut base = Recipe::preset(preset);
-        if let Some((path, table)) = file_table {
-            let defaults = config::Config::try_from(&base)
-                .map_err(|source| ConfigError::Parse { path: path.clone(), source })?;
-            base = config::Config::builder()
-                .add_source(defaults)
-                .add_source(table)
-                .set_override("preset", preset.to_string())
-                .and_then(|builder| builder.build())
-                .and_then(|merged| merged.try_deserialize())
-                .map_err(|source| ConfigError::Parse { path: path.clone(), source })?;
-        }
-        base.validate()?;
-        Ok(base)
+        let defaults = config::Config::try_from(&Recipe::preset(preset)).map_err(parse_error)?;
+        let recipe: Recipe = config::Config::builder()
+            .add_source(defaults)
+            .add_source(table)
+            .set_override("preset", preset.to_string())
+            .and_then(|builder| builder.build())
+            .and_then(|merged| merged.try_deserialize())
+            .map_err(parse_error)?;
+        recipe.validate()?;
+        Ok(recipe)
     }
 
     /// Checks every key and reports all problems at once.
