@@ -32,7 +32,8 @@ pub fn overlay(image: &RgbImage, map: &[f32], range: (f32, f32)) -> RgbImage {
     let width = image.width();
     RgbImage::from_fn(image.width(), image.height(), |x, y| {
         let v = ((map[(y * width + x) as usize] - low) / span).clamp(0.0, 1.0);
-        let alpha = 0.25 + 0.6 * v;
+        // Calm pixels stay as the camera saw them; hot ones take the colour.
+        let alpha = 0.8 * v;
         let base = image.get_pixel(x, y);
         let heat = colour(v);
         Rgb([0, 1, 2].map(|c| (base[c] as f32 * (1.0 - alpha) + heat[c] as f32 * alpha).round() as u8))

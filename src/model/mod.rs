@@ -162,15 +162,16 @@ impl EfficientAd {
         }))
     }
 
-    /// Map values for pictures: from where both maps sit at their low validation quantile (calm) to where
-    /// both are ten times further above it than the validation's high quantile (clearly anomalous).
+    /// Map values for pictures: from halfway between the validation's low and high quantiles (calm, the
+    /// bulk of normal pixels stays transparent) to five times the validation spread above the low quantile
+    /// (clearly anomalous).
     pub fn display_range(&self) -> (f32, f32) {
         let maps = &self.recipe.maps;
         let level = |normalised: f64| {
             let v = if maps.sigmoid { 1.0 / (1.0 + (-normalised).exp()) } else { normalised };
             (v * (maps.student_teacher_weight + maps.autoencoder_weight)) as f32
         };
-        (level(0.0), level(1.0))
+        (level(0.05), level(0.5))
     }
 
     /// Writes the model (inference student, teacher, autoencoder, statistics, recipe) atomically.
