@@ -31,7 +31,7 @@ else
         packages="torch==${TORCH_VERSION} ${CPU_EXTRAS}"; deps="--no-deps"
     fi
     # shellcheck disable=SC2086
-    python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir $deps \
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir $deps \
         --target .libtorch.partial $packages
     touch .libtorch.partial/.complete
     rm -rf .libtorch
