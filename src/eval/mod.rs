@@ -7,7 +7,6 @@ pub mod metrics;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tch::Tensor;
 
 use crate::dataset::{LocoDataset, Split};
 use crate::error::ImageError;
@@ -160,21 +159,6 @@ pub fn evaluate(
         },
         scores,
     })
-}
-
-/// Runs the model over preprocessed images in chunks and returns image scores (max of the map at the
-/// input resolution). For quick checks during training, where the original sizes do not matter.
-pub fn quick_scores(model: &EfficientAd, images: &Tensor) -> Result<Vec<f32>, EvalError> {
-    let n = images.size()[0];
-    let side = model.recipe.image_size;
-    let mut out = Vec::with_capacity(n as usize);
-    for start in (0..n).step_by(8) {
-        let chunk = images.narrow(0, start, 8.min(n - start)).to_device(model.device());
-        let maps = model.anomaly_maps(&chunk, side, side)?;
-        let max = maps.flatten(1, -1).amax(1, false).to_device(tch::Device::Cpu);
-        out.extend(Vec::<f32>::try_from(max).map_err(crate::error::WeightsError::from)?);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
