@@ -14,8 +14,8 @@ use lineguard::model::config::Preset;
 Separation Constraint (DFSC), which keeps logical anomalies - a missing part, a wrong pairing, a part in the \
 wrong place - visible, not only scratches and dents.\n\n\
 A typical session:\n  \
-lineguard synth --out data/synth                       # a dataset to try things on\n  \
-lineguard train --data data/synth --image-size 128 --steps 1000 --out model.safetensors\n  \
+lineguard synth --out data/synth --image-size 128        # a dataset to try things on\n  \
+lineguard train --data data/synth -c pipelines/recipes/quick.toml --out model.safetensors\n  \
 lineguard eval --model model.safetensors --data data/synth\n  \
 lineguard predict --model model.safetensors data/synth/test/logical_anomalies --out heatmaps/\n\n\
 Or all of it at once: lineguard demo. Datasets use the MVTec LOCO AD layout (train/good, validation/good, \
@@ -124,6 +124,7 @@ pub struct PredictArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run on the CPU even when CUDA is available.
     #[arg(long)]
     pub cpu: bool,
 }
@@ -146,6 +147,7 @@ pub struct EvalArgs {
     /// Also write a heatmap picture of every test image into this folder.
     #[arg(long)]
     pub heatmaps: Option<PathBuf>,
+    /// Run on the CPU even when CUDA is available.
     #[arg(long)]
     pub cpu: bool,
 }
@@ -167,6 +169,7 @@ pub struct DemoArgs {
     /// Retrain even if the work folder already has a model for these settings.
     #[arg(long)]
     pub retrain: bool,
+    /// Run on the CPU even when CUDA is available.
     #[arg(long)]
     pub cpu: bool,
 }
