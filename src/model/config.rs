@@ -398,6 +398,17 @@ mod tests {
     }
 
     #[test]
+    fn shipped_recipes_load_and_spell_out_their_presets() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/recipes");
+        let load = |name: &str| Recipe::load(Some(&dir.join(name)), None).unwrap();
+        assert_eq!(load("dfsc.toml"), Recipe::preset(Preset::Dfsc));
+        assert_eq!(load("efficientad_s.toml"), Recipe::preset(Preset::EfficientadS));
+        let quick = load("quick.toml");
+        assert_eq!((quick.image_size, quick.train.steps), (128, 600));
+        assert!(quick.dfsc.enabled && quick.train.ema_momentum.is_some());
+    }
+
+    #[test]
     fn validation_lists_every_problem() {
         let mut recipe = Recipe::preset(Preset::Dfsc);
         recipe.image_size = 100;
