@@ -53,7 +53,7 @@ pub fn evaluate(
     if let Some(err) = write_error {
         return Err(err);
     }
-    Ok(report.with_context(|| format!("evaluating on {}", data.display()))?)
+    report.with_context(|| format!("evaluating on {}", data.display()))
 }
 
 pub fn print_table(report: &EvalReport) {

@@ -284,7 +284,7 @@ impl Recipe {
         if t.batch_size < 1 {
             problems.push(format!("train.batch_size = {}: must be at least 1", t.batch_size));
         }
-        if !(t.learning_rate > 0.0) {
+        if t.learning_rate.is_nan() || t.learning_rate <= 0.0 {
             problems.push(format!("train.learning_rate = {}: must be positive", t.learning_rate));
         }
         if t.weight_decay < 0.0 {

@@ -217,7 +217,7 @@ impl Trainer {
                 DfscPair::TeacherAutoencoder => dfsc_loss(&teacher_ae, &autoencoder, &recipe.dfsc),
                 DfscPair::AutoencoderStudent => dfsc_loss(&autoencoder, &student_ae, &recipe.dfsc),
             };
-            total = total + &loss * recipe.dfsc.alpha;
+            total += &loss * recipe.dfsc.alpha;
             Some(loss.double_value(&[]))
         } else {
             None
@@ -229,7 +229,7 @@ impl Trainer {
             let image = preprocess::load_image(path)?;
             let natural = preprocess::to_input(&image, recipe.image_size as u32).unsqueeze(0).to_device(self.model.device);
             let loss = imagenet_penalty(&self.model.student.forward(&natural).narrow(1, 0, c));
-            total = total + &loss;
+            total += &loss;
             Some(loss.double_value(&[]))
         };
 
