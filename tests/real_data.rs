@@ -35,8 +35,9 @@ fn juice_bottle_layout_ground_truth_and_scoring() {
     let train = load_inputs(&dataset.train[..4], 128, &|| {}).unwrap();
     assert_eq!(train.size(), vec![4, 3, 128, 128]);
     let validation = load_inputs(&dataset.validation[..2], 128, &|| {}).unwrap();
-    let recipe = Recipe { image_size: 128, ..Recipe::preset(Preset::Dfsc) };
-    let mut trainer = Trainer::new(Recipe { train: lineguard::model::config::TrainConfig { steps: 1, ..recipe.train.clone() }, ..recipe }, train, Device::Cpu).unwrap();
+    let mut recipe = Recipe { image_size: 128, ..Recipe::preset(Preset::Dfsc) };
+    recipe.train.steps = 1;
+    let mut trainer = Trainer::new(recipe, train, Device::Cpu).unwrap();
     trainer.step().unwrap();
     let model = trainer.finish(&validation, 1).unwrap();
     let scored = lineguard::eval::score_image(&model, &dataset.test_logical[0]).unwrap();

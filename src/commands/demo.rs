@@ -47,13 +47,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         log::info!("step 2/3: reusing the model {} (pass --retrain to train again)", model_path.display());
         EfficientAd::load(&model_path, device)?
     } else {
-        log::info!(
-            "step 2/3: training a {} model for {} steps at {} px (about {} min on a 2-core CPU)",
-            args.preset,
-            recipe.train.steps,
-            args.image_size,
-            (recipe.train.steps as f64 * 0.75 / 60.0).ceil()
-        );
+        log::info!("step 2/3: training a {} model for {} steps at {} px", args.preset, recipe.train.steps, args.image_size);
         super::train::train(&data, &model_path, recipe, None, device)?
     };
 

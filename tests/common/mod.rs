@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn lineguard(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_lineguard"))
+    Command::new(env!("CARGO_BIN_EXE_lineguard"))
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
-        .expect("the lineguard binary runs");
-    output
+        .expect("the lineguard binary runs")
 }
 
 pub fn stdout(output: &Output) -> String {
