@@ -37,8 +37,15 @@ pub enum Command {
     Predict(PredictArgs),
     /// Image AUROC and pixel AU-sPRO of a model on a dataset's test split.
     Eval(EvalArgs),
-    /// The embedded default: synthesise a line, train a small model, evaluate it, draw heatmaps.
+    /// The embedded default: a local broker, a small model on a synthetic line, the streaming pipeline,
+    /// and a live summary of what it catches.
     Demo(DemoArgs),
+    /// Run the streaming service: Kafka frames in, scores, anomaly maps and dead letters out.
+    Run(RunArgs),
+    /// Send image files to a Kafka topic as camera frames (keys and headers per the message contract).
+    Produce(ProduceArgs),
+    /// Print the records of a results, maps or dead-letter topic readably.
+    Tail(TailArgs),
 }
 
 #[derive(Debug, Args)]
@@ -154,7 +161,7 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Working folder for the dataset, model and heatmaps (reused when run again).
+    /// Working folder for the dataset, model, broker log and heatmaps (reused when run again).
     #[arg(long, default_value = "runs/demo")]
     pub workdir: PathBuf,
     /// Training steps of the demo model (default: pipelines/recipes/quick.toml's).
@@ -169,7 +176,88 @@ pub struct DemoArgs {
     /// Retrain even if the work folder already has a model for these settings.
     #[arg(long)]
     pub retrain: bool,
+    /// Frames per second streamed through the pipeline (0 = as fast as possible, to see the maximum
+    /// throughput and the backpressure at work).
+    #[arg(long, default_value_t = 4.0)]
+    pub rate: f64,
+    /// Use this Kafka cluster instead of starting a local nisshi broker (topics get a unique suffix).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Also print the offline evaluation (image AUROC, AU-sPRO) of the demo model before streaming.
+    #[arg(long)]
+    pub eval: bool,
     /// Run on the CPU even when CUDA is available.
     #[arg(long)]
     pub cpu: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pipeline file (TOML); see pipelines/*.toml. Any key can be overridden from the environment as
+    /// LINEGUARD__SECTION__KEY, e.g. LINEGUARD__KAFKA__BROKERS=kafka:9092 or
+    /// LINEGUARD__LINES__JUICE_BOTTLE__THRESHOLD=0.4 (lists comma-separated).
+    #[arg(long, short = 'p')]
+    pub pipeline: PathBuf,
+    /// Validate the pipeline file and print the resolved settings, then exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "LINEGUARD_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic to send to.
+    #[arg(long)]
+    pub topic: String,
+    /// Image files or folders of images (PNG, JPEG), sent in order.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Frames per second (0 = as fast as the broker takes them).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Send the inputs this many times.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
+    /// Value of the camera_id header.
+    #[arg(long, default_value = "camera-1")]
+    pub camera: String,
+    /// Value of the line_id header (omitted when not given: the pipeline's line name applies).
+    #[arg(long)]
+    pub line: Option<String>,
+    /// Frame ids are <prefix>-<sequence>-<folder>-<file stem>; default <camera>-<unix time>, unique per
+    /// run.
+    #[arg(long)]
+    pub key_prefix: Option<String>,
+    /// Create the topic first (if missing) with this many partitions.
+    #[arg(long)]
+    pub create_partitions: Option<i32>,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic to read (results, maps or dead-letter records are recognised).
+    #[arg(long, default_value = "lineguard.results")]
+    pub topic: String,
+    /// Start from the oldest record instead of only new ones.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop when no record arrived for this many seconds.
+    #[arg(long)]
+    pub idle_timeout: Option<u64>,
+    /// Print the raw JSON of results (one per line) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }

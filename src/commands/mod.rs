@@ -3,7 +3,10 @@
 mod demo;
 mod eval;
 mod predict;
+mod produce;
+mod run;
 mod synth;
+mod tail;
 mod train;
 
 use std::process::ExitCode;
@@ -19,6 +22,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Predict(args) => predict::run(&args),
         Command::Eval(args) => eval::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Produce(args) => produce::run(&args),
+        Command::Tail(args) => tail::run(&args),
     }
 }
 
@@ -66,6 +72,36 @@ impl Progress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+/// The async runtime of the streaming commands. Two worker threads are plenty for Kafka I/O: decoding
+/// and inference run on their own threads.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// Completes on SIGTERM (Kubernetes, `kill`) or Ctrl-C.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => log::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => log::info!("Ctrl-C received"),
+                }
+            }
+            Err(err) => {
+                log::warn!("cannot listen for SIGTERM ({err}); Ctrl-C still stops");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -63,7 +63,7 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Files as given, folders expanded to their images (sorted).
-fn expand(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+pub fn expand(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {

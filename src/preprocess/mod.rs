@@ -1,5 +1,8 @@
-//! Decoding and normalising images into network inputs. Shared by offline commands and (later) the CPU
-//! pool of the streaming pipeline, so a frame is prepared identically for training and serving.
+//! Decoding and normalising images into network inputs, shared by the offline commands and the streaming
+//! pipeline so that a frame is prepared identically for training and serving. [`pool`] is the pipeline
+//! stage: the CPU workers that validate, decode and normalise consumed frames.
+
+pub mod pool;
 
 use std::path::Path;
 

@@ -1,0 +1,107 @@
+//! A throwaway local Kafka-compatible broker (`nisshi`, in memory, loopback only) for the embedded demo
+//! and the integration tests. `scripts/setup.sh` installs it into `.tools/`. Production deployments use
+//! their own Kafka cluster; nothing else in lineguard depends on this module.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "the nisshi broker was not found (looked at $LINEGUARD_NISSHI, .tools/bin/nisshi and PATH); \
+         run scripts/setup.sh, which installs it"
+    )]
+    NotFound,
+    #[error("cannot start {binary}: {source}")]
+    Spawn { binary: PathBuf, source: std::io::Error },
+    #[error("no free loopback port: {0}")]
+    Port(std::io::Error),
+    #[error("the broker did not accept connections on {address} within {waited:?}{log_hint}")]
+    NotReady { address: SocketAddr, waited: Duration, log_hint: String },
+}
+
+/// A running broker process, killed when dropped.
+pub struct LocalBroker {
+    child: Child,
+    address: SocketAddr,
+}
+
+/// Where `nisshi` is: `$LINEGUARD_NISSHI`, `.tools/bin/nisshi` under the current folder or the
+/// repository that holds this executable, then `PATH`.
+pub fn find_nisshi() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("LINEGUARD_NISSHI") {
+        return Some(PathBuf::from(path));
+    }
+    let mut candidates = vec![PathBuf::from(".tools/bin/nisshi")];
+    if let Ok(exe) = std::env::current_exe() {
+        // target/{debug,release}[/deps]/lineguard → the repository root is two or three levels up.
+        for up in exe.ancestors().skip(2).take(3) {
+            candidates.push(up.join(".tools/bin/nisshi"));
+        }
+    }
+    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
+        return Some(found);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("nisshi")).find(|p| p.is_file())
+}
+
+impl LocalBroker {
+    /// Starts `binary` (or the one [`find_nisshi`] finds) on a free loopback port, in memory, and waits
+    /// until it accepts connections. Its output goes to `log` when given.
+    pub fn start(binary: Option<&Path>, log: Option<&Path>) -> Result<LocalBroker, BrokerError> {
+        let binary = binary.map(Path::to_path_buf).or_else(find_nisshi).ok_or(BrokerError::NotFound)?;
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(BrokerError::Port)?.port();
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        let url = format!("tcp://{address}");
+        let output = || -> Stdio {
+            log.and_then(|path| std::fs::OpenOptions::new().create(true).append(true).open(path).ok())
+                .map_or_else(Stdio::null, Stdio::from)
+        };
+        let child = Command::new(&binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://nisshi/"])
+            // Without it every new consumer group waits 3 s for more members.
+            .args(["--group-initial-rebalance-delay", "0ms"])
+            .stdin(Stdio::null())
+            .stdout(output())
+            .stderr(output())
+            .spawn()
+            .map_err(|source| BrokerError::Spawn { binary: binary.clone(), source })?;
+        let mut broker = LocalBroker { child, address };
+        let started = Instant::now();
+        let limit = Duration::from_secs(20);
+        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+            let exited = matches!(broker.child.try_wait(), Ok(Some(_)));
+            if exited || started.elapsed() > limit {
+                let log_hint = log.map(|p| format!(" (see {})", p.display())).unwrap_or_default();
+                broker.stop();
+                return Err(BrokerError::NotReady { address, waited: started.elapsed(), log_hint });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(broker)
+    }
+
+    /// `host:port`, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        self.address.to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LocalBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,21 @@
+//! `lineguard run`: the streaming service.
+
+use std::process::ExitCode;
+
+use lineguard::settings::Settings;
+
+use crate::cli::RunArgs;
+
+pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&args.pipeline)?;
+    if args.check {
+        println!("{} is valid; resolved settings (after LINEGUARD__ overrides):\n", args.pipeline.display());
+        // Every default filled in: what an operator checking a deployment wants to see.
+        println!("{}", serde_json::to_string_pretty(&settings)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runtime = super::runtime()?;
+    runtime.block_on(lineguard::pipeline::run(settings, super::termination()))?;
+    log::info!("stopped: every consumed frame was published and its offset committed");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,155 @@
+//! The typed messages that flow between stages, in order:
+//!
+//! `source` → [`RawFrame`] → `preprocess` → [`PreparedFrame`] → `infer` → [`SinkItem::Scored`] → `sink`.
+//! `preprocess` sends frames it cannot use straight to the sink as [`SinkItem::Rejected`] (dead-letter).
+//!
+//! Every frame carries its [`Ack`] until the sink has published its outputs, and its [`FrameMeta`] (who
+//! sent it, where it came from, when each stage touched it) so the result can report stage timings.
+//!
+//! ## The input message contract
+//! - value: one encoded image (JPEG or PNG);
+//! - key: the frame id, UTF-8 (without a key the frame id is `<topic>/<partition>/<offset>`, which is
+//!   stable across redeliveries, so results stay idempotent);
+//! - headers: `camera_id` (required, UTF-8), `captured_at_ms` (required, Unix epoch milliseconds, decimal),
+//!   `line_id` (optional, defaults to the pipeline's line name).
+
+use std::time::Instant;
+
+use crate::ack::Ack;
+
+pub const HEADER_CAMERA: &str = "camera_id";
+pub const HEADER_CAPTURED_AT: &str = "captured_at_ms";
+pub const HEADER_LINE: &str = "line_id";
+
+/// Where a frame was consumed from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SourcePosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct FrameMeta {
+    pub frame_id: String,
+    /// The pipeline's line (the `[lines.<name>]` table), which owns the model and the metrics label.
+    pub line: String,
+    pub source: SourcePosition,
+    /// All headers as received, kept for the dead-letter record.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub received_at: Instant,
+    pub timings: StageTimings,
+}
+
+impl FrameMeta {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_slice())
+    }
+}
+
+/// Seconds spent in each stage (filled as the frame moves on).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StageTimings {
+    /// Waiting for a decoding worker.
+    pub queue: f64,
+    pub preprocess: f64,
+    /// Waiting for the inference thread and for the batch to fill.
+    pub batch_wait: f64,
+    /// The batch's forward pass (shared by the frames of the batch).
+    pub inference: f64,
+}
+
+/// Consumed, not yet looked at.
+#[derive(Debug)]
+pub struct RawFrame {
+    pub meta: FrameMeta,
+    pub payload: Vec<u8>,
+    pub ack: Ack,
+}
+
+/// What the camera headers say about a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CameraInfo {
+    pub camera_id: String,
+    pub line_id: String,
+    pub captured_at_ms: i64,
+}
+
+/// Decoded and normalised, ready for the model.
+#[derive(Debug)]
+pub struct PreparedFrame {
+    pub meta: FrameMeta,
+    pub camera: CameraInfo,
+    /// Channel-major normalised pixels at the model's side (see `preprocess::to_planar`).
+    pub input: Vec<f32>,
+    pub original_size: (u32, u32),
+    pub prepared_at: Instant,
+    pub ack: Ack,
+}
+
+#[derive(Debug)]
+pub struct ScoredFrame {
+    pub meta: FrameMeta,
+    pub camera: CameraInfo,
+    pub original_size: (u32, u32),
+    /// Maximum of the anomaly map.
+    pub score: f32,
+    /// Normalised anomaly map at the model's resolution, row-major `map_side`².
+    pub map: Vec<f32>,
+    pub map_side: u32,
+    /// The map values drawn from transparent to fully coloured in heatmap pictures.
+    pub display_range: (f32, f32),
+    pub model_version: u64,
+    pub batch_size: usize,
+    pub ack: Ack,
+}
+
+/// Why a frame went to the dead-letter topic; the label of `lineguard_frames_failed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Empty,
+    Oversized,
+    MissingHeader,
+    BadHeader,
+    Decode,
+    WrongSize,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::Empty,
+        RejectReason::Oversized,
+        RejectReason::MissingHeader,
+        RejectReason::BadHeader,
+        RejectReason::Decode,
+        RejectReason::WrongSize,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Empty => "empty",
+            RejectReason::Oversized => "oversized",
+            RejectReason::MissingHeader => "missing_header",
+            RejectReason::BadHeader => "bad_header",
+            RejectReason::Decode => "decode",
+            RejectReason::WrongSize => "wrong_size",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RejectedFrame {
+    pub meta: FrameMeta,
+    pub payload: Vec<u8>,
+    pub reason: RejectReason,
+    /// A sentence for the operator, e.g. "missing header camera_id".
+    pub detail: String,
+    pub ack: Ack,
+}
+
+/// Everything the sink publishes.
+#[derive(Debug)]
+pub enum SinkItem {
+    Scored(ScoredFrame),
+    Rejected(RejectedFrame),
+}

@@ -1,0 +1,215 @@
+//! The inference stage: one OS thread that owns the model (libtorch tensors are `Send` but not `Sync`),
+//! gathers prepared frames into batches (up to `max_batch`, or whatever arrived `max_batch_wait` after
+//! the first frame), scores them without gradients, and hands each scored frame to the sink.
+//!
+//! The model is replaceable at runtime through a [`ModelSwapper`]: a new model is picked up between two
+//! batches, so no frame is ever scored by a half-loaded model and every result names the version that
+//! produced it.
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tch::{Device, Kind, Tensor};
+use tokio::sync::mpsc;
+
+use crate::error::WeightsError;
+use crate::frame::{PreparedFrame, ScoredFrame, SinkItem};
+use crate::metrics::LineMetrics;
+use crate::model::EfficientAd;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+}
+
+/// Hands new models to a running inference stage.
+#[derive(Clone)]
+pub struct ModelSwapper {
+    sender: Sender<EfficientAd>,
+    side: i64,
+}
+
+impl ModelSwapper {
+    /// Queues `model` to replace the serving one before the next batch. Refuses models that cannot serve
+    /// this line (another input size, no calibration) so the stage never has to.
+    pub fn swap(&self, model: EfficientAd) -> Result<(), WeightsError> {
+        check_servable(&model)?;
+        if model.recipe.image_size != self.side {
+            return Err(WeightsError::Content {
+                path: "<hot swap>".into(),
+                reason: format!(
+                    "the new model takes {} px images, the serving one {} px; restart the line to change sizes",
+                    model.recipe.image_size, self.side
+                ),
+            });
+        }
+        self.sender.try_send(model).map_err(|err| WeightsError::Content {
+            path: "<hot swap>".into(),
+            reason: match err {
+                TrySendError::Full(_) => "a swap is already pending".into(),
+                TrySendError::Disconnected(_) => "the inference stage has stopped".into(),
+            },
+        })
+    }
+}
+
+/// A model can serve when its maps can be normalised.
+pub fn check_servable(model: &EfficientAd) -> Result<(), WeightsError> {
+    if model.map_quantiles.is_none() {
+        return Err(WeightsError::Content {
+            path: "<model>".into(),
+            reason: "the model has no map normalisation quantiles; train it with `lineguard train` (which \
+                     calibrates on validation/good)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Starts the stage. It ends when `input` is closed and drained (shutdown) or the sink is gone; a
+/// libtorch failure ends it with the error (the frames of that batch stay unacknowledged, so they are
+/// consumed again after a restart).
+pub fn spawn(
+    model: EfficientAd,
+    batching: Batching,
+    input: Receiver<PreparedFrame>,
+    to_sink: mpsc::Sender<SinkItem>,
+    metrics: LineMetrics,
+) -> std::io::Result<(JoinHandle<Result<(), String>>, ModelSwapper)> {
+    let (sender, swaps) = crossbeam_channel::bounded(1);
+    let swapper = ModelSwapper { sender, side: model.recipe.image_size };
+    let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
+        let mut model = model;
+        metrics.model_loaded(model.info.model_version);
+        while let Some(batch) = collect_batch(&input, batching.max_batch, batching.max_wait) {
+            if let Ok(new) = swaps.try_recv() {
+                log::info!("model version {} replaces version {}", new.info.model_version, model.info.model_version);
+                model = new;
+                metrics.model_loaded(model.info.model_version);
+            }
+            metrics.batch_run(batch.len());
+            let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_batch(&model, batch)))
+                .map_err(|panic| {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    format!("inference failed: {message}")
+                })?;
+            for frame in scored {
+                if to_sink.blocking_send(SinkItem::Scored(frame)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok((handle, swapper))
+}
+
+/// Blocks for a first item, then gathers more until `max_batch` items or `max_wait` after the first.
+/// `None` once the channel is closed and empty.
+pub fn collect_batch<T>(input: &Receiver<T>, max_batch: usize, max_wait: Duration) -> Option<Vec<T>> {
+    let first = input.recv().ok()?;
+    let deadline = Instant::now() + max_wait;
+    let mut batch = Vec::with_capacity(max_batch);
+    batch.push(first);
+    while batch.len() < max_batch {
+        match input.recv_deadline(deadline) {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFrame> {
+    let started = Instant::now();
+    let side = model.recipe.image_size;
+    let count = batch.len();
+    let mut pixels = Vec::with_capacity(count * batch.first().map_or(0, |f| f.input.len()));
+    for frame in &batch {
+        pixels.extend_from_slice(&frame.input);
+    }
+    let images = Tensor::from_slice(&pixels).reshape([count as i64, 3, side, side]).to_device(model.device());
+    // Servability is checked before a model reaches this thread, so the maps can always be normalised.
+    let maps = match model.anomaly_maps(&images, side, side) {
+        Ok(maps) => maps,
+        Err(err) => panic!("{err}"),
+    };
+    let maps: Vec<f32> = maps.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]).try_into().unwrap_or_default();
+    let inference = started.elapsed().as_secs_f64();
+    let cells = (side * side) as usize;
+    let display_range = model.display_range();
+    batch
+        .into_iter()
+        .enumerate()
+        .map(|(index, frame)| {
+            let PreparedFrame { mut meta, camera, original_size, prepared_at, ack, .. } = frame;
+            meta.timings.batch_wait = started.duration_since(prepared_at).as_secs_f64();
+            meta.timings.inference = inference;
+            let map = maps.get(index * cells..(index + 1) * cells).map(<[f32]>::to_vec).unwrap_or_default();
+            let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            ScoredFrame {
+                meta,
+                camera,
+                original_size,
+                score,
+                map,
+                map_side: side as u32,
+                display_range,
+                model_version: model.info.model_version,
+                batch_size: count,
+                ack,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_batch_does_not_wait() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..5 {
+            tx.send(i).unwrap();
+        }
+        let started = Instant::now();
+        let batch = collect_batch(&rx, 4, Duration::from_secs(30)).unwrap();
+        assert_eq!(batch, vec![0, 1, 2, 3]);
+        assert!(started.elapsed() < Duration::from_secs(10), "must not wait for the deadline");
+        assert_eq!(collect_batch(&rx, 4, Duration::from_millis(1)).unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn a_partial_batch_runs_at_the_deadline() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(1).unwrap();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            tx.send(2).unwrap();
+            tx
+        });
+        let batch = collect_batch(&rx, 8, Duration::from_millis(20)).unwrap();
+        assert_eq!(batch, vec![1], "the late item belongs to the next batch");
+        let tx = late.join().unwrap();
+        assert_eq!(collect_batch(&rx, 8, Duration::from_millis(20)).unwrap(), vec![2]);
+        drop(tx);
+        assert_eq!(collect_batch(&rx, 8, Duration::from_millis(20)), None, "closed and drained");
+    }
+
+    #[test]
+    fn frames_queued_before_close_are_still_batched() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        drop(tx);
+        assert_eq!(collect_batch(&rx, 8, Duration::from_secs(30)).unwrap(), vec![1, 2]);
+        assert_eq!(collect_batch(&rx, 8, Duration::from_secs(30)), None);
+    }
+}

@@ -1,0 +1,311 @@
+//! Builds and runs the streaming topology from validated [`Settings`]: per product line,
+//!
+//! ```text
+//! Kafka ─► source ─(crossbeam, max_in_flight)─► preprocess pool ─(crossbeam, 2·max_batch)─► infer
+//!              ▲                                        │ rejected                            │ scored
+//!              │ offsets                                ▼                                     ▼
+//!              └──── ack tracker ◄──── sink ◄──(tokio mpsc, max_in_flight)───────────────────┘ ─► Kafka
+//! ```
+//!
+//! Stopping (SIGTERM in `lineguard run`) follows the data: sources stop consuming, each stage ends when
+//! its input closes and is drained, the sink finishes publishing, sources commit and return. A line whose
+//! stages stop on their own (a libtorch failure) stops the whole process with the error, so an
+//! orchestrator restarts it; unacknowledged frames are consumed again.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use tch::Device;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::ack::OffsetTracker;
+use crate::infer::{Batching, ModelSwapper};
+use crate::metrics::{LineHealth, LineMetrics, Metrics, Queue};
+use crate::model::EfficientAd;
+use crate::preprocess::pool::PoolConfig;
+use crate::settings::{DeviceChoice, LineSettings, Settings};
+use crate::sink::SinkConfig;
+use crate::source::{Source, SourceContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("line {line}: cannot load model {path}: {source}")]
+    Model { line: String, path: std::path::PathBuf, source: crate::error::WeightsError },
+    #[error("line {line}: {what}: {source}")]
+    Kafka { line: String, what: &'static str, source: rdkafka::error::KafkaError },
+    #[error("line {line}: device: {reason}")]
+    Device { line: String, reason: String },
+    #[error("metrics endpoint {address}: {source}")]
+    Metrics { address: String, source: std::io::Error },
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("line {line}: {reason}")]
+    Stage { line: String, reason: String },
+    #[error("lines {lines:?} did not drain within {timeout:?}; their unpublished frames stay uncommitted")]
+    DrainTimeout { lines: Vec<String>, timeout: Duration },
+}
+
+struct RunningLine {
+    name: String,
+    stop: watch::Sender<bool>,
+    source: JoinHandle<()>,
+    infer: std::thread::JoinHandle<Result<(), String>>,
+    pool: Vec<std::thread::JoinHandle<()>>,
+    sampler: JoinHandle<()>,
+    swapper: ModelSwapper,
+}
+
+/// A started pipeline: stop it with [`RunningPipeline::shutdown`] or run it with [`run`].
+pub struct RunningPipeline {
+    lines: Vec<RunningLine>,
+    metrics_address: Option<SocketAddr>,
+    metrics_server: Option<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    /// Receives the name of a line whose source stopped (by itself, or after a stop request).
+    line_ended: mpsc::UnboundedReceiver<String>,
+    drain_timeout: Duration,
+}
+
+/// Runs until `shutdown` completes (then drains) or a line fails.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), PipelineError> {
+    let mut pipeline = start(&settings).await?;
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        ended = pipeline.line_ended.recv() => ended,
+    };
+    if let Some(line) = &failed {
+        log::error!("line {line} stopped unexpectedly; stopping the pipeline");
+    } else {
+        log::info!("shutdown requested: stopping consumption and draining");
+    }
+    pipeline.shutdown().await
+}
+
+/// Loads models, connects to Kafka and starts every line's stages and the metrics endpoint.
+pub async fn start(settings: &Settings) -> Result<RunningPipeline, PipelineError> {
+    let metrics = Metrics::new().map_err(|err| PipelineError::Metrics {
+        address: settings.metrics.listen.clone(),
+        source: std::io::Error::other(err.to_string()),
+    })?;
+    let (ended_tx, line_ended) = mpsc::unbounded_channel();
+    let mut lines = Vec::new();
+    let mut health = Vec::new();
+    for (name, line) in &settings.lines {
+        let line_health = Arc::new(LineHealth::default());
+        health.push(line_health.clone());
+        lines.push(start_line(settings, name, line, metrics.clone(), line_health, ended_tx.clone()).await?);
+    }
+    let (metrics_address, metrics_server) = if settings.metrics.listen.is_empty() {
+        (None, None)
+    } else {
+        let address = settings.metrics.listen.clone();
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .map_err(|source| PipelineError::Metrics { address: address.clone(), source })?;
+        let bound = listener.local_addr().map_err(|source| PipelineError::Metrics { address, source })?;
+        log::info!("metrics on http://{bound}/metrics (also /healthz, /readyz)");
+        (Some(bound), Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), health))))
+    };
+    Ok(RunningPipeline {
+        lines,
+        metrics_address,
+        metrics_server,
+        metrics,
+        line_ended,
+        drain_timeout: settings.drain_timeout(),
+    })
+}
+
+impl RunningPipeline {
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The hot-swap handle of a line's inference stage.
+    pub fn swapper(&self, line: &str) -> Option<&ModelSwapper> {
+        self.lines.iter().find(|l| l.name == line).map(|l| &l.swapper)
+    }
+
+    /// Stops consuming, publishes everything in flight, commits, and waits for every stage (bounded by
+    /// `shutdown.drain_timeout_secs`).
+    pub async fn shutdown(self) -> Result<(), PipelineError> {
+        let RunningPipeline { lines, metrics_server, drain_timeout, .. } = self;
+        for line in &lines {
+            let _ = line.stop.send(true);
+        }
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        let mut late = Vec::new();
+        let mut first_error = None;
+        for line in lines {
+            let RunningLine { name, source, infer, pool, sampler, .. } = line;
+            if tokio::time::timeout_at(deadline, source).await.is_err() {
+                late.push(name.clone());
+                continue;
+            }
+            sampler.abort();
+            let joined = tokio::task::spawn_blocking(move || {
+                for worker in pool {
+                    let _ = worker.join();
+                }
+                infer.join().unwrap_or_else(|_| Err("the inference thread panicked".into()))
+            })
+            .await;
+            match joined {
+                Ok(Ok(())) => log::info!("line {name}: stopped cleanly"),
+                Ok(Err(reason)) => {
+                    first_error.get_or_insert(PipelineError::Stage { line: name, reason });
+                }
+                Err(err) => {
+                    first_error.get_or_insert(PipelineError::Stage { line: name, reason: err.to_string() });
+                }
+            }
+        }
+        if let Some(server) = metrics_server {
+            server.abort();
+        }
+        if !late.is_empty() {
+            return Err(PipelineError::DrainTimeout { lines: late, timeout: drain_timeout });
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+async fn start_line(
+    settings: &Settings,
+    name: &str,
+    line: &LineSettings,
+    metrics: Arc<Metrics>,
+    health: Arc<LineHealth>,
+    ended: mpsc::UnboundedSender<String>,
+) -> Result<RunningLine, PipelineError> {
+    let line_metrics: LineMetrics = metrics.line(name);
+    let device = choose_device(name, line.device)?;
+    let model_path = line.model.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        EfficientAd::load(&model_path, device).and_then(|model| crate::infer::check_servable(&model).map(|_| model))
+    })
+    .await
+    .map_err(|err| PipelineError::Stage { line: name.into(), reason: format!("loading the model panicked: {err}") })?
+    .map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
+    log::info!(
+        "line {name}: model {} version {} ({} px, {}) on {}",
+        line.model.display(),
+        model.info.model_version,
+        model.recipe.image_size,
+        model.recipe.preset,
+        crate::torch::describe(device)
+    );
+    health.model_loaded.store(true, Ordering::Relaxed);
+    let side = model.recipe.image_size as u32;
+
+    let kafka_error = |what| move |source| PipelineError::Kafka { line: name.into(), what, source };
+    let producer: FutureProducer =
+        crate::kafka::producer_config(&settings.kafka).create().map_err(kafka_error("creating the producer"))?;
+    let tracker = OffsetTracker::new();
+    let context = SourceContext { tracker: tracker.clone(), metrics: line_metrics.clone(), health };
+    let consumer: StreamConsumer<SourceContext> = crate::kafka::consumer_config(&settings.kafka, &line.group_id(name))
+        .create_with_context(context)
+        .map_err(kafka_error("creating the consumer"))?;
+    let topics: Vec<&str> = line.input_topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(kafka_error("subscribing to the input topics"))?;
+
+    let (to_preprocess, preprocess_queue) = crossbeam_channel::bounded(line.max_in_flight);
+    let (to_infer, infer_queue) = crossbeam_channel::bounded(2 * line.max_batch);
+    let (to_sink, sink_queue) = mpsc::channel(line.max_in_flight);
+
+    let pool_config = PoolConfig {
+        workers: line.workers(),
+        side,
+        max_frame_bytes: line.max_frame_bytes,
+        expected_size: line.expected_size,
+    };
+    let pool = crate::preprocess::pool::spawn(
+        pool_config,
+        preprocess_queue.clone(),
+        to_infer,
+        to_sink.clone(),
+        line_metrics.clone(),
+    )?;
+    let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
+    let (infer, swapper) =
+        crate::infer::spawn(model, batching, infer_queue.clone(), to_sink.clone(), line_metrics.clone())?;
+
+    let sink_config = SinkConfig {
+        line: name.to_string(),
+        results_topic: line.results_topic.clone(),
+        maps_topic: line.maps_output().map(str::to_string),
+        dead_letter_topic: line.dead_letter_topic.clone(),
+        threshold: line.threshold,
+        map_format: line.map_format,
+    };
+    let (drained_tx, drained) = oneshot::channel();
+    let sink_metrics = line_metrics.clone();
+    tokio::spawn(async move {
+        crate::sink::run(sink_config, producer, sink_queue, sink_metrics).await;
+        let _ = drained_tx.send(());
+    });
+
+    let sampler = {
+        let weak_sink = to_sink.downgrade();
+        let (tracker, metrics) = (tracker.clone(), line_metrics.clone());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                ticks.tick().await;
+                let sink_depth = weak_sink.upgrade().map_or(0, |s| s.max_capacity() - s.capacity());
+                metrics.queue_depths(
+                    &[
+                        (Queue::Preprocess, preprocess_queue.len()),
+                        (Queue::Inference, infer_queue.len()),
+                        (Queue::Sink, sink_depth),
+                    ],
+                    tracker.in_flight(),
+                );
+            }
+        })
+    };
+    // Only the stages hold the sink's input from here on, so it closes when they finish.
+    drop(to_sink);
+
+    let (stop, stop_rx) = watch::channel(false);
+    let source = Source {
+        line: name.to_string(),
+        consumer,
+        tracker,
+        permits: Arc::new(Semaphore::new(line.max_in_flight)),
+        to_preprocess,
+        metrics: line_metrics,
+        commit_interval: settings.commit_interval(),
+    };
+    let line_name = name.to_string();
+    let source = tokio::spawn(async move {
+        source.run(stop_rx, drained).await;
+        let _ = ended.send(line_name);
+    });
+    Ok(RunningLine { name: name.to_string(), stop, source, infer, pool, sampler, swapper })
+}
+
+fn choose_device(line: &str, choice: DeviceChoice) -> Result<Device, PipelineError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(crate::torch::select_device(false)),
+        DeviceChoice::Cuda => match crate::torch::select_device(false) {
+            Device::Cuda(index) => Ok(Device::Cuda(index)),
+            _ => Err(PipelineError::Device {
+                line: line.into(),
+                reason: "device = \"cuda\" but libtorch sees no GPU (install with LINEGUARD_TORCH=cuda on a GPU host)"
+                    .into(),
+            }),
+        },
+    }
+}

@@ -1,0 +1,240 @@
+//! The preprocessing stage: a pool of OS threads (decoding is CPU work and must not stall the async
+//! Kafka I/O) that checks each consumed frame against the message contract, decodes it and normalises it
+//! for the model. Usable frames go on to `infer`; the others go straight to the sink's dead-letter path
+//! with the reason, so a bad message never stops the line.
+
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::mpsc;
+
+use crate::frame::{
+    CameraInfo, PreparedFrame, RawFrame, RejectReason, RejectedFrame, SinkItem, HEADER_CAMERA, HEADER_CAPTURED_AT,
+    HEADER_LINE,
+};
+use crate::metrics::LineMetrics;
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub workers: usize,
+    /// The model's input side.
+    pub side: u32,
+    pub max_frame_bytes: usize,
+    pub expected_size: Option<[u32; 2]>,
+}
+
+pub fn spawn(
+    config: PoolConfig,
+    input: Receiver<RawFrame>,
+    to_infer: Sender<PreparedFrame>,
+    to_sink: mpsc::Sender<SinkItem>,
+    metrics: LineMetrics,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    (0..config.workers.max(1))
+        .map(|index| {
+            let (config, input, to_infer, to_sink, metrics) =
+                (config.clone(), input.clone(), to_infer.clone(), to_sink.clone(), metrics.clone());
+            std::thread::Builder::new().name(format!("preprocess-{index}")).spawn(move || {
+                // Ends when the source closes its side and the queue is empty (shutdown), or when the
+                // next stage is gone.
+                for frame in input.iter() {
+                    match prepare(&config, frame) {
+                        Ok(prepared) => {
+                            if to_infer.send(prepared).is_err() {
+                                break;
+                            }
+                        }
+                        Err(rejected) => {
+                            metrics.frame_rejected(rejected.reason);
+                            log::warn!(
+                                "frame {} ({}/{}@{}) rejected: {}",
+                                rejected.meta.frame_id,
+                                rejected.meta.source.topic,
+                                rejected.meta.source.partition,
+                                rejected.meta.source.offset,
+                                rejected.detail
+                            );
+                            if to_sink.blocking_send(SinkItem::Rejected(*rejected)).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Checks, decodes and normalises one frame.
+pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Box<RejectedFrame>> {
+    let started = Instant::now();
+    let RawFrame { mut meta, payload, ack } = frame;
+    meta.timings.queue = started.duration_since(meta.received_at).as_secs_f64();
+    let checked = check_contract(config, &meta.headers, &payload, &meta.line)
+        .and_then(|camera| {
+            let image = super::decode(&payload, &meta.frame_id).map_err(|err| (RejectReason::Decode, err.to_string()))?;
+            if let Some([width, height]) = config.expected_size {
+                if (image.width(), image.height()) != (width, height) {
+                    return Err((
+                        RejectReason::WrongSize,
+                        format!(
+                            "image is {}x{}, this line expects {width}x{height} (lines.<name>.expected_size)",
+                            image.width(),
+                            image.height()
+                        ),
+                    ));
+                }
+            }
+            Ok((camera, image))
+        });
+    match checked {
+        Ok((camera, image)) => {
+            let original_size = (image.width(), image.height());
+            let input = super::to_planar(&image, config.side);
+            meta.timings.preprocess = started.elapsed().as_secs_f64();
+            Ok(PreparedFrame { meta, camera, input, original_size, prepared_at: Instant::now(), ack })
+        }
+        Err((reason, detail)) => Err(Box::new(RejectedFrame { meta, payload, reason, detail, ack })),
+    }
+}
+
+/// The message contract (see `frame`), before spending time on decoding.
+fn check_contract(
+    config: &PoolConfig,
+    headers: &[(String, Vec<u8>)],
+    payload: &[u8],
+    default_line: &str,
+) -> Result<CameraInfo, (RejectReason, String)> {
+    if payload.is_empty() {
+        return Err((RejectReason::Empty, "empty message (no image bytes)".into()));
+    }
+    if payload.len() > config.max_frame_bytes {
+        return Err((
+            RejectReason::Oversized,
+            format!("{} bytes, over the limit of {} (lines.<name>.max_frame_bytes)", payload.len(), config.max_frame_bytes),
+        ));
+    }
+    let header = |name: &str| headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_slice());
+    let text = |name: &str| -> Result<Option<String>, (RejectReason, String)> {
+        header(name)
+            .map(|value| {
+                std::str::from_utf8(value)
+                    .map(|s| s.trim().to_string())
+                    .map_err(|_| (RejectReason::BadHeader, format!("header {name} is not UTF-8")))
+            })
+            .transpose()
+    };
+    let camera_id = text(HEADER_CAMERA)?
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| (RejectReason::MissingHeader, format!("missing header {HEADER_CAMERA}")))?;
+    let captured = text(HEADER_CAPTURED_AT)?
+        .ok_or_else(|| (RejectReason::MissingHeader, format!("missing header {HEADER_CAPTURED_AT}")))?;
+    let captured_at_ms = captured.parse::<i64>().map_err(|_| {
+        (RejectReason::BadHeader, format!("header {HEADER_CAPTURED_AT} is {captured:?}, expected Unix epoch milliseconds"))
+    })?;
+    let line_id = text(HEADER_LINE)?.filter(|s| !s.is_empty()).unwrap_or_else(|| default_line.to_string());
+    Ok(CameraInfo { camera_id, line_id, captured_at_ms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ack::{OffsetTracker, TopicPartition};
+    use crate::frame::{FrameMeta, SourcePosition, StageTimings};
+
+    fn config() -> PoolConfig {
+        PoolConfig { workers: 1, side: 32, max_frame_bytes: 100_000, expected_size: None }
+    }
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image::RgbImage::from_pixel(width, height, image::Rgb([200, 10, 10]))
+            .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .unwrap();
+        bytes
+    }
+
+    fn frame(payload: Vec<u8>, headers: &[(&str, &str)]) -> RawFrame {
+        let tracker = OffsetTracker::new();
+        let ack = tracker.register(TopicPartition { topic: "frames".into(), partition: 0 }, 0, None);
+        RawFrame {
+            meta: FrameMeta {
+                frame_id: "f1".into(),
+                line: "juice".into(),
+                source: SourcePosition { topic: "frames".into(), partition: 0, offset: 0 },
+                headers: headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+                received_at: Instant::now(),
+                timings: StageTimings::default(),
+            },
+            payload,
+            ack,
+        }
+    }
+
+    const GOOD_HEADERS: &[(&str, &str)] = &[("camera_id", "cam-1"), ("captured_at_ms", "1700000000000")];
+
+    fn reason(result: Result<PreparedFrame, Box<RejectedFrame>>) -> (RejectReason, String) {
+        match result {
+            Ok(_) => panic!("expected a rejection"),
+            Err(rejected) => (rejected.reason, rejected.detail),
+        }
+    }
+
+    #[test]
+    fn a_valid_frame_is_normalised_at_the_model_side() {
+        let prepared = prepare(&config(), frame(png(48, 40), GOOD_HEADERS)).unwrap();
+        assert_eq!(prepared.input.len(), 3 * 32 * 32);
+        assert_eq!(prepared.original_size, (48, 40));
+        assert_eq!(prepared.camera.camera_id, "cam-1");
+        assert_eq!(prepared.camera.line_id, "juice", "line defaults to the pipeline's line");
+        assert_eq!(prepared.camera.captured_at_ms, 1_700_000_000_000);
+    }
+
+    #[test]
+    fn every_contract_violation_has_its_reason() {
+        let cases: Vec<(RawFrame, RejectReason, &str)> = vec![
+            (frame(vec![], GOOD_HEADERS), RejectReason::Empty, "empty"),
+            (frame(vec![0; 100_001], GOOD_HEADERS), RejectReason::Oversized, "100001 bytes"),
+            (frame(png(48, 40), &[("captured_at_ms", "1")]), RejectReason::MissingHeader, "camera_id"),
+            (frame(png(48, 40), &[("camera_id", "c")]), RejectReason::MissingHeader, "captured_at_ms"),
+            (frame(png(48, 40), &[("camera_id", "c"), ("captured_at_ms", "noon")]), RejectReason::BadHeader, "noon"),
+            (frame(b"not an image at all".to_vec(), GOOD_HEADERS), RejectReason::Decode, "cannot decode"),
+            (frame(png(48, 40)[..60].to_vec(), GOOD_HEADERS), RejectReason::Decode, "cannot decode"),
+        ];
+        for (input, expected, needle) in cases {
+            let (reason, detail) = reason(prepare(&config(), input));
+            assert_eq!(reason, expected, "{detail}");
+            assert!(detail.contains(needle), "{detail:?} should mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_size_is_rejected_only_when_a_size_is_expected() {
+        let strict = PoolConfig { expected_size: Some([48, 48]), ..config() };
+        let (reason, detail) = reason(prepare(&strict, frame(png(48, 40), GOOD_HEADERS)));
+        assert_eq!(reason, RejectReason::WrongSize);
+        assert!(detail.contains("48x40"), "{detail}");
+        assert!(prepare(&strict, frame(png(48, 48), GOOD_HEADERS)).is_ok());
+    }
+
+    #[test]
+    fn the_pool_routes_good_and_bad_frames_and_stops_when_the_source_closes() {
+        let (to_pool, pool_input) = crossbeam_channel::bounded(4);
+        let (to_infer, infer_input) = crossbeam_channel::bounded(4);
+        let (to_sink, mut sink_input) = mpsc::channel(4);
+        let metrics = crate::metrics::Metrics::new().unwrap().line("juice");
+        let workers = spawn(PoolConfig { workers: 2, ..config() }, pool_input, to_infer, to_sink, metrics).unwrap();
+        to_pool.send(frame(png(40, 40), GOOD_HEADERS)).unwrap();
+        to_pool.send(frame(vec![], GOOD_HEADERS)).unwrap();
+        drop(to_pool);
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        assert_eq!(infer_input.try_iter().count(), 1);
+        match sink_input.try_recv() {
+            Ok(SinkItem::Rejected(rejected)) => assert_eq!(rejected.reason, RejectReason::Empty),
+            other => panic!("expected one rejection, got {other:?}"),
+        }
+    }
+}

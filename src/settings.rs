@@ -1,0 +1,425 @@
+//! Pipeline configuration: a TOML file per deployment (see `pipelines/`), then `LINEGUARD__…` environment
+//! overrides, deserialised strictly (unknown keys are errors) and validated whole, so that one start-up
+//! reports every problem with the key that has it.
+//!
+//! Environment overrides use double underscores between levels, e.g. `LINEGUARD__KAFKA__BROKERS=k1:9092` or
+//! `LINEGUARD__LINES__JUICE_BOTTLE__THRESHOLD=0.4`. Lists (such as `input_topics`) take comma-separated
+//! values.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The environment prefix of overrides.
+pub const ENV_PREFIX: &str = "LINEGUARD";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub shutdown: ShutdownSettings,
+    /// Product lines by name; each has its own model, topics, consumer group and stages.
+    pub lines: BTreeMap<String, LineSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, comma-separated `host:port`.
+    pub brokers: String,
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Extra librdkafka properties for consumers (e.g. `security.protocol`), applied last.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// Extra librdkafka properties for producers, applied last.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address of the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`; empty disables it.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings { listen: default_metrics_listen() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// After SIGTERM, how long in-flight frames may take to be published before the process gives up
+    /// (their offsets then stay uncommitted and the frames are processed again after a restart).
+    #[serde(default = "default_drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
+    /// How often offsets of fully published frames are committed while running.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings {
+            drain_timeout_secs: default_drain_timeout_secs(),
+            commit_interval_ms: default_commit_interval_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MapFormat {
+    /// A colourised heatmap PNG at the model's resolution.
+    Png,
+    /// The raw normalised map as little-endian IEEE half floats, row-major, at the model's resolution.
+    F16,
+    /// No maps topic messages.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// CUDA when libtorch sees a GPU, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineSettings {
+    /// Model file written by `lineguard train`.
+    pub model: PathBuf,
+    /// Topics carrying this line's camera frames.
+    pub input_topics: Vec<String>,
+    #[serde(default = "default_results_topic")]
+    pub results_topic: String,
+    /// Topic of anomaly maps; empty disables maps (as does `map_format = "none"`).
+    #[serde(default = "default_maps_topic")]
+    pub maps_topic: String,
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Consumer group; defaults to `lineguard-<line name>`.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Frames scoring above this are `anomalous`. Choose it on normal validation images (the demo uses
+    /// the highest validation score); `lineguard predict` prints scores to help.
+    pub threshold: f32,
+    #[serde(default = "default_map_format")]
+    pub map_format: MapFormat,
+    #[serde(default = "default_device")]
+    pub device: DeviceChoice,
+    /// Decoding threads; 0 means one per CPU core.
+    #[serde(default)]
+    pub preprocess_workers: usize,
+    /// Largest inference batch.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long the first frame of a batch waits for company before the batch runs anyway.
+    #[serde(default = "default_max_batch_wait_ms")]
+    pub max_batch_wait_ms: u64,
+    /// Frames between consumption and acknowledged output; when reached, the consumer pauses.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Larger messages go to the dead-letter topic without being decoded.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// When set, frames of another `[width, height]` go to the dead-letter topic (a camera misconfigured).
+    #[serde(default)]
+    pub expected_size: Option<[u32; 2]>,
+}
+
+fn default_client_id() -> String {
+    "lineguard".into()
+}
+fn default_metrics_listen() -> String {
+    "0.0.0.0:9464".into()
+}
+fn default_drain_timeout_secs() -> u64 {
+    30
+}
+fn default_commit_interval_ms() -> u64 {
+    1000
+}
+fn default_results_topic() -> String {
+    "lineguard.results".into()
+}
+fn default_maps_topic() -> String {
+    "lineguard.maps".into()
+}
+fn default_dead_letter_topic() -> String {
+    "lineguard.dead-letter".into()
+}
+fn default_map_format() -> MapFormat {
+    MapFormat::Png
+}
+fn default_device() -> DeviceChoice {
+    DeviceChoice::Auto
+}
+fn default_max_batch() -> usize {
+    8
+}
+fn default_max_batch_wait_ms() -> u64 {
+    20
+}
+fn default_max_in_flight() -> usize {
+    64
+}
+fn default_max_frame_bytes() -> usize {
+    8 << 20
+}
+
+impl Settings {
+    /// Reads `path`, applies `LINEGUARD__…` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Settings::from_toml(&text, path, std::env::vars())
+    }
+
+    /// [`Settings::load`] on text, with the environment given explicitly (tests pass their own).
+    pub fn from_toml(
+        text: &str,
+        origin: &Path,
+        environment: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let parse_error = |source| ConfigError::Parse { path: origin.to_path_buf(), source };
+        let overrides: config::Map<String, String> =
+            environment.into_iter().filter(|(key, _)| key.starts_with(&format!("{ENV_PREFIX}__"))).collect();
+        // `config` splits only the keys it is told are lists, by their full dotted path.
+        let list_keys: Vec<String> = overrides
+            .keys()
+            .filter(|key| key.ends_with("__INPUT_TOPICS"))
+            .map(|key| key[ENV_PREFIX.len() + 2..].to_lowercase().replace("__", "."))
+            .collect();
+        let mut environment =
+            config::Environment::with_prefix(ENV_PREFIX).prefix_separator("__").separator("__").try_parsing(true);
+        if !list_keys.is_empty() {
+            // Without named list keys, `config` would split every string value on the separator.
+            environment = environment.list_separator(",");
+            for key in &list_keys {
+                environment = environment.with_list_parse_key(key);
+            }
+        }
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(environment.source(Some(overrides)))
+            .build()
+            .and_then(|merged| merged.try_deserialize())
+            .map_err(parse_error)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every problem at once, each naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.kafka.brokers.trim().is_empty() {
+            problems.push("kafka.brokers: empty; give `host:port[,host:port…]`".to_string());
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!("metrics.listen: {:?} is not an address like 0.0.0.0:9464", self.metrics.listen));
+        }
+        if self.shutdown.commit_interval_ms == 0 {
+            problems.push("shutdown.commit_interval_ms: must be > 0".into());
+        }
+        if self.lines.is_empty() {
+            problems.push("lines: no product line configured; add a [lines.<name>] table".into());
+        }
+        let mut groups = BTreeMap::new();
+        for (name, line) in &self.lines {
+            let key = |field: &str| format!("lines.{name}.{field}");
+            if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+                problems.push(format!("lines.{name}: line names use a-z, 0-9, _ and - (they become metric labels)"));
+            }
+            if line.input_topics.is_empty() || line.input_topics.iter().any(|t| t.trim().is_empty()) {
+                problems.push(format!("{}: give at least one non-empty topic", key("input_topics")));
+            }
+            for (field, topic) in [("results_topic", &line.results_topic), ("dead_letter_topic", &line.dead_letter_topic)] {
+                if topic.trim().is_empty() {
+                    problems.push(format!("{}: empty", key(field)));
+                }
+                if line.input_topics.contains(topic) {
+                    problems.push(format!("{}: {topic:?} is also an input topic (a loop)", key(field)));
+                }
+            }
+            if line.input_topics.contains(&line.maps_topic) {
+                problems.push(format!("{}: {:?} is also an input topic (a loop)", key("maps_topic"), line.maps_topic));
+            }
+            if !(line.threshold.is_finite()) {
+                problems.push(format!("{}: {} is not a finite number", key("threshold"), line.threshold));
+            }
+            if line.max_batch == 0 || line.max_batch > 256 {
+                problems.push(format!("{}: {} (expected 1..=256)", key("max_batch"), line.max_batch));
+            }
+            if line.max_in_flight == 0 {
+                problems.push(format!("{}: must be > 0", key("max_in_flight")));
+            } else if line.max_in_flight < line.max_batch {
+                problems.push(format!(
+                    "{}: {} is below max_batch {} (batches could never fill)",
+                    key("max_in_flight"),
+                    line.max_in_flight,
+                    line.max_batch
+                ));
+            }
+            if line.max_frame_bytes == 0 {
+                problems.push(format!("{}: must be > 0", key("max_frame_bytes")));
+            }
+            if let Some([w, h]) = line.expected_size {
+                if w == 0 || h == 0 {
+                    problems.push(format!("{}: [{w}, {h}] has a zero side", key("expected_size")));
+                }
+            }
+            let group = line.group_id(name);
+            if let Some(other) = groups.insert(group.clone(), name.clone()) {
+                problems.push(format!(
+                    "{}: consumer group {group:?} is also used by line {other:?}; lines need their own groups",
+                    key("group_id")
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown.drain_timeout_secs)
+    }
+
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.shutdown.commit_interval_ms)
+    }
+}
+
+impl LineSettings {
+    pub fn group_id(&self, line_name: &str) -> String {
+        self.group_id.clone().unwrap_or_else(|| format!("lineguard-{line_name}"))
+    }
+
+    /// The maps topic when maps are published at all.
+    pub fn maps_output(&self) -> Option<&str> {
+        (self.map_format != MapFormat::None && !self.maps_topic.is_empty()).then_some(self.maps_topic.as_str())
+    }
+
+    pub fn max_batch_wait(&self) -> Duration {
+        Duration::from_millis(self.max_batch_wait_ms)
+    }
+
+    pub fn workers(&self) -> usize {
+        if self.preprocess_workers > 0 {
+            self.preprocess_workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+
+[lines.juice]
+model = "model.safetensors"
+input_topics = ["frames"]
+threshold = 0.4
+"#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Settings::from_toml(text, Path::new("test.toml"), env)
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let settings = parse(MINIMAL, &[]).unwrap();
+        let line = &settings.lines["juice"];
+        assert_eq!(line.results_topic, "lineguard.results");
+        assert_eq!(line.maps_output(), Some("lineguard.maps"));
+        assert_eq!(line.group_id("juice"), "lineguard-juice");
+        assert_eq!((line.max_batch, line.max_batch_wait_ms, line.max_in_flight), (8, 20, 64));
+        assert_eq!(settings.metrics.listen, "0.0.0.0:9464");
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_lists() {
+        let settings = parse(
+            MINIMAL,
+            &[
+                ("LINEGUARD__KAFKA__BROKERS", "k1:9092,k2:9092"),
+                ("LINEGUARD__KAFKA__CLIENT_ID", "plant,7"),
+                ("LINEGUARD__LINES__JUICE__THRESHOLD", "0.75"),
+                ("LINEGUARD__LINES__JUICE__INPUT_TOPICS", "a,b"),
+                ("OTHER__KAFKA__BROKERS", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(settings.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(settings.kafka.client_id, "plant,7", "only list keys are split");
+        assert_eq!(settings.lines["juice"].threshold, 0.75);
+        assert_eq!(settings.lines["juice"].input_topics, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        let err = parse(&format!("{MINIMAL}treshold = 0.3\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("treshold"), "{err}");
+        let err = parse(&MINIMAL.replace("0.4", "\"high\""), &[]).unwrap_err().to_string();
+        assert!(err.contains("threshold"), "{err}");
+        let err = parse(MINIMAL, &[("LINEGUARD__LINES__JUICE__THRESHOLD", "abc")]).unwrap_err().to_string();
+        assert!(err.contains("lines.juice.threshold") && err.contains("string"), "{err}");
+    }
+
+    #[test]
+    fn validation_lists_every_problem_with_its_key() {
+        let text = r#"
+[kafka]
+brokers = ""
+[metrics]
+listen = "nowhere"
+[lines.a]
+model = "m"
+input_topics = ["frames"]
+results_topic = "frames"
+threshold = 0.4
+max_batch = 16
+max_in_flight = 4
+[lines.b]
+model = "m"
+input_topics = []
+threshold = 0.4
+group_id = "lineguard-a"
+"#;
+        let err = parse(text, &[]).unwrap_err().to_string();
+        for needle in [
+            "kafka.brokers",
+            "metrics.listen",
+            "lines.a.results_topic",
+            "lines.a.max_in_flight",
+            "lines.b.input_topics",
+            "lines.b.group_id",
+        ] {
+            assert!(err.contains(needle), "missing {needle} in:\n{err}");
+        }
+    }
+}

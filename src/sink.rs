@@ -1,0 +1,284 @@
+//! The sink: publishes each frame's outputs and only then acknowledges the frame, which lets the source
+//! commit its offset (see `ack`).
+//!
+//! - scored frame → a JSON [`ResultRecord`] on the results topic and, unless disabled, the anomaly map on
+//!   the maps topic, both keyed by the frame id;
+//! - rejected frame → the original bytes and headers on the dead-letter topic, plus `lineguard_error*`
+//!   headers saying why, keyed by the frame id (nothing is lost: the record can be fixed and replayed).
+//!
+//! Records are keyed by frame id, so a frame processed twice (after a crash or a rebalance, the price of
+//! at-least-once without transactions) produces the same key twice and consumers can keep the last.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::producer::FutureProducer;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::frame::{CameraInfo, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings};
+use crate::kafka::{send_until_delivered, to_owned_headers};
+use crate::metrics::{LineMetrics, Output};
+use crate::settings::MapFormat;
+
+pub const RESULT_SCHEMA: &str = "lineguard.result.v1";
+pub const HEADER_ERROR_REASON: &str = "lineguard_error_reason";
+pub const HEADER_ERROR: &str = "lineguard_error";
+pub const HEADER_SOURCE_TOPIC: &str = "lineguard_source_topic";
+pub const HEADER_SOURCE_PARTITION: &str = "lineguard_source_partition";
+pub const HEADER_SOURCE_OFFSET: &str = "lineguard_source_offset";
+pub const HEADER_MAP_FORMAT: &str = "lineguard_map_format";
+pub const HEADER_MAP_WIDTH: &str = "lineguard_map_width";
+pub const HEADER_MAP_HEIGHT: &str = "lineguard_map_height";
+pub const HEADER_MODEL_VERSION: &str = "lineguard_model_version";
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub line: String,
+    pub results_topic: String,
+    pub maps_topic: Option<String>,
+    pub dead_letter_topic: String,
+    pub threshold: f32,
+    pub map_format: MapFormat,
+}
+
+/// The JSON value of a results-topic record.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ResultRecord {
+    pub schema: String,
+    pub frame_id: String,
+    /// The pipeline line that scored it.
+    pub line: String,
+    #[serde(flatten)]
+    pub camera: CameraFields,
+    pub score: f32,
+    pub threshold: f32,
+    /// `anomalous` when `score > threshold`, else `normal`.
+    pub verdict: String,
+    pub model_version: u64,
+    pub image_width: u32,
+    pub image_height: u32,
+    /// Where the anomaly map went, if anywhere.
+    pub map_topic: Option<String>,
+    pub source: SourceFields,
+    pub batch_size: usize,
+    /// Milliseconds per stage, and from consumption to publishing this record.
+    pub timings_ms: TimingFields,
+    pub published_at_ms: i64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct CameraFields {
+    pub camera_id: String,
+    pub line_id: String,
+    pub captured_at_ms: i64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct SourceFields {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TimingFields {
+    pub queue: f64,
+    pub preprocess: f64,
+    pub batch_wait: f64,
+    pub inference: f64,
+    pub in_pipeline: f64,
+}
+
+impl TimingFields {
+    fn new(timings: &StageTimings, in_pipeline: Duration) -> TimingFields {
+        let ms = |s: f64| (s * 1e5).round() / 100.0;
+        TimingFields {
+            queue: ms(timings.queue),
+            preprocess: ms(timings.preprocess),
+            batch_wait: ms(timings.batch_wait),
+            inference: ms(timings.inference),
+            in_pipeline: ms(in_pipeline.as_secs_f64()),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Runs until every sender of `input` is gone (all upstream stages finished) and every started publish
+/// is acknowledged.
+pub async fn run(config: SinkConfig, producer: FutureProducer, mut input: mpsc::Receiver<SinkItem>, metrics: LineMetrics) {
+    let config = Arc::new(config);
+    let mut publishing = JoinSet::new();
+    while let Some(item) = input.recv().await {
+        let (config, producer, metrics) = (config.clone(), producer.clone(), metrics.clone());
+        publishing.spawn(async move {
+            match item {
+                SinkItem::Scored(frame) => publish_scored(&config, &producer, frame, &metrics).await,
+                SinkItem::Rejected(frame) => publish_rejected(&config, &producer, frame, &metrics).await,
+            }
+        });
+        // Reap finished publishes so the set does not grow with the stream.
+        while let Some(done) = publishing.try_join_next() {
+            report_panic(done);
+        }
+    }
+    while let Some(done) = publishing.join_next().await {
+        report_panic(done);
+    }
+}
+
+fn report_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = done {
+        log::error!("a publish task failed: {err}; its frame stays uncommitted and will be consumed again");
+    }
+}
+
+async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: ScoredFrame, metrics: &LineMetrics) {
+    let started = Instant::now();
+    let ScoredFrame { meta, camera, original_size, score, map, map_side, display_range, model_version, batch_size, ack } =
+        frame;
+    let anomalous = score > config.threshold;
+    let CameraInfo { camera_id, line_id, captured_at_ms } = camera;
+    let record = ResultRecord {
+        schema: RESULT_SCHEMA.into(),
+        frame_id: meta.frame_id.clone(),
+        line: config.line.clone(),
+        camera: CameraFields { camera_id, line_id, captured_at_ms },
+        score,
+        threshold: config.threshold,
+        verdict: if anomalous { "anomalous" } else { "normal" }.into(),
+        model_version,
+        image_width: original_size.0,
+        image_height: original_size.1,
+        map_topic: config.maps_topic.clone(),
+        source: SourceFields {
+            topic: meta.source.topic.clone(),
+            partition: meta.source.partition,
+            offset: meta.source.offset,
+        },
+        batch_size,
+        timings_ms: TimingFields::new(&meta.timings, meta.received_at.elapsed()),
+        published_at_ms: now_ms(),
+    };
+    let json = serde_json::to_vec(&record).unwrap_or_default();
+    let version = model_version.to_string();
+    let result_headers = to_owned_headers([(HEADER_MODEL_VERSION, version.as_bytes())]);
+    let key = meta.frame_id.as_str();
+    let result = send_until_delivered(producer, &config.results_topic, key, &json, &result_headers, |_| {
+        metrics.publish_failed(Output::Results)
+    });
+    match &config.maps_topic {
+        Some(maps_topic) => {
+            let format = config.map_format;
+            // PNG encoding is CPU work: keep it off the async runtime threads.
+            let encoded = tokio::task::spawn_blocking(move || encode_map(&map, map_side, display_range, format)).await;
+            let (format_name, bytes) = match encoded {
+                Ok(encoded) => encoded,
+                Err(err) => {
+                    log::error!("encoding the map of {key} failed: {err}");
+                    return; // unacknowledged: consumed again after a restart
+                }
+            };
+            let side = map_side.to_string();
+            let map_headers = to_owned_headers([
+                (HEADER_MAP_FORMAT, format_name.as_bytes()),
+                (HEADER_MAP_WIDTH, side.as_bytes()),
+                (HEADER_MAP_HEIGHT, side.as_bytes()),
+                (HEADER_MODEL_VERSION, version.as_bytes()),
+            ]);
+            let map = send_until_delivered(producer, maps_topic, key, &bytes, &map_headers, |_| {
+                metrics.publish_failed(Output::Maps)
+            });
+            tokio::join!(result, map);
+        }
+        None => result.await,
+    }
+    metrics.frame_scored(score, anomalous, &meta.timings, started.elapsed());
+    metrics.frame_done(meta.received_at.elapsed(), capture_latency(captured_at_ms));
+    ack.delivered();
+}
+
+async fn publish_rejected(config: &SinkConfig, producer: &FutureProducer, frame: RejectedFrame, metrics: &LineMetrics) {
+    let RejectedFrame { meta, payload, reason, detail, ack } = frame;
+    let SourcePosition { topic, partition, offset } = &meta.source;
+    let (partition, offset) = (partition.to_string(), offset.to_string());
+    let context = [
+        (HEADER_ERROR_REASON, reason.as_str().as_bytes()),
+        (HEADER_ERROR, detail.as_bytes()),
+        (HEADER_SOURCE_TOPIC, topic.as_bytes()),
+        (HEADER_SOURCE_PARTITION, partition.as_bytes()),
+        (HEADER_SOURCE_OFFSET, offset.as_bytes()),
+    ];
+    let original = meta.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+    let headers = to_owned_headers(original.chain(context));
+    send_until_delivered(producer, &config.dead_letter_topic, &meta.frame_id, &payload, &headers, |_| {
+        metrics.publish_failed(Output::DeadLetter)
+    })
+    .await;
+    metrics.frame_done(meta.received_at.elapsed(), None);
+    ack.delivered();
+}
+
+fn capture_latency(captured_at_ms: i64) -> Option<Duration> {
+    let age = now_ms() - captured_at_ms;
+    // A camera clock ahead of ours would give nonsense: report nothing rather than a negative latency.
+    (age >= 0).then(|| Duration::from_millis(age as u64))
+}
+
+/// The map as the configured format: a colourised PNG (values from `range.0` transparent-dark to
+/// `range.1` bright) or raw little-endian f16.
+pub fn encode_map(map: &[f32], side: u32, range: (f32, f32), format: MapFormat) -> (&'static str, Vec<u8>) {
+    match format {
+        MapFormat::F16 => ("f16", map.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
+        MapFormat::Png | MapFormat::None => {
+            let (low, high) = range;
+            let span = (high - low).max(1e-6);
+            let picture = image::RgbImage::from_fn(side, side, |x, y| {
+                let v = map.get((y * side + x) as usize).copied().unwrap_or(0.0);
+                crate::heatmap::colour(((v - low) / span).clamp(0.0, 1.0))
+            });
+            let mut bytes = Vec::new();
+            // Writing a PNG into memory only fails on allocation failure.
+            if let Err(err) = picture.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png) {
+                log::error!("cannot encode a heatmap PNG: {err}");
+            }
+            ("png", bytes)
+        }
+    }
+}
+
+/// Decodes an f16 map record back into values (for consumers written in Rust, and the tests).
+pub fn decode_f16_map(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(2).map(|pair| half::f16::from_le_bytes([pair[0], pair[1]]).to_f32()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_encode_as_png_or_f16() {
+        let map: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
+        let (name, png) = encode_map(&map, 4, (0.0, 1.0), MapFormat::Png);
+        assert_eq!(name, "png");
+        let decoded = image::load_from_memory(&png).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (4, 4));
+        let (name, raw) = encode_map(&map, 4, (0.0, 1.0), MapFormat::F16);
+        assert_eq!(name, "f16");
+        assert_eq!(raw.len(), 32);
+        let back = decode_f16_map(&raw);
+        for (a, b) in map.iter().zip(&back) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn capture_latency_ignores_clocks_ahead_of_ours() {
+        assert!(capture_latency(now_ms() + 60_000).is_none());
+        assert!(capture_latency(now_ms() - 1_000).unwrap() >= Duration::from_millis(1_000));
+    }
+}
