@@ -1,0 +1,456 @@
+//! The streaming service against a real Kafka-protocol broker: every test starts its own in-memory
+//! `nisshi` on a free loopback port (killed by pid when the test ends), creates its own topics, runs the
+//! real `lineguard run` binary on a small real model, and reads the output topics with a real consumer.
+//! Nothing here is mocked.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{lineguard_ok, path_str};
+use lineguard::broker::LocalBroker;
+use lineguard::sink::{ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MAP_FORMAT, HEADER_SOURCE_OFFSET};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+
+/// A small model and test frames, made once per test binary by the real CLI.
+struct Fixture {
+    model: PathBuf,
+    frames: Vec<PathBuf>,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pipeline-fixture-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = dir.join("data");
+        lineguard_ok(&[
+            "synth", "--out", path_str(&data), "--image-size", "128", "--train", "4", "--validation", "3", "--test", "10",
+        ]);
+        // A narrow network (16 teacher channels) keeps inference cheap; the pipeline does not care.
+        let recipe = dir.join("tiny.toml");
+        std::fs::write(&recipe, "image_size = 128\nchannels = 16\n[train]\nsteps = 3\ncheckpoint_every = 0\n").unwrap();
+        let model = dir.join("model.safetensors");
+        lineguard_ok(&["train", "--data", path_str(&data), "--out", path_str(&model), "-c", path_str(&recipe), "--cpu"]);
+        let mut frames = Vec::new();
+        for split in ["good", "logical_anomalies", "structural_anomalies"] {
+            let folder = data.join("test").join(split);
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().path()).collect();
+            found.sort();
+            frames.extend(found.into_iter().filter(|p| p.extension().is_some_and(|e| e == "png")));
+        }
+        Fixture { model, frames }
+    })
+}
+
+fn nisshi() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nisshi");
+    if local.is_file() {
+        return local;
+    }
+    lineguard::broker::find_nisshi().expect("nisshi is missing: run scripts/setup.sh (it installs it into .tools/)")
+}
+
+/// One broker, a scratch folder and unique topic names for one test.
+struct Harness {
+    broker: LocalBroker,
+    dir: tempfile::TempDir,
+    name: String,
+}
+
+#[derive(Clone)]
+struct Topics {
+    frames: String,
+    results: String,
+    maps: String,
+    dead_letter: String,
+}
+
+impl Harness {
+    fn new(name: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = LocalBroker::start(Some(&nisshi()), Some(&dir.path().join("broker.log"))).expect("nisshi starts");
+        Harness { broker, dir, name: name.to_string() }
+    }
+
+    fn brokers(&self) -> String {
+        self.broker.bootstrap()
+    }
+
+    fn topics(&self, line: &str, partitions: i32) -> Topics {
+        let t = |kind: &str| format!("{}.{line}.{kind}", self.name);
+        let topics = Topics { frames: t("frames"), results: t("results"), maps: t("maps"), dead_letter: t("dead-letter") };
+        let kafka = lineguard::settings::KafkaSettings {
+            brokers: self.brokers(),
+            client_id: "test".into(),
+            consumer: Default::default(),
+            producer: Default::default(),
+        };
+        let names = [&topics.frames, &topics.results, &topics.maps, &topics.dead_letter];
+        let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        runtime().block_on(lineguard::kafka::ensure_topics(&kafka, &names, partitions)).unwrap();
+        topics
+    }
+
+    /// A pipeline file with one `[lines.<line>]` table per entry; `extra` is appended to each table.
+    fn pipeline(&self, file: &str, metrics_port: u16, lines: &[(&str, &Topics, &str)]) -> PathBuf {
+        let mut text = format!(
+            "[kafka]\nbrokers = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[shutdown]\ndrain_timeout_secs = 60\n",
+            self.brokers()
+        );
+        for (line, topics, extra) in lines {
+            text.push_str(&format!(
+                "[lines.{line}]\nmodel = \"{}\"\ninput_topics = [\"{}\"]\nresults_topic = \"{}\"\nmaps_topic = \"{}\"\n\
+                 dead_letter_topic = \"{}\"\nthreshold = 0.5\ndevice = \"cpu\"\nmax_batch = 4\n{extra}\n",
+                path_str(&fixture().model),
+                topics.frames,
+                topics.results,
+                topics.maps,
+                topics.dead_letter,
+            ));
+        }
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts `lineguard run`; its log goes to <file>.log in the scratch folder.
+    fn run(&self, pipeline: &Path) -> Service {
+        let log = pipeline.with_extension("log");
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lineguard"))
+            .args(["run", "--pipeline", path_str(pipeline)])
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Service { child: Some(child), log }
+    }
+
+    /// Sends the frames with the real `produce` command.
+    fn produce(&self, topic: &str, frames: &[PathBuf], key_prefix: &str) {
+        let mut args = vec!["produce", "--brokers", "", "--topic", topic, "--rate", "0", "--key-prefix", key_prefix];
+        let brokers = self.brokers();
+        args[2] = &brokers;
+        args.extend(frames.iter().map(|p| path_str(p)));
+        lineguard_ok(&args);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+struct Service {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Service {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status (within `limit`).
+    fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!("lineguard did not stop within {limit:?} after SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// The value of an unlabelled-or-labelled sample line of the metrics page, e.g.
+/// `lineguard_partitions_assigned{line="a"}`.
+fn metric(port: u16, sample: &str) -> Option<f64> {
+    let page = http_get(port, "/metrics")?;
+    page.lines().find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+}
+
+fn wait_for(what: &str, limit: Duration, service: &[&Service], mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > limit {
+            let logs: Vec<String> = service.iter().map(|s| s.log()).collect();
+            panic!("timed out waiting for {what}; service logs:\n{}", logs.join("\n-----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Record {
+    key: String,
+    payload: Vec<u8>,
+    headers: HashMap<String, Vec<u8>>,
+}
+
+/// Reads `topic` from the beginning until `expected` records arrived, then a little longer (so that
+/// duplicates would be seen too), or until `limit`.
+fn read_topic(brokers: &str, topic: &str, expected: usize, limit: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", rand::random::<u64>()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut records = Vec::new();
+    let started = Instant::now();
+    let mut complete_at: Option<Instant> = None;
+    while started.elapsed() < limit && complete_at.is_none_or(|at| at.elapsed() < Duration::from_secs(2)) {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            records.push(Record {
+                key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                headers: message
+                    .headers()
+                    .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+                    .unwrap_or_default(),
+            });
+        }
+        if records.len() >= expected && complete_at.is_none() {
+            complete_at = Some(Instant::now());
+        }
+    }
+    records
+}
+
+fn count_by_key(records: &[Record]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for record in records {
+        *counts.entry(record.key.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn keys_with_prefix(counts: &HashMap<String, usize>, prefix: &str) -> usize {
+    counts.keys().filter(|k| k.starts_with(prefix)).count()
+}
+
+#[test]
+fn every_frame_gets_exactly_one_result_and_a_decodable_map_on_two_lines() {
+    let harness = Harness::new("results");
+    let png_line = harness.topics("png", 3);
+    let f16_line = harness.topics("f16", 2);
+    let port = free_port();
+    let pipeline = harness.pipeline(
+        "two-lines.toml",
+        port,
+        &[("png_line", &png_line, "map_format = \"png\""), ("f16_line", &f16_line, "map_format = \"f16\"")],
+    );
+    let mut service = harness.run(&pipeline);
+    wait_for("readiness", Duration::from_secs(60), &[&service], || {
+        http_get(port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
+    let frames = &fixture().frames[..12];
+    harness.produce(&png_line.frames, frames, "p");
+    harness.produce(&f16_line.frames, frames, "f");
+
+    for (topics, prefix, format) in [(&png_line, "p-", "png"), (&f16_line, "f-", "f16")] {
+        let results = read_topic(&harness.brokers(), &topics.results, 12, Duration::from_secs(120));
+        let counts = count_by_key(&results);
+        assert_eq!(keys_with_prefix(&counts, prefix), 12, "every frame scored: {counts:?}\n{}", service.log());
+        assert!(counts.values().all(|&n| n == 1), "no duplicates: {counts:?}");
+        for record in &results {
+            let result: ResultRecord = serde_json::from_slice(&record.payload).unwrap();
+            assert_eq!(result.frame_id, record.key);
+            assert_eq!(result.camera.camera_id, "camera-1");
+            assert_eq!((result.image_width, result.image_height), (128, 128));
+            assert!(result.score.is_finite());
+            assert_eq!(result.verdict == "anomalous", result.score > 0.5);
+            assert!(result.timings_ms.in_pipeline >= result.timings_ms.inference);
+        }
+        let maps = read_topic(&harness.brokers(), &topics.maps, 12, Duration::from_secs(60));
+        assert_eq!(count_by_key(&maps).len(), 12);
+        for map in &maps {
+            assert_eq!(map.headers[HEADER_MAP_FORMAT], format.as_bytes());
+            if format == "png" {
+                let picture = image::load_from_memory(&map.payload).expect("the map is a PNG");
+                assert_eq!((picture.width(), picture.height()), (128, 128));
+            } else {
+                let values = lineguard::sink::decode_f16_map(&map.payload);
+                assert_eq!(values.len(), 128 * 128);
+                let score = results.iter().find(|r| r.key == map.key).map(|r| {
+                    serde_json::from_slice::<ResultRecord>(&r.payload).unwrap().score
+                });
+                let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert!((max - score.unwrap()).abs() <= 1e-2 * score.unwrap().abs().max(1.0), "map max {max} vs score {score:?}");
+            }
+        }
+    }
+
+    assert_eq!(metric(port, "lineguard_frames_received_total{line=\"png_line\"}"), Some(12.0));
+    assert_eq!(metric(port, "lineguard_frames_received_total{line=\"f16_line\"}"), Some(12.0));
+    let tail = lineguard_ok(&[
+        "tail", "--brokers", &harness.brokers(), "--topic", &png_line.results, "--from-beginning", "--count", "12",
+    ]);
+    let printed = common::stdout(&tail);
+    assert_eq!(printed.lines().filter(|l| l.contains(" p-")).count(), 12, "{printed}");
+    assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
+}
+
+fn png_bytes(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image::RgbImage::from_pixel(width, height, image::Rgb([90, 90, 90]))
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
+    bytes
+}
+
+#[test]
+fn bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_the_line_keeps_going() {
+    let harness = Harness::new("deadletter");
+    let topics = harness.topics("line", 1);
+    let port = free_port();
+    let pipeline =
+        harness.pipeline("dlq.toml", port, &[("line", &topics, "max_frame_bytes = 150000\nexpected_size = [128, 128]")]);
+    let mut service = harness.run(&pipeline);
+    let frames = &fixture().frames;
+    harness.produce(&topics.frames, &frames[..3], "before");
+
+    let good = std::fs::read(&frames[3]).unwrap();
+    let now = "1700000000000";
+    let headers = [("camera_id", "cam"), ("captured_at_ms", now)];
+    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, &str)> = vec![
+        ("empty", vec![], headers.to_vec(), "empty"),
+        ("truncated", good[..good.len() / 2].to_vec(), headers.to_vec(), "decode"),
+        ("text", b"{\"not\": \"an image\"}".to_vec(), headers.to_vec(), "decode"),
+        ("oversized", vec![7u8; 200_000], headers.to_vec(), "oversized"),
+        ("no-camera", good.clone(), vec![("captured_at_ms", now)], "missing_header"),
+        ("bad-time", good.clone(), vec![("camera_id", "cam"), ("captured_at_ms", "yesterday")], "bad_header"),
+        ("wrong-size", png_bytes(64, 64), headers.to_vec(), "wrong_size"),
+    ];
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();
+    for (key, payload, headers, _) in &cases {
+        let owned = lineguard::kafka::to_owned_headers(headers.iter().map(|(k, v)| (*k, v.as_bytes())));
+        producer
+            .send(BaseRecord::<str, [u8]>::to(&topics.frames).key(*key).payload(payload.as_slice()).headers(owned))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    harness.produce(&topics.frames, &frames[3..6], "after");
+
+    let dead = read_topic(&harness.brokers(), &topics.dead_letter, cases.len(), Duration::from_secs(120));
+    assert_eq!(dead.len(), cases.len(), "one dead letter per bad message\n{}", service.log());
+    for (key, payload, _, reason) in &cases {
+        let record = dead.iter().find(|r| r.key == *key).unwrap_or_else(|| panic!("no dead letter for {key}"));
+        assert_eq!(record.headers[HEADER_ERROR_REASON], reason.as_bytes(), "{key}");
+        assert!(!record.headers[HEADER_ERROR].is_empty());
+        assert!(record.headers.contains_key(HEADER_SOURCE_OFFSET));
+        assert_eq!(&record.payload, payload, "{key}: the original bytes are kept for replay");
+    }
+    let results = read_topic(&harness.brokers(), &topics.results, 6, Duration::from_secs(120));
+    let counts = count_by_key(&results);
+    assert_eq!((keys_with_prefix(&counts, "before"), keys_with_prefix(&counts, "after")), (3, 3), "{counts:?}");
+    assert_eq!(metric(port, "lineguard_frames_failed_total{line=\"line\",reason=\"decode\"}"), Some(2.0));
+    assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
+}
+
+#[test]
+fn two_instances_in_one_group_split_the_partitions_and_score_every_frame() {
+    let harness = Harness::new("group");
+    let topics = harness.topics("line", 4);
+    let ports = [free_port(), free_port()];
+    let pipelines: Vec<PathBuf> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| harness.pipeline(&format!("instance{i}.toml"), *port, &[("line", &topics, "group_id = \"shared\"")]))
+        .collect();
+    let mut first = harness.run(&pipelines[0]);
+    let mut second = harness.run(&pipelines[1]);
+    let assigned = |port: u16| metric(port, "lineguard_partitions_assigned{line=\"line\"}").unwrap_or(0.0);
+    wait_for("both instances to own partitions", Duration::from_secs(60), &[&first, &second], || {
+        assigned(ports[0]) >= 1.0 && assigned(ports[1]) >= 1.0 && assigned(ports[0]) + assigned(ports[1]) == 4.0
+    });
+    let frames = &fixture().frames[..24];
+    harness.produce(&topics.frames, frames, "g");
+    let results = read_topic(&harness.brokers(), &topics.results, 24, Duration::from_secs(180));
+    let counts = count_by_key(&results);
+    assert_eq!(counts.len(), 24, "every frame scored: {counts:?}");
+    assert!(counts.values().all(|&n| n == 1), "no duplicates without a crash: {counts:?}");
+    let received = |port: u16| metric(port, "lineguard_frames_received_total{line=\"line\"}").unwrap_or(0.0);
+    let (a, b) = (received(ports[0]), received(ports[1]));
+    assert!(a > 0.0 && b > 0.0 && a + b == 24.0, "both instances worked: {a} + {b}");
+    assert!(first.terminate(Duration::from_secs(60)).success(), "{}", first.log());
+    assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
+}
+
+#[test]
+fn sigterm_drains_in_flight_frames_and_a_restart_resumes_from_committed_offsets() {
+    let harness = Harness::new("restart");
+    let topics = harness.topics("line", 2);
+    let port = free_port();
+    // A small in-flight limit keeps most frames in Kafka while the first instance stops.
+    let pipeline = harness.pipeline("restart.toml", port, &[("line", &topics, "max_in_flight = 4")]);
+    let frames = &fixture().frames[..30];
+    harness.produce(&topics.frames, frames, "r");
+
+    let mut first = harness.run(&pipeline);
+    wait_for("a few results", Duration::from_secs(120), &[&first], || {
+        metric(port, "lineguard_frames_scored_total{line=\"line\",verdict=\"normal\"}").unwrap_or(0.0)
+            + metric(port, "lineguard_frames_scored_total{line=\"line\",verdict=\"anomalous\"}").unwrap_or(0.0)
+            >= 5.0
+    });
+    let status = first.terminate(Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM exits 0 after draining: {status:?}\n{}", first.log());
+    let log = first.log();
+    assert!(log.contains("offsets committed"), "{log}");
+    let after_first = count_by_key(&read_topic(&harness.brokers(), &topics.results, 30, Duration::from_secs(5)));
+    assert!(after_first.len() < 30, "the first instance stopped before the end ({} results)", after_first.len());
+
+    let mut second = harness.run(&pipeline);
+    let results = read_topic(&harness.brokers(), &topics.results, 30, Duration::from_secs(180));
+    let counts = count_by_key(&results);
+    assert_eq!(counts.len(), 30, "no gaps: every frame scored by one of the two runs\n{}", second.log());
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "no duplicates: the first run committed exactly what it published: {counts:?}"
+    );
+    assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
+}
