@@ -212,4 +212,68 @@ mod tests {
         assert_eq!(collect_batch(&rx, 8, Duration::from_secs(30)).unwrap(), vec![1, 2]);
         assert_eq!(collect_batch(&rx, 8, Duration::from_secs(30)), None);
     }
+
+    fn tiny_model(version: u64, side: i64) -> EfficientAd {
+        use crate::model::config::{Preset, Recipe};
+        let recipe = Recipe { image_size: side, channels: 8, ..Recipe::preset(Preset::Dfsc) };
+        let mut model = EfficientAd::new(recipe, Device::Cpu).unwrap();
+        model.map_quantiles =
+            Some(crate::model::MapQuantiles { student_teacher: (0.0, 1.0), autoencoder: (0.0, 1.0) });
+        model.info.model_version = version;
+        model
+    }
+
+    fn prepared(tracker: &crate::ack::OffsetTracker, offset: i64) -> PreparedFrame {
+        use crate::frame::{CameraInfo, FrameMeta, SourcePosition, StageTimings};
+        let tp = crate::ack::TopicPartition { topic: "frames".into(), partition: 0 };
+        PreparedFrame {
+            meta: FrameMeta {
+                frame_id: format!("f{offset}"),
+                line: "l".into(),
+                source: SourcePosition { topic: "frames".into(), partition: 0, offset },
+                headers: vec![],
+                received_at: Instant::now(),
+                timings: StageTimings::default(),
+            },
+            camera: CameraInfo { camera_id: "c".into(), line_id: "l".into(), captured_at_ms: 0 },
+            input: vec![0.1; 3 * 128 * 128],
+            original_size: (128, 128),
+            prepared_at: Instant::now(),
+            ack: tracker.register(tp, offset, None),
+        }
+    }
+
+    #[test]
+    fn a_swapped_model_scores_from_the_next_batch_on() {
+        let tracker = crate::ack::OffsetTracker::new();
+        let (to_infer, input) = crossbeam_channel::bounded(8);
+        let (to_sink, mut output) = mpsc::channel(8);
+        let metrics = crate::metrics::Metrics::new().unwrap().line("l");
+        let batching = Batching { max_batch: 2, max_wait: Duration::from_millis(1) };
+        let (stage, swapper) = spawn(tiny_model(1, 128), batching, input, to_sink, metrics).unwrap();
+        let version = |item: SinkItem| match item {
+            SinkItem::Scored(frame) => {
+                assert_eq!(frame.map.len(), 128 * 128);
+                assert!(frame.score.is_finite());
+                frame.model_version
+            }
+            SinkItem::Rejected(_) => panic!("nothing is rejected here"),
+        };
+        to_infer.send(prepared(&tracker, 0)).unwrap();
+        assert_eq!(version(output.blocking_recv().unwrap()), 1);
+
+        let refused = swapper.swap(tiny_model(9, 192)).unwrap_err().to_string();
+        assert!(refused.contains("192 px"), "{refused}");
+        let mut uncalibrated = tiny_model(9, 128);
+        uncalibrated.map_quantiles = None;
+        assert!(swapper.swap(uncalibrated).is_err());
+
+        swapper.swap(tiny_model(2, 128)).unwrap();
+        to_infer.send(prepared(&tracker, 1)).unwrap();
+        to_infer.send(prepared(&tracker, 2)).unwrap();
+        assert_eq!(version(output.blocking_recv().unwrap()), 2);
+        assert_eq!(version(output.blocking_recv().unwrap()), 2);
+        drop(to_infer);
+        assert_eq!(stage.join().unwrap(), Ok(()));
+    }
 }

@@ -352,7 +352,9 @@ threshold = 0.4
 
     #[test]
     fn minimal_file_gets_documented_defaults() {
-        let settings = parse(MINIMAL, &[]).unwrap();
+        let with_extra = MINIMAL.replace("[lines.juice]", "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n[lines.juice]");
+        let settings = parse(&with_extra, &[]).unwrap();
+        assert_eq!(settings.kafka.consumer.get("session.timeout.ms").map(String::as_str), Some("6000"));
         let line = &settings.lines["juice"];
         assert_eq!(line.results_topic, "lineguard.results");
         assert_eq!(line.maps_output(), Some("lineguard.maps"));

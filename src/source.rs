@@ -255,3 +255,89 @@ fn to_frame(line: &str, message: &BorrowedMessage<'_>, tracker: &OffsetTracker, 
         ack,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::ClientConfig;
+
+    /// librdkafka's in-process mock cluster stands in for the broker: this checks the source's own
+    /// backpressure logic; tests/pipeline.rs covers the real broker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_consumer_pauses_at_the_in_flight_limit_and_resumes_when_frames_finish() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("frames", 1, 1).unwrap();
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            ClientConfig::new().set("bootstrap.servers", cluster.bootstrap_servers()).create().unwrap();
+        for i in 0..10 {
+            let key = format!("frame-{i}");
+            producer.send(BaseRecord::<str, [u8]>::to("frames").key(&key).payload(b"bytes".as_slice())).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+
+        let metrics = Metrics::new().unwrap();
+        let line = metrics.line("test");
+        let tracker = OffsetTracker::new();
+        let health = Arc::new(LineHealth::default());
+        let kafka = crate::settings::KafkaSettings {
+            brokers: cluster.bootstrap_servers(),
+            client_id: "test".into(),
+            consumer: Default::default(),
+            producer: Default::default(),
+        };
+        let context = SourceContext { tracker: tracker.clone(), metrics: line.clone(), health };
+        let consumer: StreamConsumer<SourceContext> =
+            crate::kafka::consumer_config(&kafka, "group").create_with_context(context).unwrap();
+        consumer.subscribe(&["frames"]).unwrap();
+        let (to_preprocess, frames) = crossbeam_channel::bounded(3);
+        let source = Source {
+            line: "test".into(),
+            consumer,
+            tracker: tracker.clone(),
+            permits: Arc::new(Semaphore::new(3)),
+            to_preprocess,
+            metrics: line,
+            commit_interval: Duration::from_millis(100),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let (drained_tx, drained) = oneshot::channel();
+        let running = tokio::spawn(source.run(stop_rx, drained));
+
+        let paused = || metrics.render().contains("lineguard_consumer_paused{line=\"test\"} 1");
+        let wait = |what: &str, done: &dyn Fn() -> bool| {
+            let started = Instant::now();
+            while !done() {
+                assert!(started.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait("three frames and a pause", &|| frames.len() == 3 && paused());
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(frames.len(), 3, "nothing is consumed beyond the in-flight limit");
+        assert_eq!(tracker.in_flight(), 3);
+
+        // Finishing two frames lets exactly two more in.
+        for frame in frames.try_iter().take(2) {
+            frame.ack.delivered();
+        }
+        wait("two more frames", &|| frames.len() == 3);
+        assert_eq!(tracker.in_flight(), 3);
+
+        for frame in frames.try_iter() {
+            frame.ack.delivered();
+        }
+        wait("the next frames", &|| frames.len() == 3);
+        stop.send(true).unwrap();
+        for frame in frames.try_iter() {
+            frame.ack.delivered();
+        }
+        drained_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), running).await.unwrap().unwrap();
+        assert_eq!(tracker.in_flight(), 0);
+        let page = metrics.render();
+        assert!(page.contains("lineguard_offset_commits_total{line=\"test\",result=\"ok\"}"), "{page}");
+    }
+}
