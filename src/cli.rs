@@ -18,7 +18,11 @@ lineguard synth --out data/synth --image-size 128        # a dataset to try thin
 lineguard train --data data/synth -c pipelines/recipes/quick.toml --out model.safetensors\n  \
 lineguard eval --model model.safetensors --data data/synth\n  \
 lineguard predict --model model.safetensors data/synth/test/logical_anomalies --out heatmaps/\n\n\
-Or all of it at once: lineguard demo. Datasets use the MVTec LOCO AD layout (train/good, validation/good, \
+Streaming from Kafka (see pipelines/local.toml):\n  \
+lineguard run --pipeline pipelines/local.toml          # the service: frames in, results out\n  \
+lineguard produce --topic frames.trays data/synth/test/good   # send images as camera frames\n  \
+lineguard tail --topic lineguard.results                # watch the verdicts\n\n\
+Or all of it at once, with a local broker: lineguard demo. Datasets use the MVTec LOCO AD layout (train/good, validation/good, \
 test/good, test/logical_anomalies, test/structural_anomalies, ground_truth/, defects_config.json).",
     after_help = "Run 'lineguard <command> --help' for the flags of one command."
 )]
@@ -178,7 +182,7 @@ pub struct DemoArgs {
     pub retrain: bool,
     /// Frames per second streamed through the pipeline (0 = as fast as possible, to see the maximum
     /// throughput and the backpressure at work).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 3.0)]
     pub rate: f64,
     /// Use this Kafka cluster instead of starting a local nisshi broker (topics get a unique suffix).
     #[arg(long)]

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::error::WeightsError;
 use crate::frame::{PreparedFrame, ScoredFrame, SinkItem};
-use crate::metrics::LineMetrics;
+use crate::metrics::{LineMetrics, Queue};
 use crate::model::EfficientAd;
 
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +84,7 @@ pub fn spawn(
         let mut model = model;
         metrics.model_loaded(model.info.model_version);
         while let Some(batch) = collect_batch(&input, batching.max_batch, batching.max_wait) {
+            metrics.queue_depth(Queue::Inference, input.len());
             if let Ok(new) = swaps.try_recv() {
                 log::info!("model version {} replaces version {}", new.info.model_version, model.info.model_version);
                 model = new;

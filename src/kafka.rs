@@ -1,6 +1,8 @@
 //! Kafka client plumbing shared by the pipeline stages and the `produce`/`tail` commands: client
-//! configuration, header conversion, topic creation and publishing until the broker acknowledges.
+//! configuration, header conversion, topic creation, publishing until the broker acknowledges, and
+//! sending image files as camera frames (`produce`, the demo, the benchmarks).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -11,6 +13,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
+use crate::frame::{HEADER_CAMERA, HEADER_CAPTURED_AT, HEADER_LINE};
 use crate::settings::KafkaSettings;
 
 /// Largest message our producers send (maps of big images, dead-lettered frames); topics need a
@@ -64,6 +67,14 @@ pub fn from_headers(headers: Option<&impl Headers>) -> Vec<(String, Vec<u8>)> {
         .unwrap_or_default()
 }
 
+/// Whether the cluster answers a metadata request within `timeout` (blocking; call from a blocking
+/// context). Tools fail fast with this; the service only warns and keeps retrying, as Kafka clients do.
+pub fn check_reachable(kafka: &KafkaSettings, timeout: Duration) -> Result<(), KafkaError> {
+    use rdkafka::producer::Producer;
+    let producer: rdkafka::producer::BaseProducer = producer_config(kafka).create()?;
+    producer.client().fetch_metadata(None, timeout).map(|_| ())
+}
+
 /// Creates topics that do not exist yet (existing ones are left alone).
 pub async fn ensure_topics(kafka: &KafkaSettings, topics: &[&str], partitions: i32) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
@@ -110,4 +121,96 @@ pub async fn send_until_delivered(
             }
         }
     }
+}
+
+/// What to send and how.
+pub struct Sending<'a> {
+    pub topic: &'a str,
+    pub camera: &'a str,
+    pub line: Option<&'a str>,
+    pub key_prefix: &'a str,
+    /// Frames per second; 0 sends as fast as the producer queue takes them.
+    pub rate: f64,
+}
+
+/// `<folder>-<file stem>`: enough to recognise the image in results (`logical_anomalies-003`).
+pub fn label(path: &std::path::Path) -> String {
+    let name = |p: Option<&std::ffi::OsStr>| p.map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let folder = name(path.parent().and_then(|p| p.file_name()));
+    let stem = name(path.file_stem());
+    if folder.is_empty() {
+        stem
+    } else {
+        format!("{folder}-{stem}")
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot send {path}: {source}")]
+    Send { path: PathBuf, source: KafkaError },
+    #[error("frame {key} was not delivered: {source}")]
+    NotDelivered { key: String, source: KafkaError },
+    #[error("frame {key}: the producer was dropped before delivery")]
+    Dropped { key: String },
+}
+
+/// Sends `files` in order, paced at `rate`, numbering frames from `first_sequence`; waits until the
+/// broker acknowledged all of them. `on_sent` sees each frame id as it is queued. Returns the count.
+pub async fn send_files(
+    producer: &FutureProducer,
+    files: &[PathBuf],
+    sending: &Sending<'_>,
+    first_sequence: u64,
+    mut on_sent: impl FnMut(&str),
+) -> Result<u64, ProduceError> {
+    let mut pacing = (sending.rate > 0.0).then(|| {
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / sending.rate));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        ticks
+    });
+    let mut deliveries = Vec::with_capacity(files.len());
+    for (index, path) in files.iter().enumerate() {
+        if let Some(ticks) = pacing.as_mut() {
+            ticks.tick().await;
+        }
+        let bytes = std::fs::read(path).map_err(|source| ProduceError::Read { path: path.clone(), source })?;
+        let key = format!("{}-{:06}-{}", sending.key_prefix, first_sequence + index as u64, label(path));
+        let captured = unix_ms().to_string();
+        let mut headers = vec![(HEADER_CAMERA, sending.camera.as_bytes()), (HEADER_CAPTURED_AT, captured.as_bytes())];
+        if let Some(line) = sending.line {
+            headers.push((HEADER_LINE, line.as_bytes()));
+        }
+        let headers = to_owned_headers(headers);
+        loop {
+            let record = FutureRecord::to(sending.topic).key(&key).payload(&bytes).headers(headers.clone());
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push((key.clone(), delivery));
+                    break;
+                }
+                // The local queue is full: let librdkafka send some, then try again.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err((source, _)) => return Err(ProduceError::Send { path: path.clone(), source }),
+            }
+        }
+        on_sent(&key);
+    }
+    let count = deliveries.len() as u64;
+    for (key, delivery) in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((source, _))) => return Err(ProduceError::NotDelivered { key, source }),
+            Err(_) => return Err(ProduceError::Dropped { key }),
+        }
+    }
+    Ok(count)
 }

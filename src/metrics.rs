@@ -247,11 +247,13 @@ impl LineMetrics {
         self.model_version.set(version as i64);
     }
 
-    pub fn queue_depths(&self, depths: &[(Queue, usize)], in_flight: usize) {
-        for (queue, depth) in depths {
-            self.metrics.queue_depth.with_label_values(&[self.line.as_str(), queue.as_str()]).set(*depth as i64);
-        }
-        self.in_flight.set(in_flight as i64);
+    /// Reported by the stage that reads the queue, each time it takes an item.
+    pub fn queue_depth(&self, queue: Queue, depth: usize) {
+        self.metrics.queue_depth.with_label_values(&[self.line.as_str(), queue.as_str()]).set(depth as i64);
+    }
+
+    pub fn frames_in_flight(&self, count: usize) {
+        self.in_flight.set(count as i64);
     }
 
     pub fn consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
@@ -339,7 +341,8 @@ mod tests {
         line.frame_received();
         line.frame_scored(0.2, false, &StageTimings::default(), Duration::from_millis(3));
         line.frame_done(Duration::from_millis(40), None);
-        line.queue_depths(&[(Queue::Preprocess, 1)], 1);
+        line.queue_depth(Queue::Preprocess, 1);
+        line.frames_in_flight(1);
         line.consumer_lag("frames", 0, 5);
         let text = metrics.render();
         for family in metrics.registry.gather() {

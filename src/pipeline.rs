@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::ack::OffsetTracker;
 use crate::infer::{Batching, ModelSwapper};
-use crate::metrics::{LineHealth, LineMetrics, Metrics, Queue};
+use crate::metrics::{LineHealth, LineMetrics, Metrics};
 use crate::model::EfficientAd;
 use crate::preprocess::pool::PoolConfig;
 use crate::settings::{DeviceChoice, LineSettings, Settings};
@@ -208,6 +208,13 @@ async fn start_line(
     health.model_loaded.store(true, Ordering::Relaxed);
     let side = model.recipe.image_size as u32;
 
+    let kafka = settings.kafka.clone();
+    if let Ok(Err(err)) =
+        tokio::task::spawn_blocking(move || crate::kafka::check_reachable(&kafka, Duration::from_secs(10))).await
+    {
+        // Brokers restart and networks heal: keep trying (readiness stays false) rather than exit.
+        log::warn!("line {name}: cannot reach Kafka at {} yet ({err}); retrying", settings.kafka.brokers);
+    }
     let kafka_error = |what| move |source| PipelineError::Kafka { line: name.into(), what, source };
     let producer: FutureProducer =
         crate::kafka::producer_config(&settings.kafka).create().map_err(kafka_error("creating the producer"))?;
@@ -231,14 +238,14 @@ async fn start_line(
     };
     let pool = crate::preprocess::pool::spawn(
         pool_config,
-        preprocess_queue.clone(),
+        preprocess_queue,
         to_infer,
         to_sink.clone(),
         line_metrics.clone(),
     )?;
     let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
     let (infer, swapper) =
-        crate::infer::spawn(model, batching, infer_queue.clone(), to_sink.clone(), line_metrics.clone())?;
+        crate::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone())?;
 
     let sink_config = SinkConfig {
         line: name.to_string(),
@@ -255,22 +262,15 @@ async fn start_line(
         let _ = drained_tx.send(());
     });
 
+    // Queue depths are reported by the stages that read them; nothing else may hold a queue end, or a
+    // stage that stops would not be noticed by its neighbours.
     let sampler = {
-        let weak_sink = to_sink.downgrade();
         let (tracker, metrics) = (tracker.clone(), line_metrics.clone());
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(Duration::from_millis(500));
             loop {
                 ticks.tick().await;
-                let sink_depth = weak_sink.upgrade().map_or(0, |s| s.max_capacity() - s.capacity());
-                metrics.queue_depths(
-                    &[
-                        (Queue::Preprocess, preprocess_queue.len()),
-                        (Queue::Inference, infer_queue.len()),
-                        (Queue::Sink, sink_depth),
-                    ],
-                    tracker.in_flight(),
-                );
+                metrics.frames_in_flight(tracker.in_flight());
             }
         })
     };

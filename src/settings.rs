@@ -308,6 +308,18 @@ impl Settings {
     }
 }
 
+impl KafkaSettings {
+    /// Plain settings for a cluster (tools, tests, the demo): no extra librdkafka properties.
+    pub fn for_brokers(brokers: &str, client_id: &str) -> KafkaSettings {
+        KafkaSettings {
+            brokers: brokers.to_string(),
+            client_id: client_id.to_string(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
 impl LineSettings {
     pub fn group_id(&self, line_name: &str) -> String {
         self.group_id.clone().unwrap_or_else(|| format!("lineguard-{line_name}"))

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::frame::{CameraInfo, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings};
 use crate::kafka::{send_until_delivered, to_owned_headers};
-use crate::metrics::{LineMetrics, Output};
+use crate::metrics::{LineMetrics, Output, Queue};
 use crate::settings::MapFormat;
 
 pub const RESULT_SCHEMA: &str = "lineguard.result.v1";
@@ -114,6 +114,7 @@ pub async fn run(config: SinkConfig, producer: FutureProducer, mut input: mpsc::
     let config = Arc::new(config);
     let mut publishing = JoinSet::new();
     while let Some(item) = input.recv().await {
+        metrics.queue_depth(Queue::Sink, input.len());
         let (config, producer, metrics) = (config.clone(), producer.clone(), metrics.clone());
         publishing.spawn(async move {
             match item {

@@ -8,7 +8,7 @@ use common::{lineguard, lineguard_ok, path_str, stderr, stdout};
 #[test]
 fn help_teaches_the_workflow() {
     let help = stdout(&lineguard_ok(&["--help"]));
-    for word in ["synth", "train", "predict", "eval", "demo", "MVTec LOCO"] {
+    for word in ["synth", "train", "predict", "eval", "demo", "run", "produce", "tail", "MVTec LOCO"] {
         assert!(help.contains(word), "--help lacks {word}:\n{help}");
     }
     let train_help = stdout(&lineguard_ok(&["train", "--help"]));
@@ -99,4 +99,53 @@ fn synth_train_predict_eval_round_trip() {
     let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert!(report["image_auroc"]["structural"].is_null() && report["au_spro"]["structural"].is_null());
     assert_eq!(report["image_auroc"]["mean"], report["image_auroc"]["logical"]);
+}
+
+#[test]
+fn broken_pipeline_files_list_every_problem_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        "[kafka]\nbrokers = \"\"\n[lines.trays]\nmodel = \"m\"\ninput_topics = [\"f\"]\nthreshold = 0.5\nmax_batch = 0\n",
+    )
+    .unwrap();
+    let out = lineguard(&["run", "--pipeline", path_str(&pipeline)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("kafka.brokers") && err.contains("lines.trays.max_batch"), "{err}");
+
+    std::fs::write(&pipeline, "[kafka]\nbrokers = \"b:9092\"\n[lines.trays]\nmodel = \"m\"\ninput_topics = [\"f\"]\n").unwrap();
+    let err = stderr(&lineguard(&["run", "--pipeline", path_str(&pipeline)]));
+    assert!(err.contains("threshold") && err.contains("p.toml"), "a missing key is named: {err}");
+
+    let checked = stdout(&lineguard_ok(&["run", "--pipeline", "pipelines/local.toml", "--check"]));
+    assert!(checked.contains("\"max_in_flight\": 64"), "{checked}");
+}
+
+#[test]
+fn a_missing_model_stops_the_service_with_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("p.toml");
+    let model = dir.path().join("absent.safetensors");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[kafka]\nbrokers = \"127.0.0.1:1\"\n[metrics]\nlisten = \"\"\n[lines.trays]\nmodel = \"{}\"\n\
+             input_topics = [\"f\"]\nthreshold = 0.5\n",
+            path_str(&model)
+        ),
+    )
+    .unwrap();
+    let out = lineguard(&["run", "--pipeline", path_str(&pipeline)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("line trays") && err.contains("absent.safetensors"), "{err}");
+}
+
+#[test]
+fn an_unreachable_broker_is_named() {
+    let out = lineguard(&["produce", "--brokers", "127.0.0.1:1", "--topic", "t", "Cargo.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot reach Kafka at 127.0.0.1:1"), "{}", stderr(&out));
 }

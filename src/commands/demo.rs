@@ -152,7 +152,7 @@ async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32)
 
     let producer = super::produce::producer(&kafka)?;
     let key_prefix = format!("demo-{}", std::process::id());
-    let sending = super::produce::Sending {
+    let sending = lineguard::kafka::Sending {
         topic: &topics.frames,
         camera: "tray-camera",
         line: None,
@@ -164,7 +164,7 @@ async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32)
     let mut paths: HashMap<String, PathBuf> = HashMap::new();
     let producing = async {
         let mut sent_keys = Vec::new();
-        let count = super::produce::send_files(&producer, &frames, &sending, 0, |key| sent_keys.push(key.to_string())).await?;
+        let count = lineguard::kafka::send_files(&producer, &frames, &sending, 0, |key| sent_keys.push(key.to_string())).await?;
         // Three broken messages, as cameras and networks produce them: each must reach the dead-letter
         // topic with its reason while the line keeps going.
         let truncated = std::fs::read(&frames[0]).map(|b| b[..b.len() / 3].to_vec())?;

@@ -14,6 +14,7 @@ use lineguard::sink::{ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MA
 use crate::cli::TailArgs;
 
 pub fn run(args: &TailArgs) -> anyhow::Result<ExitCode> {
+    super::produce::ensure_reachable(&super::produce::kafka_settings(&args.kafka.brokers))?;
     let runtime = super::runtime()?;
     runtime.block_on(async {
         let consumer = reader(&args.kafka.brokers, &args.topic, args.from_beginning)?;

@@ -13,7 +13,7 @@ use crate::frame::{
     CameraInfo, PreparedFrame, RawFrame, RejectReason, RejectedFrame, SinkItem, HEADER_CAMERA, HEADER_CAPTURED_AT,
     HEADER_LINE,
 };
-use crate::metrics::LineMetrics;
+use crate::metrics::{LineMetrics, Queue};
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -39,6 +39,7 @@ pub fn spawn(
                 // Ends when the source closes its side and the queue is empty (shutdown), or when the
                 // next stage is gone.
                 for frame in input.iter() {
+                    metrics.queue_depth(Queue::Preprocess, input.len());
                     match prepare(&config, frame) {
                         Ok(prepared) => {
                             if to_infer.send(prepared).is_err() {
