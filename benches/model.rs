@@ -23,7 +23,11 @@ fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
-    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
 }
 
 fn trainer(preset: Preset, side: i64, device: Device) -> Trainer {
@@ -98,10 +102,14 @@ fn main() {
         println!("{:<44} {:>12.1} {:>12.2}", case.name, m, 1e3 / m);
     }
     let find = |name: &str| cases.iter().find(|c| c.name == name).map(|c| median(&c.samples_ms));
-    if let (Some(a), Some(b)) = (find("train step dfsc 256px (batch 1)"), find("train step efficientad_s 256px (batch 1)")) {
+    if let (Some(a), Some(b)) =
+        (find("train step dfsc 256px (batch 1)"), find("train step efficientad_s 256px (batch 1)"))
+    {
         println!("ratio train step dfsc / efficientad_s at 256 px: {:.2}", a / b);
     }
-    if let (Some(a), Some(b)) = (find("inference 256px batch 1 (per image)"), find("inference 256px batch 8 (per image)")) {
+    if let (Some(a), Some(b)) =
+        (find("inference 256px batch 1 (per image)"), find("inference 256px batch 8 (per image)"))
+    {
         println!("ratio inference per image batch 1 / batch 8 at 256 px: {:.2}", a / b);
     }
 }

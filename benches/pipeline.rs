@@ -165,7 +165,8 @@ fn main() {
     frames.truncate(count);
 
     let device = lineguard::torch::select_device(false);
-    let mut model = EfficientAd::new(Recipe { image_size: side as i64, ..Recipe::preset(Preset::Dfsc) }, device).expect("model");
+    let mut model =
+        EfficientAd::new(Recipe { image_size: side as i64, ..Recipe::preset(Preset::Dfsc) }, device).expect("model");
     model.map_quantiles = Some(MapQuantiles { student_teacher: (0.0, 1.0), autoencoder: (0.0, 1.0) });
     let model_path = dir.path().join("model.safetensors");
     model.save(&model_path).expect("model saved");
@@ -193,7 +194,8 @@ fn main() {
         let fast = runtime.block_on(stream(&broker.bootstrap(), &model_path, &frames, round, 0.0));
         // Offered at 70% of this round's model-only rate: latency without a standing queue.
         let rate = (0.7 * batch8[round]).max(0.1);
-        let steady = runtime.block_on(stream(&broker.bootstrap(), &model_path, &frames, round, (rate * 10.0).round() / 10.0));
+        let steady =
+            runtime.block_on(stream(&broker.bootstrap(), &model_path, &frames, round, (rate * 10.0).round() / 10.0));
         println!(
             "round {round}: model {:.2}/{:.2} fps (batch 1/8); pipeline flat out {:.2} fps p50 {:.0} ms p99 {:.0} ms; \
              at {:.1} fps p50 {:.0} ms p99 {:.0} ms",
@@ -218,6 +220,14 @@ fn main() {
     println!("| model only, batch 8 (frames/s) | {:.2} |", median(&batch8));
     println!("| pipeline, flat out (frames/s) | {pipeline_fps:.2} |");
     println!("| pipeline / model batch 8 | {:.2} |", pipeline_fps / median(&batch8));
-    println!("| flat out: capture→result p50 / p99 (ms) | {:.0} / {:.0} |", med(&flat_out, |r| r.latency_p50_ms), med(&flat_out, |r| r.latency_p99_ms));
-    println!("| at 70% of model rate: capture→result p50 / p99 (ms) | {:.0} / {:.0} |", med(&paced, |r| r.latency_p50_ms), med(&paced, |r| r.latency_p99_ms));
+    println!(
+        "| flat out: capture→result p50 / p99 (ms) | {:.0} / {:.0} |",
+        med(&flat_out, |r| r.latency_p50_ms),
+        med(&flat_out, |r| r.latency_p99_ms)
+    );
+    println!(
+        "| at 70% of model rate: capture→result p50 / p99 (ms) | {:.0} / {:.0} |",
+        med(&paced, |r| r.latency_p50_ms),
+        med(&paced, |r| r.latency_p99_ms)
+    );
 }

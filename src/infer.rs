@@ -141,7 +141,8 @@ fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFram
         Ok(maps) => maps,
         Err(err) => panic!("{err}"),
     };
-    let maps: Vec<f32> = maps.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]).try_into().unwrap_or_default();
+    let maps: Vec<f32> =
+        maps.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]).try_into().unwrap_or_default();
     let inference = started.elapsed().as_secs_f64();
     let cells = (side * side) as usize;
     let display_range = model.display_range();
@@ -218,8 +219,7 @@ mod tests {
         use crate::model::config::{Preset, Recipe};
         let recipe = Recipe { image_size: side, channels: 8, ..Recipe::preset(Preset::Dfsc) };
         let mut model = EfficientAd::new(recipe, Device::Cpu).unwrap();
-        model.map_quantiles =
-            Some(crate::model::MapQuantiles { student_teacher: (0.0, 1.0), autoencoder: (0.0, 1.0) });
+        model.map_quantiles = Some(crate::model::MapQuantiles { student_teacher: (0.0, 1.0), autoencoder: (0.0, 1.0) });
         model.info.model_version = version;
         model
     }

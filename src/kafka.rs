@@ -82,9 +82,7 @@ pub async fn ensure_topics(kafka: &KafkaSettings, topics: &[&str], partitions: i
     let max_bytes = MAX_MESSAGE_BYTES.to_string();
     let new_topics: Vec<NewTopic> = topics
         .iter()
-        .map(|name| {
-            NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max_bytes)
-        })
+        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max_bytes))
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Timeout::After(Duration::from_secs(10))));
     for result in admin.create_topics(&new_topics, &options).await? {

@@ -11,9 +11,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     // Before any other libtorch call: registers CUDA when this is a GPU install (see `lineguard::torch`).
     lineguard::torch::init();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_secs()
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_secs().init();
     let cli = cli::Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,

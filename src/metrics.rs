@@ -12,16 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::frame::{RejectReason, StageTimings};
 
-const LATENCY_BUCKETS: &[f64] =
-    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0];
+const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0];
 const SCORE_BUCKETS: &[f64] = &[0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
@@ -132,25 +131,106 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Arc<Metrics>> {
         let registry = Registry::new();
         let r = &registry;
-        let build_info = gauge(r, "lineguard_build_info", "Always 1; the version label says which build runs.", &["version"])?;
+        let build_info =
+            gauge(r, "lineguard_build_info", "Always 1; the version label says which build runs.", &["version"])?;
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Ok(Arc::new(Metrics {
-            frames_received: counter(r, "lineguard_frames_received_total", "Messages consumed from input topics.", &["line"])?,
-            frames_scored: counter(r, "lineguard_frames_scored_total", "Frames scored and published, by verdict.", &["line", "verdict"])?,
-            frames_failed: counter(r, "lineguard_frames_failed_total", "Frames sent to the dead-letter topic, by reason.", &["line", "reason"])?,
-            stage_duration: histogram(r, "lineguard_stage_duration_seconds", "Time a frame spent in each stage.", &["line", "stage"], LATENCY_BUCKETS)?,
-            end_to_end: histogram(r, "lineguard_end_to_end_seconds", "From consumption to the broker acknowledging every output of the frame.", &["line"], LATENCY_BUCKETS)?,
-            capture_to_result: histogram(r, "lineguard_capture_to_result_seconds", "From the camera's capture timestamp to the acknowledged result.", &["line"], LATENCY_BUCKETS)?,
-            queue_depth: gauge(r, "lineguard_queue_depth", "Frames waiting in the queue in front of a stage.", &["line", "queue"])?,
-            in_flight: gauge(r, "lineguard_frames_in_flight", "Frames consumed whose outputs are not yet acknowledged.", &["line"])?,
-            batch_size: histogram(r, "lineguard_inference_batch_size", "Frames per inference batch.", &["line"], BATCH_BUCKETS)?,
-            anomaly_score: histogram(r, "lineguard_anomaly_score", "Anomaly scores of scored frames.", &["line"], SCORE_BUCKETS)?,
+            frames_received: counter(
+                r,
+                "lineguard_frames_received_total",
+                "Messages consumed from input topics.",
+                &["line"],
+            )?,
+            frames_scored: counter(
+                r,
+                "lineguard_frames_scored_total",
+                "Frames scored and published, by verdict.",
+                &["line", "verdict"],
+            )?,
+            frames_failed: counter(
+                r,
+                "lineguard_frames_failed_total",
+                "Frames sent to the dead-letter topic, by reason.",
+                &["line", "reason"],
+            )?,
+            stage_duration: histogram(
+                r,
+                "lineguard_stage_duration_seconds",
+                "Time a frame spent in each stage.",
+                &["line", "stage"],
+                LATENCY_BUCKETS,
+            )?,
+            end_to_end: histogram(
+                r,
+                "lineguard_end_to_end_seconds",
+                "From consumption to the broker acknowledging every output of the frame.",
+                &["line"],
+                LATENCY_BUCKETS,
+            )?,
+            capture_to_result: histogram(
+                r,
+                "lineguard_capture_to_result_seconds",
+                "From the camera's capture timestamp to the acknowledged result.",
+                &["line"],
+                LATENCY_BUCKETS,
+            )?,
+            queue_depth: gauge(
+                r,
+                "lineguard_queue_depth",
+                "Frames waiting in the queue in front of a stage.",
+                &["line", "queue"],
+            )?,
+            in_flight: gauge(
+                r,
+                "lineguard_frames_in_flight",
+                "Frames consumed whose outputs are not yet acknowledged.",
+                &["line"],
+            )?,
+            batch_size: histogram(
+                r,
+                "lineguard_inference_batch_size",
+                "Frames per inference batch.",
+                &["line"],
+                BATCH_BUCKETS,
+            )?,
+            anomaly_score: histogram(
+                r,
+                "lineguard_anomaly_score",
+                "Anomaly scores of scored frames.",
+                &["line"],
+                SCORE_BUCKETS,
+            )?,
             model_version: gauge(r, "lineguard_model_version", "Version of the model serving the line.", &["line"])?,
-            consumer_lag: gauge(r, "lineguard_consumer_lag", "Messages between the consumer's position and the partition's end (librdkafka statistics).", &["line", "topic", "partition"])?,
-            partitions_assigned: gauge(r, "lineguard_partitions_assigned", "Input partitions assigned to this instance.", &["line"])?,
-            consumer_paused: gauge(r, "lineguard_consumer_paused", "1 while backpressure pauses consumption.", &["line"])?,
-            offset_commits: counter(r, "lineguard_offset_commits_total", "Offset commits, by result.", &["line", "result"])?,
-            publish_errors: counter(r, "lineguard_publish_errors_total", "Failed publish attempts (retried), by output.", &["line", "output"])?,
+            consumer_lag: gauge(
+                r,
+                "lineguard_consumer_lag",
+                "Messages between the consumer's position and the partition's end (librdkafka statistics).",
+                &["line", "topic", "partition"],
+            )?,
+            partitions_assigned: gauge(
+                r,
+                "lineguard_partitions_assigned",
+                "Input partitions assigned to this instance.",
+                &["line"],
+            )?,
+            consumer_paused: gauge(
+                r,
+                "lineguard_consumer_paused",
+                "1 while backpressure pauses consumption.",
+                &["line"],
+            )?,
+            offset_commits: counter(
+                r,
+                "lineguard_offset_commits_total",
+                "Offset commits, by result.",
+                &["line", "result"],
+            )?,
+            publish_errors: counter(
+                r,
+                "lineguard_publish_errors_total",
+                "Failed publish attempts (retried), by output.",
+                &["line", "output"],
+            )?,
             registry,
         }))
     }
@@ -350,10 +430,9 @@ mod tests {
             assert!(name.starts_with("lineguard_"), "{name}");
             match family.get_field_type() {
                 prometheus::proto::MetricType::COUNTER => assert!(name.ends_with("_total"), "{name}"),
-                prometheus::proto::MetricType::HISTOGRAM => assert!(
-                    name.ends_with("_seconds") || name.ends_with("_size") || name.ends_with("_score"),
-                    "{name}"
-                ),
+                prometheus::proto::MetricType::HISTOGRAM => {
+                    assert!(name.ends_with("_seconds") || name.ends_with("_size") || name.ends_with("_score"), "{name}")
+                }
                 _ => assert!(!name.ends_with("_total"), "gauge {name} must not end in _total"),
             }
         }

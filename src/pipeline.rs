@@ -236,16 +236,10 @@ async fn start_line(
         max_frame_bytes: line.max_frame_bytes,
         expected_size: line.expected_size,
     };
-    let pool = crate::preprocess::pool::spawn(
-        pool_config,
-        preprocess_queue,
-        to_infer,
-        to_sink.clone(),
-        line_metrics.clone(),
-    )?;
+    let pool =
+        crate::preprocess::pool::spawn(pool_config, preprocess_queue, to_infer, to_sink.clone(), line_metrics.clone())?;
     let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
-    let (infer, swapper) =
-        crate::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone())?;
+    let (infer, swapper) = crate::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone())?;
 
     let sink_config = SinkConfig {
         line: name.to_string(),

@@ -187,7 +187,8 @@ fn default_max_frame_bytes() -> usize {
 impl Settings {
     /// Reads `path`, applies `LINEGUARD__…` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Settings::from_toml(&text, path, std::env::vars())
     }
 
@@ -249,7 +250,9 @@ impl Settings {
             if line.input_topics.is_empty() || line.input_topics.iter().any(|t| t.trim().is_empty()) {
                 problems.push(format!("{}: give at least one non-empty topic", key("input_topics")));
             }
-            for (field, topic) in [("results_topic", &line.results_topic), ("dead_letter_topic", &line.dead_letter_topic)] {
+            for (field, topic) in
+                [("results_topic", &line.results_topic), ("dead_letter_topic", &line.dead_letter_topic)]
+            {
                 if topic.trim().is_empty() {
                     problems.push(format!("{}: empty", key(field)));
                 }
@@ -364,7 +367,8 @@ threshold = 0.4
 
     #[test]
     fn minimal_file_gets_documented_defaults() {
-        let with_extra = MINIMAL.replace("[lines.juice]", "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n[lines.juice]");
+        let with_extra =
+            MINIMAL.replace("[lines.juice]", "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n[lines.juice]");
         let settings = parse(&with_extra, &[]).unwrap();
         assert_eq!(settings.kafka.consumer.get("session.timeout.ms").map(String::as_str), Some("6000"));
         let line = &settings.lines["juice"];

@@ -110,7 +110,12 @@ fn now_ms() -> i64 {
 
 /// Runs until every sender of `input` is gone (all upstream stages finished) and every started publish
 /// is acknowledged.
-pub async fn run(config: SinkConfig, producer: FutureProducer, mut input: mpsc::Receiver<SinkItem>, metrics: LineMetrics) {
+pub async fn run(
+    config: SinkConfig,
+    producer: FutureProducer,
+    mut input: mpsc::Receiver<SinkItem>,
+    metrics: LineMetrics,
+) {
     let config = Arc::new(config);
     let mut publishing = JoinSet::new();
     while let Some(item) = input.recv().await {
@@ -140,8 +145,18 @@ fn report_panic(done: Result<(), tokio::task::JoinError>) {
 
 async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: ScoredFrame, metrics: &LineMetrics) {
     let started = Instant::now();
-    let ScoredFrame { meta, camera, original_size, score, map, map_side, display_range, model_version, batch_size, ack } =
-        frame;
+    let ScoredFrame {
+        meta,
+        camera,
+        original_size,
+        score,
+        map,
+        map_side,
+        display_range,
+        model_version,
+        batch_size,
+        ack,
+    } = frame;
     let anomalous = score > config.threshold;
     let CameraInfo { camera_id, line_id, captured_at_ms } = camera;
     let record = ResultRecord {

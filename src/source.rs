@@ -192,13 +192,16 @@ fn set_paused(consumer: &StreamConsumer<SourceContext>, metrics: &LineMetrics, p
     if *paused == pause {
         return;
     }
-    let result = consumer.assignment().and_then(|assigned| {
-        if pause {
-            consumer.pause(&assigned)
-        } else {
-            consumer.resume(&assigned)
-        }
-    });
+    let result =
+        consumer.assignment().and_then(
+            |assigned| {
+                if pause {
+                    consumer.pause(&assigned)
+                } else {
+                    consumer.resume(&assigned)
+                }
+            },
+        );
     match result {
         Ok(()) => {
             *paused = pause;
@@ -225,12 +228,14 @@ fn commit(consumer: &StreamConsumer<SourceContext>, tracker: &OffsetTracker, las
     }
 }
 
-fn to_frame(line: &str, message: &BorrowedMessage<'_>, tracker: &OffsetTracker, permit: OwnedSemaphorePermit) -> RawFrame {
-    let source = SourcePosition {
-        topic: message.topic().to_string(),
-        partition: message.partition(),
-        offset: message.offset(),
-    };
+fn to_frame(
+    line: &str,
+    message: &BorrowedMessage<'_>,
+    tracker: &OffsetTracker,
+    permit: OwnedSemaphorePermit,
+) -> RawFrame {
+    let source =
+        SourcePosition { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
     let frame_id = message
         .key()
         .and_then(|key| std::str::from_utf8(key).ok())

@@ -127,9 +127,7 @@ impl SynthConfig {
             )));
         }
         if self.train == 0 {
-            return Err(SynthError::InvalidConfig(
-                "train must be at least 1 (nothing to train on)".into(),
-            ));
+            return Err(SynthError::InvalidConfig("train must be at least 1 (nothing to train on)".into()));
         }
         for (name, n) in [
             ("train", self.train),
@@ -217,13 +215,8 @@ pub enum Split {
 }
 
 impl Split {
-    pub const ALL: [Split; 5] = [
-        Split::Train,
-        Split::Validation,
-        Split::TestGood,
-        Split::TestLogical,
-        Split::TestStructural,
-    ];
+    pub const ALL: [Split; 5] =
+        [Split::Train, Split::Validation, Split::TestGood, Split::TestLogical, Split::TestStructural];
 
     /// Image folder relative to the dataset root.
     pub fn dir(self) -> &'static str {
@@ -277,17 +270,9 @@ impl DefectKind {
         DefectKind::Contamination,
         DefectKind::BrokenItem,
     ];
-    pub const LOGICAL: [DefectKind; 4] = [
-        DefectKind::MissingItem,
-        DefectKind::ExtraItem,
-        DefectKind::ColourMismatch,
-        DefectKind::MisplacedItem,
-    ];
-    pub const STRUCTURAL: [DefectKind; 3] = [
-        DefectKind::Scratch,
-        DefectKind::Contamination,
-        DefectKind::BrokenItem,
-    ];
+    pub const LOGICAL: [DefectKind; 4] =
+        [DefectKind::MissingItem, DefectKind::ExtraItem, DefectKind::ColourMismatch, DefectKind::MisplacedItem];
+    pub const STRUCTURAL: [DefectKind; 3] = [DefectKind::Scratch, DefectKind::Contamination, DefectKind::BrokenItem];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -343,10 +328,9 @@ pub fn defect_specs(image_size: u32) -> Vec<DefectSpec> {
                 // Which of the two parts is "wrong" is undecidable, so finding
                 // either one of them is a full detection.
                 DefectKind::ColourMismatch => (0.5, true),
-                DefectKind::ExtraItem
-                | DefectKind::Scratch
-                | DefectKind::Contamination
-                | DefectKind::BrokenItem => (1.0, true),
+                DefectKind::ExtraItem | DefectKind::Scratch | DefectKind::Contamination | DefectKind::BrokenItem => {
+                    (1.0, true)
+                }
             };
             DefectSpec {
                 defect_name: kind.name().to_string(),
@@ -376,11 +360,7 @@ pub struct Sample {
 /// Renders image `index` of `split` without touching the disk (used by
 /// [`generate`], and handy for demos). The index need not be below the
 /// configured count.
-pub fn render_sample(
-    config: &SynthConfig,
-    split: Split,
-    index: usize,
-) -> Result<Sample, SynthError> {
+pub fn render_sample(config: &SynthConfig, split: Split, index: usize) -> Result<Sample, SynthError> {
     config.validate()?;
     let built = build(config.seed, split, index, config.image_size);
     Ok(built.render(config.image_size))
@@ -388,11 +368,7 @@ pub fn render_sample(
 
 /// Writes the dataset under `out` (created if needed; it must not exist or be
 /// empty). Calls `on_image` once per image written.
-pub fn generate(
-    config: &SynthConfig,
-    out: &Path,
-    on_image: &mut dyn FnMut(),
-) -> Result<SynthReport, SynthError> {
+pub fn generate(config: &SynthConfig, out: &Path, on_image: &mut dyn FnMut()) -> Result<SynthReport, SynthError> {
     config.validate()?;
     prepare_output(out)?;
 
@@ -409,8 +385,7 @@ pub fn generate(
         let dir = out.join(split.dir());
         create_dir(&dir)?;
         for index in 0..count {
-            let sample =
-                build(config.seed, split, index, config.image_size).render(config.image_size);
+            let sample = build(config.seed, split, index, config.image_size).render(config.image_size);
             write_png(&dir.join(format!("{index:03}.png")), &sample.image)?;
             report.images += 1;
             if let Some(mask_dir) = split.mask_dir() {
@@ -419,10 +394,7 @@ pub fn generate(
                 for (n, defect) in sample.defects.iter().enumerate() {
                     write_png(&dir.join(format!("{n:03}.png")), &defect.mask)?;
                     report.masks += 1;
-                    *report
-                        .defects
-                        .entry(defect.kind.name().to_string())
-                        .or_default() += 1;
+                    *report.defects.entry(defect.kind.name().to_string()).or_default() += 1;
                 }
             }
             on_image();
@@ -436,36 +408,24 @@ pub fn generate(
 
 fn prepare_output(out: &Path) -> Result<(), SynthError> {
     if out.exists() {
-        let mut entries = fs::read_dir(out).map_err(|source| SynthError::ReadDir {
-            path: out.to_path_buf(),
-            source,
-        })?;
+        let mut entries =
+            fs::read_dir(out).map_err(|source| SynthError::ReadDir { path: out.to_path_buf(), source })?;
         if entries.next().is_some() {
-            return Err(SynthError::OutputNotEmpty {
-                path: out.to_path_buf(),
-            });
+            return Err(SynthError::OutputNotEmpty { path: out.to_path_buf() });
         }
     }
     create_dir(out)
 }
 
 fn create_dir(path: &Path) -> Result<(), SynthError> {
-    fs::create_dir_all(path).map_err(|source| SynthError::CreateDir {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::create_dir_all(path).map_err(|source| SynthError::CreateDir { path: path.to_path_buf(), source })
 }
 
 fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), SynthError> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|source| SynthError::Serialize {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|source| SynthError::Serialize { path: path.to_path_buf(), source })?;
     text.push('\n');
-    fs::write(path, text).map_err(|source| SynthError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::write(path, text).map_err(|source| SynthError::Write { path: path.to_path_buf(), source })
 }
 
 fn write_png<P>(path: &Path, img: &ImageBuffer<P, Vec<u8>>) -> Result<(), SynthError>
@@ -474,14 +434,8 @@ where
 {
     let mut buf = Vec::new();
     img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Png)
-        .map_err(|source| SynthError::Encode {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    fs::write(path, buf).map_err(|source| SynthError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
+        .map_err(|source| SynthError::Encode { path: path.to_path_buf(), source })?;
+    fs::write(path, buf).map_err(|source| SynthError::Write { path: path.to_path_buf(), source })
 }
 
 // ---------------------------------------------------------------------------
@@ -596,12 +550,7 @@ impl Shape {
                 let half_width = 0.5 * (r_out - r_in);
                 ((p - *c).len() - mid).abs() - half_width
             }
-            Shape::RoundBox {
-                c,
-                half,
-                round,
-                angle,
-            } => {
+            Shape::RoundBox { c, half, round, angle } => {
                 let q = (p - *c).rotate(-angle);
                 let dx = q.x.abs() - (half.x - round);
                 let dy = q.y.abs() - (half.y - round);
@@ -639,16 +588,12 @@ impl Shape {
             Shape::Ring { c, r_out, .. } => (*c - v2(*r_out, *r_out), *c + v2(*r_out, *r_out)),
             Shape::RoundBox { c, half, angle, .. } => {
                 let (s, co) = angle.sin_cos();
-                let e = v2(
-                    co.abs() * half.x + s.abs() * half.y,
-                    s.abs() * half.x + co.abs() * half.y,
-                );
+                let e = v2(co.abs() * half.x + s.abs() * half.y, s.abs() * half.x + co.abs() * half.y);
                 (*c - e, *c + e)
             }
-            Shape::Capsule { a, b, r } => (
-                v2(a.x.min(b.x) - r, a.y.min(b.y) - r),
-                v2(a.x.max(b.x) + r, a.y.max(b.y) + r),
-            ),
+            Shape::Capsule { a, b, r } => {
+                (v2(a.x.min(b.x) - r, a.y.min(b.y) - r), v2(a.x.max(b.x) + r, a.y.max(b.y) + r))
+            }
             Shape::Jagged { c, r, amp, .. } => {
                 let e = r * (1.0 + amp);
                 (*c - v2(e, e), *c + v2(e, e))
@@ -667,19 +612,13 @@ impl Shape {
             Shape::Intersect(a, b) => {
                 let (alo, ahi) = a.bounds();
                 let (blo, bhi) = b.bounds();
-                (
-                    v2(alo.x.max(blo.x), alo.y.max(blo.y)),
-                    v2(ahi.x.min(bhi.x), ahi.y.min(bhi.y)),
-                )
+                (v2(alo.x.max(blo.x), alo.y.max(blo.y)), v2(ahi.x.min(bhi.x), ahi.y.min(bhi.y)))
             }
             Shape::Subtract(a, _) => a.bounds(),
             Shape::Union(a, b) => {
                 let (alo, ahi) = a.bounds();
                 let (blo, bhi) = b.bounds();
-                (
-                    v2(alo.x.min(blo.x), alo.y.min(blo.y)),
-                    v2(ahi.x.max(bhi.x), ahi.y.max(bhi.y)),
-                )
+                (v2(alo.x.min(blo.x), alo.y.min(blo.y)), v2(ahi.x.max(bhi.x), ahi.y.max(bhi.y)))
             }
         }
     }
@@ -697,9 +636,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 fn hash01(seed: u64, x: i64, y: i64) -> f32 {
-    let h = splitmix64(
-        seed ^ splitmix64((x as u64).wrapping_mul(0x9E37_79B9) ^ (y as u64).rotate_left(32)),
-    );
+    let h = splitmix64(seed ^ splitmix64((x as u64).wrapping_mul(0x9E37_79B9) ^ (y as u64).rotate_left(32)));
     (h >> 40) as f32 / (1u64 << 24) as f32
 }
 
@@ -728,11 +665,7 @@ fn scale(c: [f32; 3], k: f32) -> [f32; 3] {
 }
 
 fn mix(a: [f32; 3], b: [f32; 3], t: f32) -> [f32; 3] {
-    [
-        a[0] + (b[0] - a[0]) * t,
-        a[1] + (b[1] - a[1]) * t,
-        a[2] + (b[2] - a[2]) * t,
-    ]
+    [a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t, a[2] + (b[2] - a[2]) * t]
 }
 
 fn luminance(c: [f32; 3]) -> f32 {
@@ -760,14 +693,8 @@ fn pixel_centre(size: u32, x: u32, y: u32) -> V2 {
 fn pixel_span(size: u32, (lo, hi): (V2, V2), margin_px: f32) -> Option<(u32, u32, u32, u32)> {
     let s = size as f32;
     let clip = |v: f32| v.clamp(0.0, s) as u32;
-    let (x0, x1) = (
-        clip((lo.x * s - margin_px).floor()),
-        clip((hi.x * s + margin_px).ceil()),
-    );
-    let (y0, y1) = (
-        clip((lo.y * s - margin_px).floor()),
-        clip((hi.y * s + margin_px).ceil()),
-    );
+    let (x0, x1) = (clip((lo.x * s - margin_px).floor()), clip((hi.x * s + margin_px).ceil()));
+    let (y0, y1) = (clip((lo.y * s - margin_px).floor()), clip((hi.y * s + margin_px).ceil()));
     (x0 < x1 && y0 < y1).then_some((x0, x1, y0, y1))
 }
 
@@ -885,12 +812,7 @@ const FLOOR: [f32; 3] = [0.24, 0.27, 0.32];
 const BLOCK_COLOUR: [f32; 3] = [0.86, 0.80, 0.66];
 const BAR_COLOUR: [f32; 3] = [0.66, 0.69, 0.73];
 /// Off colours that never occur on a normal part: oil, rust, mould, dust.
-const CONTAMINANTS: [[f32; 3]; 4] = [
-    [0.06, 0.05, 0.04],
-    [0.60, 0.32, 0.10],
-    [0.32, 0.62, 0.20],
-    [0.88, 0.87, 0.82],
-];
+const CONTAMINANTS: [[f32; 3]; 4] = [[0.06, 0.05, 0.04], [0.60, 0.32, 0.10], [0.32, 0.62, 0.20], [0.88, 0.87, 0.82]];
 
 const SHADOW_OFFSET: V2 = v2(0.010, 0.012);
 const SHADOW_SOFTNESS: f32 = 0.012;
@@ -905,12 +827,7 @@ enum ItemKind {
 
 /// Compartment kinds in row-major order: cap and ring sit on a diagonal so the
 /// pairing rule links parts that are far apart in the image.
-const SLOT_KINDS: [ItemKind; 4] = [
-    ItemKind::Cap,
-    ItemKind::Block,
-    ItemKind::Bar,
-    ItemKind::Ring,
-];
+const SLOT_KINDS: [ItemKind; 4] = [ItemKind::Cap, ItemKind::Block, ItemKind::Bar, ItemKind::Ring];
 const CAP_SLOT: usize = 0;
 const RING_SLOT: usize = 3;
 
@@ -926,10 +843,7 @@ impl ItemKind {
                 let e = BLOCK_HALF * (c + s);
                 v2(e, e)
             }
-            ItemKind::Bar => v2(
-                c * BAR_HALF.x + s * BAR_HALF.y,
-                s * BAR_HALF.x + c * BAR_HALF.y,
-            ),
+            ItemKind::Bar => v2(c * BAR_HALF.x + s * BAR_HALF.y, s * BAR_HALF.x + c * BAR_HALF.y),
         }
     }
 }
@@ -949,23 +863,11 @@ impl Item {
         let c = self.centre;
         match self.kind {
             ItemKind::Cap => Shape::Circle { c, r: CAP_R },
-            ItemKind::Block => Shape::RoundBox {
-                c,
-                half: v2(BLOCK_HALF, BLOCK_HALF),
-                round: BLOCK_ROUND,
-                angle: self.angle,
-            },
-            ItemKind::Bar => Shape::RoundBox {
-                c,
-                half: BAR_HALF,
-                round: BAR_ROUND,
-                angle: self.angle,
-            },
-            ItemKind::Ring => Shape::Ring {
-                c,
-                r_out: RING_R,
-                r_in: RING_IN,
-            },
+            ItemKind::Block => {
+                Shape::RoundBox { c, half: v2(BLOCK_HALF, BLOCK_HALF), round: BLOCK_ROUND, angle: self.angle }
+            }
+            ItemKind::Bar => Shape::RoundBox { c, half: BAR_HALF, round: BAR_ROUND, angle: self.angle },
+            ItemKind::Ring => Shape::Ring { c, r_out: RING_R, r_in: RING_IN },
         }
     }
 
@@ -973,10 +875,7 @@ impl Item {
     /// leaves empty.
     fn footprint(&self) -> Shape {
         match self.kind {
-            ItemKind::Ring => Shape::Circle {
-                c: self.centre,
-                r: RING_R,
-            },
+            ItemKind::Ring => Shape::Circle { c: self.centre, r: RING_R },
             _ => self.body(),
         }
     }
@@ -1008,11 +907,7 @@ impl Item {
                 // Raised top face with a bevel that is bright towards the light.
                 let inner = BLOCK_HALF - 0.022;
                 let face = q.x.abs().max(q.y.abs()) < inner;
-                let k = if face {
-                    1.04
-                } else {
-                    0.95 - 0.16 * (q.x + q.y) / (q.x.abs() + q.y.abs() + 1e-6)
-                };
+                let k = if face { 1.04 } else { 0.95 - 0.16 * (q.x + q.y) / (q.x.abs() + q.y.abs() + 1e-6) };
                 scale(base, k)
             }
             ItemKind::Bar => {
@@ -1049,10 +944,7 @@ fn corner_offset(kind: ItemKind, rng: &mut ChaCha8Rng) -> V2 {
     let e = kind.half_extent();
     let sx = random_sign(rng);
     let sy = random_sign(rng);
-    v2(
-        sx * (COMP_HALF - e.x - CORNER_CLEARANCE).max(0.0),
-        sy * (COMP_HALF - e.y - CORNER_CLEARANCE).max(0.0),
-    )
+    v2(sx * (COMP_HALF - e.x - CORNER_CLEARANCE).max(0.0), sy * (COMP_HALF - e.y - CORNER_CLEARANCE).max(0.0))
 }
 
 /// Area of the smallest part's footprint in pixels at `size` (analytic, so
@@ -1106,10 +998,7 @@ fn part_colour(kind: ItemKind, pair: usize, rng: &mut ChaCha8Rng) -> [f32; 3] {
 }
 
 fn jitter(rng: &mut ChaCha8Rng, amount: f32) -> V2 {
-    v2(
-        rng.gen_range(-amount..amount),
-        rng.gen_range(-amount..amount),
-    )
+    v2(rng.gen_range(-amount..amount), rng.gen_range(-amount..amount))
 }
 
 fn normal_scene(rng: &mut ChaCha8Rng) -> Scene {
@@ -1125,22 +1014,9 @@ fn normal_scene(rng: &mut ChaCha8Rng) -> Scene {
             ItemKind::Cap | ItemKind::Ring => 0.0,
         };
         let colour = part_colour(kind, pair, rng);
-        items.push(Item {
-            kind,
-            centre,
-            angle,
-            colour,
-            bite: None,
-        });
+        items.push(Item { kind, centre, angle, colour, bite: None });
     }
-    Scene {
-        noise_seed,
-        brightness,
-        tray_centre,
-        pair,
-        items,
-        overlays: Vec::new(),
-    }
+    Scene { noise_seed, brightness, tray_centre, pair, items, overlays: Vec::new() }
 }
 
 /// Turns a normal scene into a logical anomaly; returns the annotated region.
@@ -1160,29 +1036,16 @@ fn apply_logical(scene: &mut Scene, kind: DefectKind, rng: &mut ChaCha8Rng) -> S
             };
             // A normal part (pair colour included), so only the count is wrong.
             let colour = part_colour(extra_kind, scene.pair, rng);
-            let extra = Item {
-                kind: extra_kind,
-                centre,
-                angle,
-                colour,
-                bite: None,
-            };
+            let extra = Item { kind: extra_kind, centre, angle, colour, bite: None };
             let region = extra.footprint();
             scene.items.push(extra);
             region
         }
         DefectKind::ColourMismatch => {
-            let slot = if rng.gen_bool(0.5) {
-                CAP_SLOT
-            } else {
-                RING_SLOT
-            };
+            let slot = if rng.gen_bool(0.5) { CAP_SLOT } else { RING_SLOT };
             let other = (scene.pair + rng.gen_range(1..PALETTE.len())) % PALETTE.len();
             scene.items[slot].colour = pair_colour(other, rng);
-            Shape::union(
-                scene.items[CAP_SLOT].footprint(),
-                scene.items[RING_SLOT].footprint(),
-            )
+            Shape::union(scene.items[CAP_SLOT].footprint(), scene.items[RING_SLOT].footprint())
         }
         DefectKind::MisplacedItem => {
             if rng.gen_bool(0.5) {
@@ -1211,44 +1074,20 @@ fn apply_logical(scene: &mut Scene, kind: DefectKind, rng: &mut ChaCha8Rng) -> S
 
 /// Adds one structural defect on the part (or compartment) `slot`; returns
 /// the annotated region.
-fn apply_structural(
-    scene: &mut Scene,
-    kind: DefectKind,
-    slot: usize,
-    size: u32,
-    rng: &mut ChaCha8Rng,
-) -> Shape {
+fn apply_structural(scene: &mut Scene, kind: DefectKind, slot: usize, size: u32, rng: &mut ChaCha8Rng) -> Shape {
     let item = scene.items[slot].clone();
     let extent = item.kind.half_extent();
     match kind {
         DefectKind::Scratch => {
-            let through = item.centre
-                + v2(
-                    rng.gen_range(-0.3..0.3) * extent.x,
-                    rng.gen_range(-0.3..0.3) * extent.y,
-                );
-            let dir =
-                V2::from_angle(rng.gen_range(0.0..std::f32::consts::PI)) * (1.3 * extent.len());
+            let through = item.centre + v2(rng.gen_range(-0.3..0.3) * extent.x, rng.gen_range(-0.3..0.3) * extent.y);
+            let dir = V2::from_angle(rng.gen_range(0.0..std::f32::consts::PI)) * (1.3 * extent.len());
             // At least one pixel either side of the centre line, so a scratch
             // survives at 128 px.
             let half_width = 0.0055f32.max(1.0 / size as f32);
-            let line = Shape::Capsule {
-                a: through - dir,
-                b: through + dir,
-                r: half_width,
-            };
+            let line = Shape::Capsule { a: through - dir, b: through + dir, r: half_width };
             let region = Shape::Intersect(Box::new(line), Box::new(item.shape()));
-            let colour = if luminance(item.colour) < 0.5 {
-                [0.97, 0.96, 0.92]
-            } else {
-                [0.10, 0.09, 0.08]
-            };
-            scene.overlays.push(Overlay {
-                shape: region.clone(),
-                colour,
-                opacity: 0.95,
-                mottled: false,
-            });
+            let colour = if luminance(item.colour) < 0.5 { [0.97, 0.96, 0.92] } else { [0.10, 0.09, 0.08] };
+            scene.overlays.push(Overlay { shape: region.clone(), colour, opacity: 0.95, mottled: false });
             region
         }
         DefectKind::Contamination => {
@@ -1256,13 +1095,9 @@ fn apply_structural(
                 let offset = match item.kind {
                     // On the ring's material, not in its hole.
                     ItemKind::Ring => {
-                        V2::from_angle(rng.gen_range(0.0..std::f32::consts::TAU))
-                            * (0.5 * (RING_R + RING_IN))
+                        V2::from_angle(rng.gen_range(0.0..std::f32::consts::TAU)) * (0.5 * (RING_R + RING_IN))
                     }
-                    _ => v2(
-                        rng.gen_range(-0.5..0.5) * extent.x,
-                        rng.gen_range(-0.5..0.5) * extent.y,
-                    ),
+                    _ => v2(rng.gen_range(-0.5..0.5) * extent.x, rng.gen_range(-0.5..0.5) * extent.y),
                 };
                 (item.centre + offset, item.colour)
             } else {
@@ -1272,34 +1107,21 @@ fn apply_structural(
             };
             // Around 8-10 % of the image side across: >10 px at 128 px.
             let n = rng.gen_range(3..=6);
-            let circles = (0..n)
-                .map(|_| (centre + jitter(rng, 0.03), rng.gen_range(0.018..0.036)))
-                .collect();
+            let circles = (0..n).map(|_| (centre + jitter(rng, 0.03), rng.gen_range(0.018..0.036))).collect();
             let blob = Shape::Blob { circles, k: 0.015 };
             let colour = CONTAMINANTS
                 .iter()
                 .copied()
-                .max_by(|a, b| {
-                    colour_distance(*a, surface).total_cmp(&colour_distance(*b, surface))
-                })
+                .max_by(|a, b| colour_distance(*a, surface).total_cmp(&colour_distance(*b, surface)))
                 .unwrap_or(CONTAMINANTS[0]);
-            scene.overlays.push(Overlay {
-                shape: blob.clone(),
-                colour,
-                opacity: 0.92,
-                mottled: true,
-            });
+            scene.overlays.push(Overlay { shape: blob.clone(), colour, opacity: 0.92, mottled: true });
             blob
         }
         DefectKind::BrokenItem => {
             let body = item.body();
             let dir = V2::from_angle(rng.gen_range(0.0..std::f32::consts::TAU));
             // Walk outwards from inside the material to the part's edge.
-            let mut t = if item.kind == ItemKind::Ring {
-                0.5 * (RING_R + RING_IN)
-            } else {
-                0.0
-            };
+            let mut t = if item.kind == ItemKind::Ring { 0.5 * (RING_R + RING_IN) } else { 0.0 };
             while body.sdf(item.centre + dir * t) < 0.0 && t < 0.3 {
                 t += 0.002;
             }
@@ -1313,10 +1135,9 @@ fn apply_structural(
             scene.items[slot].bite = Some(bite.clone());
             Shape::Intersect(Box::new(body), Box::new(bite))
         }
-        DefectKind::MissingItem
-        | DefectKind::ExtraItem
-        | DefectKind::ColourMismatch
-        | DefectKind::MisplacedItem => unreachable!("logical kind passed to apply_structural"),
+        DefectKind::MissingItem | DefectKind::ExtraItem | DefectKind::ColourMismatch | DefectKind::MisplacedItem => {
+            unreachable!("logical kind passed to apply_structural")
+        }
     }
 }
 
@@ -1350,25 +1171,15 @@ fn build(seed: u64, split: Split, index: usize, size: u32) -> Built {
             let first = DefectKind::STRUCTURAL[index % n];
             let mut slots = [0usize, 1, 2, 3];
             rand::seq::SliceRandom::shuffle(&mut slots[..], &mut rng);
-            let mut defects = vec![(
-                first,
-                apply_structural(&mut scene, first, slots[0], size, &mut rng),
-            )];
+            let mut defects = vec![(first, apply_structural(&mut scene, first, slots[0], size, &mut rng))];
             if rng.gen_bool(0.25) {
                 let second = DefectKind::STRUCTURAL[(index + rng.gen_range(1..n)) % n];
-                defects.push((
-                    second,
-                    apply_structural(&mut scene, second, slots[1], size, &mut rng),
-                ));
+                defects.push((second, apply_structural(&mut scene, second, slots[1], size, &mut rng)));
             }
             defects
         }
     };
-    Built {
-        normal,
-        scene,
-        defects,
-    }
+    Built { normal, scene, defects }
 }
 
 impl Built {
@@ -1378,10 +1189,7 @@ impl Built {
             defects: self
                 .defects
                 .iter()
-                .map(|(kind, shape)| Defect {
-                    kind: *kind,
-                    mask: rasterize_mask(shape, size, kind.pixel_value()),
-                })
+                .map(|(kind, shape)| Defect { kind: *kind, mask: rasterize_mask(shape, size, kind.pixel_value()) })
                 .collect(),
         }
     }
@@ -1400,12 +1208,7 @@ fn render_scene(scene: &Scene, size: u32) -> RgbImage {
     });
 
     let tc = scene.tray_centre;
-    let tray = Shape::RoundBox {
-        c: tc,
-        half: v2(TRAY_HALF, TRAY_HALF),
-        round: TRAY_ROUND,
-        angle: 0.0,
-    };
+    let tray = Shape::RoundBox { c: tc, half: v2(TRAY_HALF, TRAY_HALF), round: TRAY_ROUND, angle: 0.0 };
     canvas.shadow(&tray, v2(0.012, 0.014), 0.02, 0.55);
     canvas.paint(&tray, 1.0, |p, d| {
         let q = p - tc;
@@ -1416,12 +1219,7 @@ fn render_scene(scene: &Scene, size: u32) -> RgbImage {
     });
     for slot in 0..4 {
         let c = comp_centre(tc, slot);
-        let comp = Shape::RoundBox {
-            c,
-            half: v2(COMP_HALF, COMP_HALF),
-            round: COMP_ROUND,
-            angle: 0.0,
-        };
+        let comp = Shape::RoundBox { c, half: v2(COMP_HALF, COMP_HALF), round: COMP_ROUND, angle: 0.0 };
         canvas.paint(&comp, 1.0, |p, d| {
             let q = p - c;
             // Recessed floor: occlusion along all walls, plus the top and left
@@ -1440,10 +1238,7 @@ fn render_scene(scene: &Scene, size: u32) -> RgbImage {
     for overlay in &scene.overlays {
         canvas.paint(&overlay.shape, overlay.opacity, |p, _| {
             if overlay.mottled {
-                scale(
-                    overlay.colour,
-                    0.85 + 0.3 * value_noise(stain_seed, p.x * 160.0, p.y * 160.0),
-                )
+                scale(overlay.colour, 0.85 + 0.3 * value_noise(stain_seed, p.x * 160.0, p.y * 160.0))
             } else {
                 overlay.colour
             }
@@ -1508,12 +1303,7 @@ mod tests {
         for split in Split::ALL {
             let n = config.count(split);
             let expected: Vec<String> = (0..n).map(|i| format!("{i:03}.png")).collect();
-            assert_eq!(
-                png_names(&root.join(split.dir())),
-                expected,
-                "{}",
-                split.dir()
-            );
+            assert_eq!(png_names(&root.join(split.dir())), expected, "{}", split.dir());
             for name in &expected {
                 let img = image::open(root.join(split.dir()).join(name)).expect("open image");
                 assert_eq!((img.width(), img.height()), (128, 128));
@@ -1521,9 +1311,8 @@ mod tests {
             }
         }
 
-        let specs: Vec<DefectSpec> =
-            serde_json::from_slice(&fs::read(root.join("defects_config.json")).expect("read"))
-                .expect("parse defects_config.json");
+        let specs: Vec<DefectSpec> = serde_json::from_slice(&fs::read(root.join("defects_config.json")).expect("read"))
+            .expect("parse defects_config.json");
         let values: BTreeSet<u8> = specs.iter().map(|s| s.pixel_value).collect();
         assert_eq!(values.len(), specs.len(), "pixel values must be distinct");
         for spec in &specs {
@@ -1534,17 +1323,14 @@ mod tests {
         }
 
         let saved: SynthConfig =
-            serde_json::from_slice(&fs::read(root.join("synth.json")).expect("read"))
-                .expect("parse synth.json");
+            serde_json::from_slice(&fs::read(root.join("synth.json")).expect("read")).expect("parse synth.json");
         assert_eq!(saved, config);
 
         let mut masks = 0;
         let mut names_seen = BTreeSet::new();
         for split in [Split::TestLogical, Split::TestStructural] {
             let mask_root = root.join(split.mask_dir().expect("mask dir"));
-            let expected: Vec<String> = (0..config.count(split))
-                .map(|i| format!("{i:03}"))
-                .collect();
+            let expected: Vec<String> = (0..config.count(split)).map(|i| format!("{i:03}")).collect();
             assert_eq!(png_names(&mask_root), expected);
             for folder in &expected {
                 let files = png_names(&mask_root.join(folder));
@@ -1556,18 +1342,11 @@ mod tests {
                         panic!("mask is not 8-bit grey");
                     };
                     assert_eq!(mask.dimensions(), (128, 128));
-                    let used: BTreeSet<u8> =
-                        mask.pixels().map(|p| p.0[0]).filter(|&v| v != 0).collect();
+                    let used: BTreeSet<u8> = mask.pixels().map(|p| p.0[0]).filter(|&v| v != 0).collect();
                     assert_eq!(used.len(), 1, "one defect type per mask file");
                     let value = *used.iter().next().expect("non-empty mask");
-                    let spec = specs
-                        .iter()
-                        .find(|s| s.pixel_value == value)
-                        .expect("listed pixel value");
-                    let kind = DefectKind::ALL
-                        .iter()
-                        .find(|k| k.pixel_value() == value)
-                        .expect("kind");
+                    let spec = specs.iter().find(|s| s.pixel_value == value).expect("listed pixel value");
+                    let kind = DefectKind::ALL.iter().find(|k| k.pixel_value() == value).expect("kind");
                     assert_eq!(kind.is_logical(), split == Split::TestLogical);
                     names_seen.insert(spec.defect_name.clone());
                     masks += 1;
@@ -1583,24 +1362,14 @@ mod tests {
     #[test]
     fn same_config_same_bytes_and_images_independent() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let config = SynthConfig {
-            train: 2,
-            validation: 1,
-            test_good: 1,
-            test_logical: 4,
-            test_structural: 3,
-            ..small(3)
-        };
+        let config =
+            SynthConfig { train: 2, validation: 1, test_good: 1, test_logical: 4, test_structural: 3, ..small(3) };
         let a = tmp.path().join("a");
         let b = tmp.path().join("b");
         let c = tmp.path().join("c");
         generate(&config, &a, &mut || {}).expect("a");
         generate(&config, &b, &mut || {}).expect("b");
-        let more = SynthConfig {
-            train: 4,
-            test_logical: 5,
-            ..config.clone()
-        };
+        let more = SynthConfig { train: 4, test_logical: 5, ..config.clone() };
         generate(&more, &c, &mut || {}).expect("c");
         let (fa, fb, fc) = (all_files(&a), all_files(&b), all_files(&c));
         assert_eq!(fa, fb);
@@ -1617,9 +1386,7 @@ mod tests {
         let a = render_sample(&small(1), Split::Train, 0).expect("a").image;
         let b = render_sample(&small(2), Split::Train, 0).expect("b").image;
         let c = render_sample(&small(1), Split::Train, 1).expect("c").image;
-        let d = render_sample(&small(1), Split::Validation, 0)
-            .expect("d")
-            .image;
+        let d = render_sample(&small(1), Split::Validation, 0).expect("d").image;
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, d);
@@ -1628,38 +1395,17 @@ mod tests {
     #[test]
     fn invalid_config_rejected() {
         for bad in [
-            SynthConfig {
-                image_size: 64,
-                ..small(0)
-            },
-            SynthConfig {
-                image_size: 1024,
-                ..small(0)
-            },
-            SynthConfig {
-                train: 0,
-                ..small(0)
-            },
-            SynthConfig {
-                test_logical: MAX_SPLIT_COUNT + 1,
-                ..small(0)
-            },
+            SynthConfig { image_size: 64, ..small(0) },
+            SynthConfig { image_size: 1024, ..small(0) },
+            SynthConfig { train: 0, ..small(0) },
+            SynthConfig { test_logical: MAX_SPLIT_COUNT + 1, ..small(0) },
         ] {
             let tmp = tempfile::tempdir().expect("tempdir");
             let err = generate(&bad, tmp.path(), &mut || {}).expect_err("must reject");
             assert!(matches!(err, SynthError::InvalidConfig(_)), "{err}");
-            assert_eq!(
-                fs::read_dir(tmp.path()).expect("read").count(),
-                0,
-                "nothing written"
-            );
+            assert_eq!(fs::read_dir(tmp.path()).expect("read").count(), 0, "nothing written");
         }
-        assert!(SynthConfig {
-            image_size: 512,
-            ..small(0)
-        }
-        .validate()
-        .is_ok());
+        assert!(SynthConfig { image_size: 512, ..small(0) }.validate().is_ok());
         assert!(SynthConfig::default().validate().is_ok());
 
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -1698,9 +1444,7 @@ mod tests {
             for item in &scene.items {
                 let c = item.colour;
                 let normal_colour = match item.kind {
-                    ItemKind::Cap | ItemKind::Ring => {
-                        PALETTE.iter().any(|p| colour_distance(c, *p) < 0.05)
-                    }
+                    ItemKind::Cap | ItemKind::Ring => PALETTE.iter().any(|p| colour_distance(c, *p) < 0.05),
                     ItemKind::Block => colour_distance(c, BLOCK_COLOUR) < 0.06,
                     ItemKind::Bar => colour_distance(c, BAR_COLOUR) < 0.06,
                 };
@@ -1760,16 +1504,8 @@ mod tests {
                 for defect in &sample.defects {
                     let inside: Vec<bool> = defect.mask.pixels().map(|p| p.0[0] > 0).collect();
                     let area = inside.iter().filter(|&&v| v).count();
-                    let hit = inside
-                        .iter()
-                        .zip(&changed)
-                        .filter(|(m, c)| **m && **c)
-                        .count();
-                    assert!(
-                        area > 20,
-                        "{:?} #{index}: tiny mask ({area} px)",
-                        defect.kind
-                    );
+                    let hit = inside.iter().zip(&changed).filter(|(m, c)| **m && **c).count();
+                    assert!(area > 20, "{:?} #{index}: tiny mask ({area} px)", defect.kind);
                     assert!(
                         hit as f32 >= 0.25 * area as f32,
                         "{:?} #{index}: only {hit} of {area} mask px changed",
@@ -1781,15 +1517,8 @@ mod tests {
                 }
                 // Shadows reach ~0.03 of the side beyond a part.
                 let near = dilate(&union, (0.035 * size as f32).ceil() as i64);
-                let stray = changed
-                    .iter()
-                    .zip(&near)
-                    .filter(|(c, n)| **c && !**n)
-                    .count();
-                assert_eq!(
-                    stray, 0,
-                    "{split:?} #{index}: {stray} changed px outside the masks"
-                );
+                let stray = changed.iter().zip(&near).filter(|(c, n)| **c && !**n).count();
+                assert_eq!(stray, 0, "{split:?} #{index}: {stray} changed px outside the masks");
             }
         }
     }
@@ -1798,15 +1527,9 @@ mod tests {
     fn thresholds_scale_with_size() {
         let small_area = smallest_part_area(128) as f64;
         let big_area = smallest_part_area(256) as f64;
-        assert!(
-            (big_area / small_area - 4.0).abs() < 0.01,
-            "{small_area} {big_area}"
-        );
+        assert!((big_area / small_area - 4.0).abs() < 0.01, "{small_area} {big_area}");
         let spec = defect_specs(256);
-        let missing = spec
-            .iter()
-            .find(|s| s.defect_name == "missing_item")
-            .expect("missing_item");
+        let missing = spec.iter().find(|s| s.defect_name == "missing_item").expect("missing_item");
         assert!(!missing.relative_saturation);
         assert_eq!(missing.saturation_threshold, big_area);
     }

@@ -64,18 +64,46 @@ fn synth_train_predict_eval_round_trip() {
     let model = dir.path().join("model.safetensors");
     let heatmaps = dir.path().join("heatmaps");
     lineguard_ok(&[
-        "synth", "--out", path_str(&data), "--image-size", "128", "--train", "3", "--validation", "2", "--test", "2",
+        "synth",
+        "--out",
+        path_str(&data),
+        "--image-size",
+        "128",
+        "--train",
+        "3",
+        "--validation",
+        "2",
+        "--test",
+        "2",
     ]);
     assert!(data.join("defects_config.json").is_file());
-    lineguard_ok(&["train", "--data", path_str(&data), "--out", path_str(&model), "--image-size", "128", "--steps", "2"]);
+    lineguard_ok(&[
+        "train",
+        "--data",
+        path_str(&data),
+        "--out",
+        path_str(&model),
+        "--image-size",
+        "128",
+        "--steps",
+        "2",
+    ]);
 
     // A corrupt file among good ones: reported by name, exit code 1, the others still scored.
     let corrupt = dir.path().join("corrupt.png");
     std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\ntruncated").unwrap();
     let good = data.join("test/good/000.png");
     let out = lineguard(&[
-        "predict", "--model", path_str(&model), "--out", path_str(&heatmaps), "--json", "--threshold", "0.5",
-        path_str(&good), path_str(&corrupt),
+        "predict",
+        "--model",
+        path_str(&model),
+        "--out",
+        path_str(&heatmaps),
+        "--json",
+        "--threshold",
+        "0.5",
+        path_str(&good),
+        path_str(&corrupt),
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("corrupt.png"), "{}", stderr(&out));
@@ -115,7 +143,8 @@ fn broken_pipeline_files_list_every_problem_with_its_key() {
     let err = stderr(&out);
     assert!(err.contains("kafka.brokers") && err.contains("lines.trays.max_batch"), "{err}");
 
-    std::fs::write(&pipeline, "[kafka]\nbrokers = \"b:9092\"\n[lines.trays]\nmodel = \"m\"\ninput_topics = [\"f\"]\n").unwrap();
+    std::fs::write(&pipeline, "[kafka]\nbrokers = \"b:9092\"\n[lines.trays]\nmodel = \"m\"\ninput_topics = [\"f\"]\n")
+        .unwrap();
     let err = stderr(&lineguard(&["run", "--pipeline", path_str(&pipeline)]));
     assert!(err.contains("threshold") && err.contains("p.toml"), "a missing key is named: {err}");
 

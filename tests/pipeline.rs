@@ -35,13 +35,32 @@ fn fixture() -> &'static Fixture {
         std::fs::create_dir_all(&dir).unwrap();
         let data = dir.join("data");
         lineguard_ok(&[
-            "synth", "--out", path_str(&data), "--image-size", "128", "--train", "4", "--validation", "3", "--test", "10",
+            "synth",
+            "--out",
+            path_str(&data),
+            "--image-size",
+            "128",
+            "--train",
+            "4",
+            "--validation",
+            "3",
+            "--test",
+            "10",
         ]);
         // A narrow network (16 teacher channels) keeps inference cheap; the pipeline does not care.
         let recipe = dir.join("tiny.toml");
         std::fs::write(&recipe, "image_size = 128\nchannels = 16\n[train]\nsteps = 3\ncheckpoint_every = 0\n").unwrap();
         let model = dir.join("model.safetensors");
-        lineguard_ok(&["train", "--data", path_str(&data), "--out", path_str(&model), "-c", path_str(&recipe), "--cpu"]);
+        lineguard_ok(&[
+            "train",
+            "--data",
+            path_str(&data),
+            "--out",
+            path_str(&model),
+            "-c",
+            path_str(&recipe),
+            "--cpu",
+        ]);
         let mut frames = Vec::new();
         for split in ["good", "logical_anomalies", "structural_anomalies"] {
             let folder = data.join("test").join(split);
@@ -89,7 +108,8 @@ impl Harness {
 
     fn topics(&self, line: &str, partitions: i32) -> Topics {
         let t = |kind: &str| format!("{}.{line}.{kind}", self.name);
-        let topics = Topics { frames: t("frames"), results: t("results"), maps: t("maps"), dead_letter: t("dead-letter") };
+        let topics =
+            Topics { frames: t("frames"), results: t("results"), maps: t("maps"), dead_letter: t("dead-letter") };
         let kafka = lineguard::settings::KafkaSettings {
             brokers: self.brokers(),
             client_id: "test".into(),
@@ -315,11 +335,15 @@ fn every_frame_gets_exactly_one_result_and_a_decodable_map_on_two_lines() {
             } else {
                 let values = lineguard::sink::decode_f16_map(&map.payload);
                 assert_eq!(values.len(), 128 * 128);
-                let score = results.iter().find(|r| r.key == map.key).map(|r| {
-                    serde_json::from_slice::<ResultRecord>(&r.payload).unwrap().score
-                });
+                let score = results
+                    .iter()
+                    .find(|r| r.key == map.key)
+                    .map(|r| serde_json::from_slice::<ResultRecord>(&r.payload).unwrap().score);
                 let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                assert!((max - score.unwrap()).abs() <= 1e-2 * score.unwrap().abs().max(1.0), "map max {max} vs score {score:?}");
+                assert!(
+                    (max - score.unwrap()).abs() <= 1e-2 * score.unwrap().abs().max(1.0),
+                    "map max {max} vs score {score:?}"
+                );
             }
         }
     }
@@ -327,7 +351,14 @@ fn every_frame_gets_exactly_one_result_and_a_decodable_map_on_two_lines() {
     assert_eq!(metric(port, "lineguard_frames_received_total{line=\"png_line\"}"), Some(12.0));
     assert_eq!(metric(port, "lineguard_frames_received_total{line=\"f16_line\"}"), Some(12.0));
     let tail = lineguard_ok(&[
-        "tail", "--brokers", &harness.brokers(), "--topic", &png_line.results, "--from-beginning", "--count", "12",
+        "tail",
+        "--brokers",
+        &harness.brokers(),
+        "--topic",
+        &png_line.results,
+        "--from-beginning",
+        "--count",
+        "12",
     ]);
     let printed = common::stdout(&tail);
     assert_eq!(printed.lines().filter(|l| l.contains(" p-")).count(), 12, "{printed}");
@@ -347,8 +378,11 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_the_line_keeps
     let harness = Harness::new("deadletter");
     let topics = harness.topics("line", 1);
     let port = free_port();
-    let pipeline =
-        harness.pipeline("dlq.toml", port, &[("line", &topics, "max_frame_bytes = 150000\nexpected_size = [128, 128]")]);
+    let pipeline = harness.pipeline(
+        "dlq.toml",
+        port,
+        &[("line", &topics, "max_frame_bytes = 150000\nexpected_size = [128, 128]")],
+    );
     let mut service = harness.run(&pipeline);
     let frames = &fixture().frames;
     harness.produce(&topics.frames, &frames[..3], "before");
@@ -356,7 +390,9 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_the_line_keeps
     let good = std::fs::read(&frames[3]).unwrap();
     let now = "1700000000000";
     let headers = [("camera_id", "cam"), ("captured_at_ms", now)];
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, &str)> = vec![
+    // (key, value, headers, expected reason)
+    type BadMessage<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<BadMessage> = vec![
         ("empty", vec![], headers.to_vec(), "empty"),
         ("truncated", good[..good.len() / 2].to_vec(), headers.to_vec(), "decode"),
         ("text", b"{\"not\": \"an image\"}".to_vec(), headers.to_vec(), "decode"),
@@ -401,7 +437,9 @@ fn two_instances_in_one_group_split_the_partitions_and_score_every_frame() {
     let pipelines: Vec<PathBuf> = ports
         .iter()
         .enumerate()
-        .map(|(i, port)| harness.pipeline(&format!("instance{i}.toml"), *port, &[("line", &topics, "group_id = \"shared\"")]))
+        .map(|(i, port)| {
+            harness.pipeline(&format!("instance{i}.toml"), *port, &[("line", &topics, "group_id = \"shared\"")])
+        })
         .collect();
     let mut first = harness.run(&pipelines[0]);
     let mut second = harness.run(&pipelines[1]);

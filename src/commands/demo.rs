@@ -10,12 +10,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureRecord;
 use rdkafka::ClientConfig;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 
 use lineguard::broker::LocalBroker;
 use lineguard::eval::EvalOptions;
@@ -43,8 +43,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     recipe.validate()?;
     let data = args.workdir.join("data");
-    let model_path =
-        args.workdir.join(format!("model-{}-{}px-{}steps.safetensors", args.preset, args.image_size, recipe.train.steps));
+    let model_path = args
+        .workdir
+        .join(format!("model-{}-{}px-{}steps.safetensors", args.preset, args.image_size, recipe.train.steps));
 
     let synth = SynthConfig { seed: 7, image_size: args.image_size, ..SynthConfig::default() };
     let marker = data.join("synth.json");
@@ -64,7 +65,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         log::info!("step 2/4: reusing the model {} (pass --retrain to train again)", model_path.display());
         EfficientAd::load(&model_path, device)?
     } else {
-        log::info!("step 2/4: training a {} model for {} steps at {} px", args.preset, recipe.train.steps, args.image_size);
+        log::info!(
+            "step 2/4: training a {} model for {} steps at {} px",
+            args.preset,
+            recipe.train.steps,
+            args.image_size
+        );
         super::train::train(&data, &model_path, recipe, None, device)?
     };
 
@@ -119,7 +125,12 @@ async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32)
         None => {
             let log_path = args.workdir.join("broker.log");
             let broker = LocalBroker::start(None, Some(&log_path))?;
-            log::info!("local nisshi broker on {} (pid {}, log {})", broker.bootstrap(), broker.pid(), log_path.display());
+            log::info!(
+                "local nisshi broker on {} (pid {}, log {})",
+                broker.bootstrap(),
+                broker.pid(),
+                log_path.display()
+            );
             let bootstrap = broker.bootstrap();
             (Some(broker), bootstrap, String::new())
         }
@@ -164,7 +175,9 @@ async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32)
     let mut paths: HashMap<String, PathBuf> = HashMap::new();
     let producing = async {
         let mut sent_keys = Vec::new();
-        let count = lineguard::kafka::send_files(&producer, &frames, &sending, 0, |key| sent_keys.push(key.to_string())).await?;
+        let count =
+            lineguard::kafka::send_files(&producer, &frames, &sending, 0, |key| sent_keys.push(key.to_string()))
+                .await?;
         // Three broken messages, as cameras and networks produce them: each must reach the dead-letter
         // topic with its reason while the line keeps going.
         let truncated = std::fs::read(&frames[0]).map(|b| b[..b.len() / 3].to_vec())?;
@@ -350,10 +363,16 @@ impl Tally {
     fn write_pictures(&self, paths: &HashMap<String, PathBuf>, folder: &Path) {
         for (key, (split, flagged, score)) in &self.results {
             let (Some(map), Some(path), true) = (self.maps.get(key), paths.get(key), *flagged) else { continue };
-            let (Ok(original), Ok(map)) = (lineguard::preprocess::load_image(path), image::load_from_memory(map)) else {
+            let (Ok(original), Ok(map)) = (lineguard::preprocess::load_image(path), image::load_from_memory(map))
+            else {
                 continue;
             };
-            let map = image::imageops::resize(&map.to_rgb8(), original.width(), original.height(), image::imageops::FilterType::Triangle);
+            let map = image::imageops::resize(
+                &map.to_rgb8(),
+                original.width(),
+                original.height(),
+                image::imageops::FilterType::Triangle,
+            );
             let mut picture = image::RgbImage::new(original.width() * 2, original.height());
             image::imageops::replace(&mut picture, &original, 0, 0);
             image::imageops::replace(&mut picture, &map, original.width() as i64, 0);
@@ -371,7 +390,12 @@ impl Tally {
             _ => elapsed.as_secs_f64(),
         };
         println!();
-        println!("=== lineguard demo: {} frames sent, {} scored, {} dead-lettered ===", sent, self.results.len(), self.dead_letters.len());
+        println!(
+            "=== lineguard demo: {} frames sent, {} scored, {} dead-lettered ===",
+            sent,
+            self.results.len(),
+            self.dead_letters.len()
+        );
         println!("threshold {:.4} (highest score of a normal validation tray)", self.threshold);
         for (split, (total, flagged)) in &counts {
             let what = if *split == "good" { "false alarms" } else { "caught" };

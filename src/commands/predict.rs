@@ -48,7 +48,13 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", heatmap.display()))?;
         let anomalous = args.threshold.map(|t| scored.score > t);
         if args.json {
-            let line = Prediction { path, score: scored.score, anomalous, heatmap: &heatmap, model_version: model.info.model_version };
+            let line = Prediction {
+                path,
+                score: scored.score,
+                anomalous,
+                heatmap: &heatmap,
+                model_version: model.info.model_version,
+            };
             writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
         } else {
             let verdict = match anomalous {

@@ -14,7 +14,13 @@ pub fn run(args: &ProduceArgs) -> anyhow::Result<ExitCode> {
     let files = super::predict::expand(&args.inputs)?;
     let kafka = kafka_settings(&args.kafka.brokers);
     let key_prefix = args.key_prefix.clone().unwrap_or_else(|| format!("{}-{}", args.camera, unix_ms() / 1000));
-    let sending = Sending { topic: &args.topic, camera: &args.camera, line: args.line.as_deref(), key_prefix: &key_prefix, rate: args.rate };
+    let sending = Sending {
+        topic: &args.topic,
+        camera: &args.camera,
+        line: args.line.as_deref(),
+        key_prefix: &key_prefix,
+        rate: args.rate,
+    };
     let runtime = super::runtime()?;
     ensure_reachable(&kafka)?;
     runtime.block_on(async {
@@ -55,4 +61,3 @@ pub fn ensure_reachable(kafka: &KafkaSettings) -> anyhow::Result<()> {
 fn unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
-

@@ -79,7 +79,8 @@ fn describe(message: &BorrowedMessage<'_>) -> String {
         return format!("DEAD LETTER {key}: {} - {error}", String::from_utf8_lossy(reason));
     }
     if let Some(format) = header(message, HEADER_MAP_FORMAT) {
-        let side = header(message, HEADER_MAP_WIDTH).map(|w| String::from_utf8_lossy(w).into_owned()).unwrap_or_default();
+        let side =
+            header(message, HEADER_MAP_WIDTH).map(|w| String::from_utf8_lossy(w).into_owned()).unwrap_or_default();
         return format!("MAP {key}: {} {side}x{side}, {} bytes", String::from_utf8_lossy(format), payload.len());
     }
     match serde_json::from_slice::<ResultRecord>(payload) {

@@ -124,7 +124,8 @@ fn load(paths: &[PathBuf], side: u32, what: &str) -> anyhow::Result<Tensor> {
 }
 
 fn describe_losses(l: &StepLosses) -> String {
-    let mut text = format!("loss {:.4} (hard {:.4} ae {:.4} st-ae {:.4}", l.total, l.hard, l.autoencoder, l.student_autoencoder);
+    let mut text =
+        format!("loss {:.4} (hard {:.4} ae {:.4} st-ae {:.4}", l.total, l.hard, l.autoencoder, l.student_autoencoder);
     if let Some(dfsc) = l.dfsc {
         text.push_str(&format!(" dfsc {dfsc:.3}"));
     }

@@ -17,35 +17,20 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: invalid defects config JSON: {source}", path.display())]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Json { path: PathBuf, source: serde_json::Error },
     #[error("{}: {reason}", path.display())]
     InvalidConfig { path: PathBuf, reason: String },
     #[error("{}: cannot decode mask: {source}", path.display())]
-    Image {
-        path: PathBuf,
-        source: image::ImageError,
-    },
+    Image { path: PathBuf, source: image::ImageError },
     #[error("{}: mask must be 8-bit grayscale, found {color}", path.display())]
     NotGrayscale { path: PathBuf, color: String },
     #[error(
         "{}: mask is {mask_width}x{mask_height} but the image is {image_width}x{image_height}",
         path.display()
     )]
-    SizeMismatch {
-        path: PathBuf,
-        mask_width: u32,
-        mask_height: u32,
-        image_width: u32,
-        image_height: u32,
-    },
+    SizeMismatch { path: PathBuf, mask_width: u32, mask_height: u32, image_width: u32, image_height: u32 },
     #[error("{}: pixel value {value} is not listed in the defects config", path.display())]
     UnknownPixelValue { path: PathBuf, value: u8 },
     #[error(
@@ -74,19 +59,10 @@ pub struct DefectType {
 /// values (a mask value must name exactly one defect type) and thresholds that are not
 /// finite and positive (a zero saturation area would divide by zero in sPRO).
 pub fn load_defects_config(path: &Path) -> Result<Vec<DefectType>, MetricsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| MetricsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| MetricsError::Io { path: path.to_path_buf(), source })?;
     let defects: Vec<DefectType> =
-        serde_json::from_str(&text).map_err(|source| MetricsError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let invalid = |reason: String| MetricsError::InvalidConfig {
-        path: path.to_path_buf(),
-        reason,
-    };
+        serde_json::from_str(&text).map_err(|source| MetricsError::Json { path: path.to_path_buf(), source })?;
+    let invalid = |reason: String| MetricsError::InvalidConfig { path: path.to_path_buf(), reason };
     let mut seen: HashMap<u8, &str> = HashMap::new();
     for d in &defects {
         if d.pixel_value == 0 {
@@ -157,17 +133,13 @@ pub fn load_regions(
     let mut files = Vec::new();
     for entry in std::fs::read_dir(mask_dir).map_err(io_err(mask_dir))? {
         let path = entry.map_err(io_err(mask_dir))?.path();
-        let is_png = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        let is_png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
         if is_png && path.is_file() {
             files.push(path);
         }
     }
     if files.is_empty() {
-        return Err(MetricsError::NoMasks {
-            dir: mask_dir.to_path_buf(),
-        });
+        return Err(MetricsError::NoMasks { dir: mask_dir.to_path_buf() });
     }
     // read_dir order is filesystem-dependent; sorting keeps region order reproducible.
     files.sort();
@@ -176,10 +148,7 @@ pub fn load_regions(
     for path in files {
         let bytes = std::fs::read(&path).map_err(io_err(&path))?;
         let decoded = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
-            .map_err(|source| MetricsError::Image {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| MetricsError::Image { path: path.clone(), source })?;
         if (decoded.width(), decoded.height()) != expected_size {
             return Err(MetricsError::SizeMismatch {
                 path,
@@ -192,10 +161,7 @@ pub fn load_regions(
         // Converting colour or 16-bit masks would change the pixel values that name
         // the defect type, so only genuine 8-bit grayscale is accepted.
         let image::DynamicImage::ImageLuma8(gray) = decoded else {
-            return Err(MetricsError::NotGrayscale {
-                color: format!("{:?}", decoded.color()),
-                path,
-            });
+            return Err(MetricsError::NotGrayscale { color: format!("{:?}", decoded.color()), path });
         };
 
         let mut present = [false; 256];
@@ -289,11 +255,7 @@ pub fn auroc(negatives: &[f32], positives: &[f32]) -> Option<f64> {
 /// # Panics
 /// If a region pixel index lies outside its map or a region's saturation is not > 0;
 /// [`load_regions`] never produces such regions for a map of the expected size.
-pub fn au_spro(
-    good_maps: &[&[f32]],
-    anomalous: &[(&[f32], &[DefectRegion])],
-    max_fpr: f64,
-) -> Option<f64> {
+pub fn au_spro(good_maps: &[&[f32]], anomalous: &[(&[f32], &[DefectRegion])], max_fpr: f64) -> Option<f64> {
     if !(max_fpr > 0.0 && max_fpr <= 1.0) {
         return None;
     }
@@ -365,13 +327,10 @@ pub fn au_spro(
 
 /// Order keys of all negative pixels: every pixel of the good maps and the pixels of
 /// anomalous maps that belong to no region (regions may overlap, hence the mask).
-fn collect_negative_keys(
-    good_maps: &[&[f32]],
-    anomalous: &[(&[f32], &[DefectRegion])],
-) -> Vec<u32> {
+fn collect_negative_keys(good_maps: &[&[f32]], anomalous: &[(&[f32], &[DefectRegion])]) -> Vec<u32> {
     // Over-allocates by the region pixels only, which avoids a separate counting pass.
-    let total: usize = good_maps.iter().map(|m| m.len()).sum::<usize>()
-        + anomalous.iter().map(|(m, _)| m.len()).sum::<usize>();
+    let total: usize =
+        good_maps.iter().map(|m| m.len()).sum::<usize>() + anomalous.iter().map(|(m, _)| m.len()).sum::<usize>();
     let mut keys = Vec::with_capacity(total);
     for map in good_maps {
         keys.extend(map.iter().map(|&x| order_key(x)));
@@ -383,20 +342,12 @@ fn collect_negative_keys(
         for region in regions.iter() {
             for &p in &region.pixels {
                 let Some(slot) = in_region.get_mut(p as usize) else {
-                    panic!(
-                        "region pixel index {p} is outside an anomaly map of {} pixels",
-                        map.len()
-                    );
+                    panic!("region pixel index {p} is outside an anomaly map of {} pixels", map.len());
                 };
                 *slot = true;
             }
         }
-        keys.extend(
-            map.iter()
-                .zip(&in_region)
-                .filter(|(_, &inside)| !inside)
-                .map(|(&x, _)| order_key(x)),
-        );
+        keys.extend(map.iter().zip(&in_region).filter(|(_, &inside)| !inside).map(|(&x, _)| order_key(x)));
     }
     keys
 }
@@ -406,11 +357,7 @@ fn collect_negative_keys(
 /// Region i's contribution with its j highest pixels flagged is min(j, s_i) / s_i, so
 /// its j-th highest pixel adds (min(j, s_i) - min(j-1, s_i)) / s_i; pixels beyond
 /// ceil(s_i) add nothing and are skipped, which is how saturation caps the overlap.
-fn positive_events(
-    anomalous: &[(&[f32], &[DefectRegion])],
-    cutoff: u32,
-    n_regions: usize,
-) -> Vec<(u32, f64)> {
+fn positive_events(anomalous: &[(&[f32], &[DefectRegion])], cutoff: u32, n_regions: usize) -> Vec<(u32, f64)> {
     let mut events = Vec::new();
     let mut keys: Vec<u32> = Vec::new();
     for (map, regions) in anomalous {
@@ -418,13 +365,7 @@ fn positive_events(
             let s = region.saturation;
             assert!(s > 0.0, "region saturation must be > 0, got {s}");
             keys.clear();
-            keys.extend(
-                region
-                    .pixels
-                    .iter()
-                    .map(|&p| order_key(map[p as usize]))
-                    .filter(|&k| k >= cutoff),
-            );
+            keys.extend(region.pixels.iter().map(|&p| order_key(map[p as usize])).filter(|&k| k >= cutoff));
             // Dropping pixels below the cut-off does not change the ranks of the rest.
             keys.sort_unstable_by(|a, b| b.cmp(a));
             let useful = keys.len().min(s.ceil() as usize);
@@ -479,10 +420,7 @@ mod tests {
     // ---------- AU-sPRO ----------
 
     fn region(pixels: &[u32], saturation: f64) -> DefectRegion {
-        DefectRegion {
-            pixels: pixels.to_vec(),
-            saturation,
-        }
+        DefectRegion { pixels: pixels.to_vec(), saturation }
     }
 
     #[test]
@@ -599,17 +537,9 @@ mod tests {
 
     /// Straightforward reference: threshold at every distinct score, flag `score >= v`,
     /// integrate with interpolation at the limit.
-    fn brute_force_au_spro(
-        good: &[Vec<f32>],
-        anom: &[(Vec<f32>, Vec<DefectRegion>)],
-        max_fpr: f64,
-    ) -> f64 {
-        let mut values: Vec<f32> = good
-            .iter()
-            .flatten()
-            .chain(anom.iter().flat_map(|(m, _)| m.iter()))
-            .copied()
-            .collect();
+    fn brute_force_au_spro(good: &[Vec<f32>], anom: &[(Vec<f32>, Vec<DefectRegion>)], max_fpr: f64) -> f64 {
+        let mut values: Vec<f32> =
+            good.iter().flatten().chain(anom.iter().flat_map(|(m, _)| m.iter())).copied().collect();
         values.sort_by(|a, b| b.total_cmp(a));
         values.dedup();
         let n_regions: usize = anom.iter().map(|(_, r)| r.len()).sum();
@@ -665,18 +595,11 @@ mod tests {
             let (w, h) = (6usize, 5usize);
             // Quantised scores create plenty of ties between and within classes.
             let levels = 3 + (case % 5) as u64 * 4;
-            let good: Vec<Vec<f32>> = (0..3)
-                .map(|_| {
-                    (0..w * h)
-                        .map(|_| (rnd() % levels) as f32 / levels as f32)
-                        .collect()
-                })
-                .collect();
+            let good: Vec<Vec<f32>> =
+                (0..3).map(|_| (0..w * h).map(|_| (rnd() % levels) as f32 / levels as f32).collect()).collect();
             let mut anom = Vec::new();
             for _ in 0..3 {
-                let map: Vec<f32> = (0..w * h)
-                    .map(|_| (rnd() % levels) as f32 / levels as f32)
-                    .collect();
+                let map: Vec<f32> = (0..w * h).map(|_| (rnd() % levels) as f32 / levels as f32).collect();
                 let mut regions = Vec::new();
                 for _ in 0..(1 + rnd() % 3) {
                     let (x0, y0) = ((rnd() % 4) as usize, (rnd() % 3) as usize);
@@ -706,16 +629,11 @@ mod tests {
             }
             for max_fpr in [0.01, 0.05, 0.3, 1.0] {
                 let good_refs: Vec<&[f32]> = good.iter().map(|m| m.as_slice()).collect();
-                let anom_refs: Vec<(&[f32], &[DefectRegion])> = anom
-                    .iter()
-                    .map(|(m, r)| (m.as_slice(), r.as_slice()))
-                    .collect();
+                let anom_refs: Vec<(&[f32], &[DefectRegion])> =
+                    anom.iter().map(|(m, r)| (m.as_slice(), r.as_slice())).collect();
                 let fast = au_spro(&good_refs, &anom_refs, max_fpr).unwrap();
                 let slow = brute_force_au_spro(&good, &anom, max_fpr);
-                assert!(
-                    close(fast, slow),
-                    "case {case} max_fpr {max_fpr}: {fast} vs {slow}"
-                );
+                assert!(close(fast, slow), "case {case} max_fpr {max_fpr}: {fast} vs {slow}");
             }
         }
     }
@@ -763,13 +681,7 @@ mod tests {
         let px: Vec<_> = (0..8).map(|x| (x, 1, 200)).collect();
         write_mask(d, "001.png", 8, 4, &px);
         // 002: four pixels of 254 (absolute 10 * 0.25 = 2.5 < area 4).
-        write_mask(
-            d,
-            "002.png",
-            8,
-            4,
-            &[(0, 2, 254), (1, 2, 254), (2, 2, 254), (3, 2, 254)],
-        );
+        write_mask(d, "002.png", 8, 4, &[(0, 2, 254), (1, 2, 254), (2, 2, 254), (3, 2, 254)]);
         // All-zero masks give no region; other files are ignored.
         write_mask(d, "003.png", 8, 4, &[]);
         std::fs::write(d.join("notes.txt"), "not a mask").unwrap();
@@ -791,10 +703,7 @@ mod tests {
         let err = load_regions(dir.path(), &config(), 1.0, (4, 8)).unwrap_err();
         assert!(matches!(err, MetricsError::SizeMismatch { .. }));
         let msg = err.to_string();
-        assert!(
-            msg.contains("000.png: mask is 8x4 but the image is 4x8"),
-            "{msg}"
-        );
+        assert!(msg.contains("000.png: mask is 8x4 but the image is 4x8"), "{msg}");
     }
 
     #[test]
@@ -804,10 +713,7 @@ mod tests {
         write_mask(dir.path(), "001.png", 4, 4, &[(1, 1, 17)]);
         let err = load_regions(dir.path(), &config(), 1.0, (4, 4)).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(
-            err,
-            MetricsError::UnknownPixelValue { value: 17, .. }
-        ));
+        assert!(matches!(err, MetricsError::UnknownPixelValue { value: 17, .. }));
         assert!(msg.contains("001.png") && msg.contains("17"), "{msg}");
     }
 
@@ -819,18 +725,13 @@ mod tests {
 
         write_mask(dir.path(), "000.png", 4, 4, &[(0, 0, 255), (1, 0, 200)]);
         let err = load_regions(dir.path(), &config(), 1.0, (4, 4)).unwrap_err();
-        assert!(
-            matches!(err, MetricsError::MixedPixelValues { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, MetricsError::MixedPixelValues { .. }), "{err}");
 
         let err = load_regions(dir.path(), &config(), 0.0, (4, 4)).unwrap_err();
         assert!(matches!(err, MetricsError::InvalidArgument(_)));
 
         let rgb = tempfile::tempdir().unwrap();
-        image::RgbImage::new(4, 4)
-            .save(rgb.path().join("000.png"))
-            .unwrap();
+        image::RgbImage::new(4, 4).save(rgb.path().join("000.png")).unwrap();
         let err = load_regions(rgb.path(), &config(), 1.0, (4, 4)).unwrap_err();
         assert!(matches!(err, MetricsError::NotGrayscale { .. }), "{err}");
 
@@ -856,10 +757,7 @@ mod tests {
         let mut zero = config();
         zero[0].saturation_threshold = 0.0;
         std::fs::write(&path, serde_json::to_string(&zero).unwrap()).unwrap();
-        assert!(matches!(
-            load_defects_config(&path),
-            Err(MetricsError::InvalidConfig { .. })
-        ));
+        assert!(matches!(load_defects_config(&path), Err(MetricsError::InvalidConfig { .. })));
 
         std::fs::write(&path, "[{\"defect_name\": 3}]").unwrap();
         let err = load_defects_config(&path).unwrap_err();

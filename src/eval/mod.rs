@@ -93,8 +93,8 @@ pub fn score_image(model: &EfficientAd, path: &Path) -> Result<ScoredImage, Eval
     let image = preprocess::load_image(path)?;
     let input = preprocess::to_input(&image, model.recipe.image_size as u32).unsqueeze(0).to_device(model.device());
     let map = model.anomaly_maps(&input, image.height() as i64, image.width() as i64)?;
-    let map: Vec<f32> = Vec::try_from(map.flatten(0, -1).to_device(tch::Device::Cpu))
-        .map_err(crate::error::WeightsError::from)?;
+    let map: Vec<f32> =
+        Vec::try_from(map.flatten(0, -1).to_device(tch::Device::Cpu)).map_err(crate::error::WeightsError::from)?;
     let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     Ok(ScoredImage { image, map, score })
 }
@@ -138,7 +138,11 @@ pub fn evaluate(
             }
             let size = (scored.image.width(), scored.image.height());
             let regions = metrics::load_regions(&expected, &defects, options.saturation_scale, size)?;
-            scores.push(ImageScore { path: path.clone(), split: split.anomaly_type().unwrap_or(""), score: scored.score });
+            scores.push(ImageScore {
+                path: path.clone(),
+                split: split.anomaly_type().unwrap_or(""),
+                score: scored.score,
+            });
             anomaly_scores.push(scored.score);
             anomalous.push((scored.map, regions));
         }

@@ -144,8 +144,7 @@ impl EfficientAd {
     pub fn anomaly_maps(&self, images: &Tensor, height: i64, width: i64) -> Result<Tensor, WeightsError> {
         let quantiles = self.map_quantiles.ok_or_else(|| WeightsError::Content {
             path: "<in memory>".into(),
-            reason: "the model has no map normalisation quantiles (it was not calibrated on validation images)"
-                .into(),
+            reason: "the model has no map normalisation quantiles (it was not calibrated on validation images)".into(),
         })?;
         let raw = self.raw_maps(images);
         Ok(tch::no_grad(|| {
@@ -257,7 +256,8 @@ fn load_teacher(vs: &mut nn::VarStore, path: &Path) -> Result<(), WeightsError> 
     let mut file = TensorFile::load(path, vs.device())?;
     let prefixed = file.tensors.keys().any(|k| k.starts_with("teacher."));
     if !prefixed {
-        file.tensors = std::mem::take(&mut file.tensors).into_iter().map(|(k, v)| (format!("teacher.{k}"), v)).collect();
+        file.tensors =
+            std::mem::take(&mut file.tensors).into_iter().map(|(k, v)| (format!("teacher.{k}"), v)).collect();
     }
     weights::import_store(vs, "teacher", &mut file, path)
 }

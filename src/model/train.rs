@@ -136,7 +136,11 @@ impl Trainer {
         Self::assemble(model, images, None)
     }
 
-    fn assemble(model: EfficientAd, images: Tensor, state: Option<(&mut TensorFile, &Path)>) -> Result<Trainer, TrainError> {
+    fn assemble(
+        model: EfficientAd,
+        images: Tensor,
+        state: Option<(&mut TensorFile, &Path)>,
+    ) -> Result<Trainer, TrainError> {
         if images.size().first().copied().unwrap_or(0) == 0 {
             return Err(TrainError::Data("no training images".into()));
         }
@@ -227,7 +231,8 @@ impl Trainer {
         } else {
             let path = &self.natural_images[rng.gen_range(0..self.natural_images.len())];
             let image = preprocess::load_image(path)?;
-            let natural = preprocess::to_input(&image, recipe.image_size as u32).unsqueeze(0).to_device(self.model.device);
+            let natural =
+                preprocess::to_input(&image, recipe.image_size as u32).unsqueeze(0).to_device(self.model.device);
             let loss = imagenet_penalty(&self.model.student.forward(&natural).narrow(1, 0, c));
             total += &loss;
             Some(loss.double_value(&[]))
@@ -265,7 +270,9 @@ impl Trainer {
         if let Some((ema_vs, _)) = &self.ema {
             weights::export_store(ema_vs, "ema", &mut file.tensors);
         }
-        for (((name, _), m), v) in self.params.iter().zip(&self.optimizer.first_moments).zip(&self.optimizer.second_moments) {
+        for (((name, _), m), v) in
+            self.params.iter().zip(&self.optimizer.first_moments).zip(&self.optimizer.second_moments)
+        {
             file.tensors.insert(format!("adamw.m.{name}"), m.to_device(Device::Cpu));
             file.tensors.insert(format!("adamw.v.{name}"), v.to_device(Device::Cpu));
         }

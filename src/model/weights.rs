@@ -58,10 +58,8 @@ impl TensorFile {
 
     pub fn load(path: &Path, device: Device) -> Result<TensorFile, WeightsError> {
         let bytes = std::fs::read(path).map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })?;
-        let format_error = |e: safetensors::SafeTensorError| WeightsError::Format {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
+        let format_error =
+            |e: safetensors::SafeTensorError| WeightsError::Format { path: path.to_path_buf(), reason: e.to_string() };
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(format_error)?;
         let metadata = header.metadata().clone().unwrap_or_default();
         let file = SafeTensors::deserialize(&bytes).map_err(format_error)?;

@@ -22,8 +22,8 @@ pub fn decode(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty { origin: origin.to_string() });
     }
-    let image = image::load_from_memory(bytes)
-        .map_err(|source| ImageError::Decode { origin: origin.to_string(), source })?;
+    let image =
+        image::load_from_memory(bytes).map_err(|source| ImageError::Decode { origin: origin.to_string(), source })?;
     let (width, height) = (image.width(), image.height());
     if width < MIN_IMAGE_SIDE || height < MIN_IMAGE_SIDE {
         return Err(ImageError::TooSmall { origin: origin.to_string(), width, height, min: MIN_IMAGE_SIDE });
@@ -84,8 +84,7 @@ pub fn normalise(pixels: &Tensor) -> Tensor {
 /// stays reproducible.
 pub fn jitter(images: &Tensor, choice: u32, factor: f64) -> Tensor {
     let pixels = denormalise(images);
-    let gray = (pixels.select(1, 0) * 0.299 + pixels.select(1, 1) * 0.587 + pixels.select(1, 2) * 0.114)
-        .unsqueeze(1);
+    let gray = (pixels.select(1, 0) * 0.299 + pixels.select(1, 1) * 0.587 + pixels.select(1, 2) * 0.114).unsqueeze(1);
     let jittered = match choice {
         0 => &pixels * factor,
         1 => {

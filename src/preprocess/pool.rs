@@ -72,23 +72,22 @@ pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Bo
     let started = Instant::now();
     let RawFrame { mut meta, payload, ack } = frame;
     meta.timings.queue = started.duration_since(meta.received_at).as_secs_f64();
-    let checked = check_contract(config, &meta.headers, &payload, &meta.line)
-        .and_then(|camera| {
-            let image = super::decode(&payload, &meta.frame_id).map_err(|err| (RejectReason::Decode, err.to_string()))?;
-            if let Some([width, height]) = config.expected_size {
-                if (image.width(), image.height()) != (width, height) {
-                    return Err((
-                        RejectReason::WrongSize,
-                        format!(
-                            "image is {}x{}, this line expects {width}x{height} (lines.<name>.expected_size)",
-                            image.width(),
-                            image.height()
-                        ),
-                    ));
-                }
+    let checked = check_contract(config, &meta.headers, &payload, &meta.line).and_then(|camera| {
+        let image = super::decode(&payload, &meta.frame_id).map_err(|err| (RejectReason::Decode, err.to_string()))?;
+        if let Some([width, height]) = config.expected_size {
+            if (image.width(), image.height()) != (width, height) {
+                return Err((
+                    RejectReason::WrongSize,
+                    format!(
+                        "image is {}x{}, this line expects {width}x{height} (lines.<name>.expected_size)",
+                        image.width(),
+                        image.height()
+                    ),
+                ));
             }
-            Ok((camera, image))
-        });
+        }
+        Ok((camera, image))
+    });
     match checked {
         Ok((camera, image)) => {
             let original_size = (image.width(), image.height());
@@ -113,7 +112,11 @@ fn check_contract(
     if payload.len() > config.max_frame_bytes {
         return Err((
             RejectReason::Oversized,
-            format!("{} bytes, over the limit of {} (lines.<name>.max_frame_bytes)", payload.len(), config.max_frame_bytes),
+            format!(
+                "{} bytes, over the limit of {} (lines.<name>.max_frame_bytes)",
+                payload.len(),
+                config.max_frame_bytes
+            ),
         ));
     }
     let header = |name: &str| headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_slice());
@@ -132,7 +135,10 @@ fn check_contract(
     let captured = text(HEADER_CAPTURED_AT)?
         .ok_or_else(|| (RejectReason::MissingHeader, format!("missing header {HEADER_CAPTURED_AT}")))?;
     let captured_at_ms = captured.parse::<i64>().map_err(|_| {
-        (RejectReason::BadHeader, format!("header {HEADER_CAPTURED_AT} is {captured:?}, expected Unix epoch milliseconds"))
+        (
+            RejectReason::BadHeader,
+            format!("header {HEADER_CAPTURED_AT} is {captured:?}, expected Unix epoch milliseconds"),
+        )
     })?;
     let line_id = text(HEADER_LINE)?.filter(|s| !s.is_empty()).unwrap_or_else(|| default_line.to_string());
     Ok(CameraInfo { camera_id, line_id, captured_at_ms })
