@@ -7,6 +7,10 @@
 
 use std::time::Instant;
 
+mod common;
+
+use common::median;
+
 use lineguard::model::config::{Preset, Recipe};
 use lineguard::model::train::Trainer;
 use lineguard::model::{EfficientAd, MapQuantiles};
@@ -17,17 +21,6 @@ struct Case {
     samples_ms: Vec<f64>,
     per: f64,
     run: Box<dyn FnMut()>,
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
 }
 
 fn trainer(preset: Preset, side: i64, device: Device) -> Trainer {

@@ -13,11 +13,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod common;
+
+use common::median;
 use lineguard::broker::LocalBroker;
 use lineguard::kafka::{send_files, Sending};
 use lineguard::model::config::{Preset, Recipe};
 use lineguard::model::{EfficientAd, MapQuantiles};
-use lineguard::settings::{DeviceChoice, KafkaSettings, LineSettings, MapFormat, MetricsSettings, Settings};
+use lineguard::settings::{KafkaSettings, LineSettings, MetricsSettings, Settings};
 use lineguard::sink::ResultRecord;
 use lineguard::synth::SynthConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -27,17 +30,6 @@ use tch::Tensor;
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
 }
 
 fn percentile(values: &[f64], q: f64) -> f64 {
@@ -76,21 +68,11 @@ async fn stream(brokers: &str, model: &Path, frames: &[PathBuf], round: usize, r
     let (input, results, maps, dead) = (topic("frames"), topic("results"), topic("maps"), topic("dead-letter"));
     lineguard::kafka::ensure_topics(&kafka, &[&input, &results, &maps, &dead], 4).await.expect("topics");
     let line = LineSettings {
-        model: model.to_path_buf(),
-        input_topics: vec![input.clone()],
         results_topic: results.clone(),
         maps_topic: maps,
         dead_letter_topic: dead,
         group_id: Some(format!("bench-{round}-{rate}")),
-        threshold: 0.5,
-        map_format: MapFormat::Png,
-        device: DeviceChoice::Auto,
-        preprocess_workers: 0,
-        max_batch: 8,
-        max_batch_wait_ms: 20,
-        max_in_flight: 64,
-        max_frame_bytes: 8 << 20,
-        expected_size: None,
+        ..LineSettings::with_defaults(model.to_path_buf(), vec![input.clone()], 0.5)
     };
     let settings = Settings {
         kafka: kafka.clone(),

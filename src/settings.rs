@@ -324,6 +324,27 @@ impl KafkaSettings {
 }
 
 impl LineSettings {
+    /// A line with every optional key at its documented default.
+    pub fn with_defaults(model: PathBuf, input_topics: Vec<String>, threshold: f32) -> LineSettings {
+        LineSettings {
+            model,
+            input_topics,
+            results_topic: default_results_topic(),
+            maps_topic: default_maps_topic(),
+            dead_letter_topic: default_dead_letter_topic(),
+            group_id: None,
+            threshold,
+            map_format: default_map_format(),
+            device: default_device(),
+            preprocess_workers: 0,
+            max_batch: default_max_batch(),
+            max_batch_wait_ms: default_max_batch_wait_ms(),
+            max_in_flight: default_max_in_flight(),
+            max_frame_bytes: default_max_frame_bytes(),
+            expected_size: None,
+        }
+    }
+
     pub fn group_id(&self, line_name: &str) -> String {
         self.group_id.clone().unwrap_or_else(|| format!("lineguard-{line_name}"))
     }
@@ -372,6 +393,7 @@ threshold = 0.4
         let settings = parse(&with_extra, &[]).unwrap();
         assert_eq!(settings.kafka.consumer.get("session.timeout.ms").map(String::as_str), Some("6000"));
         let line = &settings.lines["juice"];
+        assert_eq!(line, &LineSettings::with_defaults("model.safetensors".into(), vec!["frames".into()], 0.4));
         assert_eq!(line.results_topic, "lineguard.results");
         assert_eq!(line.maps_output(), Some("lineguard.maps"));
         assert_eq!(line.group_id("juice"), "lineguard-juice");

@@ -21,7 +21,7 @@ use lineguard::broker::LocalBroker;
 use lineguard::eval::EvalOptions;
 use lineguard::model::config::Recipe;
 use lineguard::model::EfficientAd;
-use lineguard::settings::{DeviceChoice, KafkaSettings, LineSettings, MapFormat, Settings};
+use lineguard::settings::{KafkaSettings, LineSettings, Settings};
 use lineguard::sink::{ResultRecord, HEADER_ERROR_REASON};
 use lineguard::synth::SynthConfig;
 
@@ -235,21 +235,11 @@ async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32)
 
 fn demo_settings(kafka: &KafkaSettings, topics: &Topics, model_path: &Path, threshold: f32) -> Settings {
     let line = LineSettings {
-        model: model_path.to_path_buf(),
-        input_topics: vec![topics.frames.clone()],
         results_topic: topics.results.clone(),
         maps_topic: topics.maps.clone(),
         dead_letter_topic: topics.dead_letter.clone(),
         group_id: Some(format!("lineguard-demo-{}", std::process::id())),
-        threshold,
-        map_format: MapFormat::Png,
-        device: DeviceChoice::Auto,
-        preprocess_workers: 0,
-        max_batch: 8,
-        max_batch_wait_ms: 20,
-        max_in_flight: 64,
-        max_frame_bytes: 8 << 20,
-        expected_size: None,
+        ..LineSettings::with_defaults(model_path.to_path_buf(), vec![topics.frames.clone()], threshold)
     };
     Settings {
         kafka: kafka.clone(),
