@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what lineguard needs and does not find, idempotently:
 #   - libtorch 2.11.0 (the one tch 0.24 binds) from the PyPI torch wheel into .libtorch/ (git-ignored).
-#     CPU-only by default (~550 MB download); LINEGUARD_TORCH=cuda installs the full CUDA stack (~4.6 GB).
+#     CPU-only by default (~550 MB download); LINEGUARD_TORCH=cuda installs the full CUDA stack (~4.6 GB);
+#   - the nisshi Kafka-compatible broker (tests and demo only), into .tools/ (git-ignored).
 # Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +43,11 @@ fi
 # nisshi: an Apache-Kafka-compatible broker in Rust (formerly `tansu`), for the integration tests and the
 # local demo. Installed into .tools/ (git-ignored) unless one is already on PATH. A debug build of the
 # broker is plenty for a test broker and takes 3.5 minutes instead of 14.
+# LINEGUARD_NO_BROKER=1 skips it (container images: production talks to the plant's Kafka).
 NISSHI_VERSION=0.8.1
-if [ -x .tools/bin/nisshi ]; then
+if [ "${LINEGUARD_NO_BROKER:-}" = 1 ]; then
+    say "skipping the nisshi test broker (LINEGUARD_NO_BROKER=1)"
+elif [ -x .tools/bin/nisshi ]; then
     say "nisshi found in .tools/bin/"
 elif command -v nisshi >/dev/null 2>&1 && nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
     say "nisshi found on PATH ($(command -v nisshi))"

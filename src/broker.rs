@@ -16,7 +16,7 @@ pub enum BrokerError {
     NotFound,
     #[error("cannot start {binary}: {source}")]
     Spawn { binary: PathBuf, source: std::io::Error },
-    #[error("no free loopback port: {0}")]
+    #[error("loopback port: {0}")]
     Port(std::io::Error),
     #[error("the broker did not accept connections on {address} within {waited:?}{log_hint}")]
     NotReady { address: SocketAddr, waited: Duration, log_hint: String },
@@ -52,8 +52,22 @@ impl LocalBroker {
     /// Starts `binary` (or the one [`find_nisshi`] finds) on a free loopback port, in memory, and waits
     /// until it accepts connections. Its output goes to `log` when given.
     pub fn start(binary: Option<&Path>, log: Option<&Path>) -> Result<LocalBroker, BrokerError> {
+        Self::start_on(None, binary, log)
+    }
+
+    /// [`LocalBroker::start`] on a given loopback port (`lineguard broker`), or a free one.
+    pub fn start_on(port: Option<u16>, binary: Option<&Path>, log: Option<&Path>) -> Result<LocalBroker, BrokerError> {
         let binary = binary.map(Path::to_path_buf).or_else(find_nisshi).ok_or(BrokerError::NotFound)?;
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(BrokerError::Port)?.port();
+        let port = match port {
+            Some(port) => port,
+            None => TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(BrokerError::Port)?.port(),
+        };
+        if TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok() {
+            return Err(BrokerError::Port(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("127.0.0.1:{port} is already in use (another broker?)"),
+            )));
+        }
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let url = format!("tcp://{address}");
         let output = || -> Stdio {

@@ -50,6 +50,16 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print the records of a results, maps or dead-letter topic readably.
     Tail(TailArgs),
+    /// Run a local in-memory Kafka-compatible broker (nisshi) in the foreground, for trying the service
+    /// by hand; Ctrl-C stops it and its data is gone.
+    Broker(BrokerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Loopback port to listen on.
+    #[arg(long, default_value_t = 9092)]
+    pub port: u16,
 }
 
 #[derive(Debug, Args)]

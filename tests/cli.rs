@@ -8,7 +8,7 @@ use common::{lineguard, lineguard_ok, path_str, stderr, stdout};
 #[test]
 fn help_teaches_the_workflow() {
     let help = stdout(&lineguard_ok(&["--help"]));
-    for word in ["synth", "train", "predict", "eval", "demo", "run", "produce", "tail", "MVTec LOCO"] {
+    for word in ["synth", "train", "predict", "eval", "demo", "run", "produce", "tail", "broker", "MVTec LOCO"] {
         assert!(help.contains(word), "--help lacks {word}:\n{help}");
     }
     let train_help = stdout(&lineguard_ok(&["train", "--help"]));

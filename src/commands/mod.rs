@@ -1,5 +1,6 @@
 //! One function per subcommand. They own the user-facing side: progress bars, tables, files written.
 
+mod broker;
 mod demo;
 mod eval;
 mod predict;
@@ -25,6 +26,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(&args),
         Command::Produce(args) => produce::run(&args),
         Command::Tail(args) => tail::run(&args),
+        Command::Broker(args) => broker::run(&args),
     }
 }
 
