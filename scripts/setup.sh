@@ -4,24 +4,27 @@
 #     CPU-only by default (~550 MB download); LINEGUARD_TORCH=cuda installs the full CUDA stack (~4.6 GB);
 #   - the nisshi Kafka-compatible broker (tests and demo only), into .tools/ (git-ignored).
 # Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
+#
+# Usage: scripts/setup.sh [libtorch] [broker]    (no argument: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
 CPU_EXTRAS="nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85"
+NISSHI_VERSION=0.8.1
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 need() { command -v "$1" >/dev/null 2>&1 || { say "missing '$1': $2"; exit 1; }; }
 
-need cargo "install Rust (https://rustup.rs) and run this again"
-need python3 "python3 with pip is needed once, to fetch libtorch from PyPI"
-
-if [ -f .libtorch/torch/lib/libtorch_cpu.so ] && [ -f .libtorch/.complete ]; then
-    say "libtorch found in .libtorch/"
-else
+install_libtorch() {
+    if [ -f .libtorch/torch/lib/libtorch_cpu.so ] && [ -f .libtorch/.complete ]; then
+        say "libtorch found in .libtorch/"
+        return
+    fi
+    need python3 "python3 with pip is needed once, to fetch libtorch from PyPI"
     python3 -m pip --version >/dev/null 2>&1 || python3 -m ensurepip --upgrade >/dev/null 2>&1 || {
         say "python3 has no pip; install it (Debian: apt-get install python3-pip) and run this again"; exit 1; }
-    variant="${LINEGUARD_TORCH:-cpu}"
+    local variant="${LINEGUARD_TORCH:-cpu}" packages deps
     say "installing libtorch ${TORCH_VERSION} (${variant}) from PyPI into .libtorch/ ..."
     rm -rf .libtorch.partial
     if [ "$variant" = cuda ]; then
@@ -38,22 +41,34 @@ else
     rm -rf .libtorch
     mv .libtorch.partial .libtorch
     say "libtorch installed ($(du -sh .libtorch | cut -f1))"
-fi
+}
 
 # nisshi: an Apache-Kafka-compatible broker in Rust (formerly `tansu`), for the integration tests and the
-# local demo. Installed into .tools/ (git-ignored) unless one is already on PATH. A debug build of the
-# broker is plenty for a test broker and takes 3.5 minutes instead of 14.
-# LINEGUARD_NO_BROKER=1 skips it (container images: production talks to the plant's Kafka).
-NISSHI_VERSION=0.8.1
-if [ "${LINEGUARD_NO_BROKER:-}" = 1 ]; then
-    say "skipping the nisshi test broker (LINEGUARD_NO_BROKER=1)"
-elif [ -x .tools/bin/nisshi ]; then
-    say "nisshi found in .tools/bin/"
-elif command -v nisshi >/dev/null 2>&1 && nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
-    say "nisshi found on PATH ($(command -v nisshi))"
-else
-    say "installing the nisshi ${NISSHI_VERSION} Kafka broker into .tools/ (about 4 minutes on 2 cores) ..."
-    CARGO_PROFILE_DEV_DEBUG=0 cargo install --quiet --root .tools --locked --ignore-rust-version \
-        --no-default-features --features dynostore --debug "nisshi@${NISSHI_VERSION}"
-    say "nisshi installed: $(.tools/bin/nisshi --version 2>&1 | head -1)"
-fi
+# local demo; production talks to the plant's Kafka. Installed into .tools/ unless one is on PATH. A debug
+# build is plenty for a test broker and takes minutes instead of a quarter of an hour.
+# LINEGUARD_NO_BROKER=1 skips it (container images).
+install_broker() {
+    if [ "${LINEGUARD_NO_BROKER:-}" = 1 ]; then
+        say "skipping the nisshi test broker (LINEGUARD_NO_BROKER=1)"
+    elif [ -x .tools/bin/nisshi ]; then
+        say "nisshi found in .tools/bin/"
+    elif command -v nisshi >/dev/null 2>&1 && nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
+        say "nisshi found on PATH ($(command -v nisshi))"
+    else
+        say "installing the nisshi ${NISSHI_VERSION} Kafka broker into .tools/ (4-8 minutes on 2 cores) ..."
+        CARGO_PROFILE_DEV_DEBUG=0 cargo install --quiet --root .tools --locked --ignore-rust-version \
+            --no-default-features --features dynostore --debug "nisshi@${NISSHI_VERSION}"
+        say "nisshi installed: $(.tools/bin/nisshi --version 2>&1 | head -1)"
+    fi
+}
+
+need cargo "install Rust (https://rustup.rs) and run this again"
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker)
+for part in "${parts[@]}"; do
+    case "$part" in
+        libtorch) install_libtorch ;;
+        broker) install_broker ;;
+        *) say "unknown part '$part' (expected: libtorch, broker)"; exit 2 ;;
+    esac
+done
