@@ -99,7 +99,24 @@ pub async fn start(settings: &Settings) -> Result<RunningPipeline, PipelineError
     for (name, line) in &settings.lines {
         let line_health = Arc::new(LineHealth::default());
         health.push(line_health.clone());
-        lines.push(start_line(settings, name, line, metrics.clone(), line_health, ended_tx.clone()).await?);
+        match start_line(settings, name, line, metrics.clone(), line_health, ended_tx.clone()).await {
+            Ok(started) => lines.push(started),
+            Err(err) => {
+                // Lines already consuming must not be left running detached: stop them cleanly first.
+                let partial = RunningPipeline {
+                    lines,
+                    metrics_address: None,
+                    metrics_server: None,
+                    metrics: metrics.clone(),
+                    line_ended,
+                    drain_timeout: settings.drain_timeout(),
+                };
+                if let Err(stop_err) = partial.shutdown().await {
+                    log::warn!("stopping the lines started before the failure: {stop_err}");
+                }
+                return Err(err);
+            }
+        }
     }
     let (metrics_address, metrics_server) = if settings.metrics.listen.is_empty() {
         (None, None)
