@@ -63,19 +63,7 @@ fn synth_train_predict_eval_round_trip() {
     let data = dir.path().join("data");
     let model = dir.path().join("model.safetensors");
     let heatmaps = dir.path().join("heatmaps");
-    lineguard_ok(&[
-        "synth",
-        "--out",
-        path_str(&data),
-        "--image-size",
-        "128",
-        "--train",
-        "3",
-        "--validation",
-        "2",
-        "--test",
-        "2",
-    ]);
+    common::synth_small(&data, 3, 2, 2);
     assert!(data.join("defects_config.json").is_file());
     lineguard_ok(&[
         "train",

@@ -34,19 +34,7 @@ fn fixture() -> &'static Fixture {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let data = dir.join("data");
-        lineguard_ok(&[
-            "synth",
-            "--out",
-            path_str(&data),
-            "--image-size",
-            "128",
-            "--train",
-            "4",
-            "--validation",
-            "3",
-            "--test",
-            "10",
-        ]);
+        common::synth_small(&data, 4, 3, 10);
         // A narrow network (16 teacher channels) keeps inference cheap; the pipeline does not care.
         let recipe = dir.join("tiny.toml");
         std::fs::write(&recipe, "image_size = 128\nchannels = 16\n[train]\nsteps = 3\ncheckpoint_every = 0\n").unwrap();

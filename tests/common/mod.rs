@@ -46,3 +46,12 @@ pub fn shared_dataset(name: &str) -> Option<PathBuf> {
     eprintln!("NOTE: {} is absent; this test checked nothing on real data", path.display());
     None
 }
+
+/// A small synthetic dataset at 128 px through the real `synth` command.
+pub fn synth_small(out: &Path, train: usize, validation: usize, test: usize) {
+    let (train, validation, test) = (train.to_string(), validation.to_string(), test.to_string());
+    let args = ["--image-size", "128", "--train", &train, "--validation", &validation, "--test", &test];
+    let mut all = vec!["synth", "--out", path_str(out)];
+    all.extend(args);
+    lineguard_ok(&all);
+}
