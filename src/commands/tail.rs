@@ -39,8 +39,8 @@ pub fn run(args: &TailArgs) -> anyhow::Result<ExitCode> {
                 writeln!(stdout, "{}", String::from_utf8_lossy(message.payload().unwrap_or_default()))?;
                 continue;
             }
-            let line = describe(&message);
-            if !header_printed && line.starts_with(' ') {
+            let (line, is_result) = describe(&message);
+            if !header_printed && is_result {
                 writeln!(stdout, "{RESULT_HEADER}")?;
                 header_printed = true;
             }
@@ -71,28 +71,35 @@ fn header<'a>(message: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a [u8]> 
     message.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value)
 }
 
-fn describe(message: &BorrowedMessage<'_>) -> String {
+/// The record as one line, and whether it is a result (the kind the column header belongs to).
+fn describe(message: &BorrowedMessage<'_>) -> (String, bool) {
     let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_else(|| "-".into());
     let payload = message.payload().unwrap_or_default();
     if let Some(reason) = header(message, HEADER_ERROR_REASON) {
         let error = header(message, HEADER_ERROR).map(|e| String::from_utf8_lossy(e).into_owned()).unwrap_or_default();
-        return format!("DEAD LETTER {key}: {} - {error}", String::from_utf8_lossy(reason));
+        return (format!("DEAD LETTER {key}: {} - {error}", String::from_utf8_lossy(reason)), false);
     }
     if let Some(format) = header(message, HEADER_MAP_FORMAT) {
         let side =
             header(message, HEADER_MAP_WIDTH).map(|w| String::from_utf8_lossy(w).into_owned()).unwrap_or_default();
-        return format!("MAP {key}: {} {side}x{side}, {} bytes", String::from_utf8_lossy(format), payload.len());
+        return (
+            format!("MAP {key}: {} {side}x{side}, {} bytes", String::from_utf8_lossy(format), payload.len()),
+            false,
+        );
     }
     match serde_json::from_slice::<ResultRecord>(payload) {
-        Ok(result) => format!(
-            "  {:>8.4}  {:<9}  {:>5}  {:<12}  {:>8.1} ms  {}",
-            result.score,
-            if result.verdict == "anomalous" { "ANOMALY" } else { "ok" },
-            result.model_version,
-            result.camera.camera_id,
-            result.timings_ms.in_pipeline,
-            result.frame_id
+        Ok(result) => (
+            format!(
+                "  {:>8.4}  {:<9}  {:>5}  {:<12}  {:>8.1} ms  {}",
+                result.score,
+                if result.verdict == "anomalous" { "ANOMALY" } else { "ok" },
+                result.model_version,
+                result.camera.camera_id,
+                result.timings_ms.in_pipeline,
+                result.frame_id
+            ),
+            true,
         ),
-        Err(_) => format!("{key}: {} bytes", payload.len()),
+        Err(_) => (format!("{key}: {} bytes", payload.len()), false),
     }
 }
