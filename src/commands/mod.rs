@@ -1,5 +1,6 @@
 //! One function per subcommand. They own the user-facing side: progress bars, tables, files written.
 
+mod bench_quality;
 mod broker;
 mod demo;
 mod eval;
@@ -8,6 +9,7 @@ mod produce;
 mod run;
 mod synth;
 mod tail;
+mod teacher;
 mod train;
 
 use std::process::ExitCode;
@@ -20,6 +22,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Synth(args) => synth::run(&args),
         Command::Train(args) => train::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::ImportTeacher(args) => teacher::import(&args).map(|_| ExitCode::SUCCESS),
+        Command::DistillTeacher(args) => teacher::distill(&args).map(|_| ExitCode::SUCCESS),
+        Command::BenchQuality(args) => bench_quality::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Predict(args) => predict::run(&args),
         Command::Eval(args) => eval::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(&args),
@@ -67,6 +72,11 @@ impl Progress {
         }
     }
 
+    pub fn set_length(&mut self, total: u64) {
+        self.total = total;
+        self.bar.set_length(total);
+    }
+
     pub fn inc(&mut self) {
         let position = self.bar.position() + 1;
         self.set_position(position, "");
@@ -74,6 +84,57 @@ impl Progress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+/// Cuts a training run to what fits in a time budget. The rate is measured over steps 3..23 of this
+/// process (the first steps pay for allocator and cuDNN warm-up), then the total is lowered, never raised.
+/// Schedules that depend on the total (the final learning-rate drop) see the cut total from then on.
+pub struct TimeBudget {
+    limit: std::time::Duration,
+    started: std::time::Instant,
+    first_step: u64,
+    warm: Option<std::time::Instant>,
+    decided: bool,
+}
+
+const BUDGET_WARMUP_STEPS: u64 = 3;
+const BUDGET_MEASURED_STEPS: u64 = 20;
+
+impl TimeBudget {
+    pub fn new(minutes: Option<f64>, first_step: u64) -> Option<TimeBudget> {
+        minutes.map(|m| TimeBudget {
+            limit: std::time::Duration::from_secs_f64(m.max(0.0) * 60.0),
+            started: std::time::Instant::now(),
+            first_step,
+            warm: None,
+            decided: false,
+        })
+    }
+
+    /// Call after each step; returns the new total once, when the rate is known and the budget cuts it.
+    pub fn after_step(&mut self, step: u64, total: u64) -> Option<u64> {
+        let done = step - self.first_step;
+        if self.decided {
+            return None;
+        }
+        if done == BUDGET_WARMUP_STEPS {
+            self.warm = Some(std::time::Instant::now());
+        }
+        let warm = self.warm?;
+        if done < BUDGET_WARMUP_STEPS + BUDGET_MEASURED_STEPS {
+            return None;
+        }
+        self.decided = true;
+        let per_step = warm.elapsed().as_secs_f64() / BUDGET_MEASURED_STEPS as f64;
+        let left = self.limit.saturating_sub(self.started.elapsed()).as_secs_f64();
+        let affordable = step + (left / per_step.max(1e-9)) as u64;
+        log::info!(
+            "time budget: {:.0} ms/step, {:.1} min left: room for {affordable} steps",
+            per_step * 1e3,
+            left / 60.0
+        );
+        (affordable < total).then_some(affordable.max(step))
     }
 }
 

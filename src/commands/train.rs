@@ -8,7 +8,7 @@ use lineguard::model::train::{StepLosses, Trainer};
 use lineguard::model::EfficientAd;
 use tch::{Device, Tensor};
 
-use super::{sibling, Progress};
+use super::{sibling, Progress, TimeBudget};
 use crate::cli::{RecipeArgs, TrainArgs};
 
 /// Recipe from file and preset, then the command-line overrides, validated as a whole.
@@ -37,7 +37,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<EfficientAd> {
     let device = lineguard::torch::select_device(args.cpu);
     let recipe = recipe_from_args(&args.recipe)?;
     let resume = args.resume.as_deref().map(|checkpoint| Resume { checkpoint, steps: args.recipe.steps });
-    train(&args.data, &args.out, recipe, resume, device)
+    train(&args.data, &args.out, recipe, resume, args.max_minutes, device)
 }
 
 /// Continue a checkpoint; its own recipe applies, except for a new total step count.
@@ -52,6 +52,7 @@ pub fn train(
     out: &Path,
     recipe: Recipe,
     resume: Option<Resume<'_>>,
+    max_minutes: Option<f64>,
     device: Device,
 ) -> anyhow::Result<EfficientAd> {
     let dataset = LocoDataset::open(data)?;
@@ -85,8 +86,13 @@ pub fn train(
     let mut progress = Progress::new(total, "train");
     let started = Instant::now();
     let first_step = trainer.step;
+    let mut budget = TimeBudget::new(max_minutes, first_step);
     while !trainer.is_done() {
         let losses = trainer.step()?;
+        if let Some(cut) = budget.as_mut().and_then(|b| b.after_step(trainer.step, trainer.total_steps())) {
+            trainer.model.recipe.train.steps = cut;
+            progress.set_length(cut);
+        }
         progress.set_position(trainer.step, &describe_losses(&losses));
         if every > 0 && trainer.step % every == 0 && !trainer.is_done() {
             trainer
@@ -110,7 +116,7 @@ pub fn train(
     Ok(model)
 }
 
-fn load(paths: &[PathBuf], side: u32, what: &str) -> anyhow::Result<Tensor> {
+pub(super) fn load(paths: &[PathBuf], side: u32, what: &str) -> anyhow::Result<Tensor> {
     let progress = std::sync::Mutex::new(Progress::new(paths.len() as u64, what));
     let images = dataset::load_inputs(paths, side, &|| {
         if let Ok(mut p) = progress.lock() {

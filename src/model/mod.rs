@@ -4,13 +4,19 @@
 //! - [`net`]: teacher/student PDN and the autoencoder;
 //! - [`losses`]: hard feature loss, MSEs, ImageNet penalty, DFSC margin loss;
 //! - [`train`]: the training loop with our own AdamW state, warm-up, EMA and resumable checkpoints;
-//! - [`weights`]: the self-describing safetensors model file.
+//! - [`weights`]: the self-describing safetensors model file;
+//! - [`pth`]: a reader of PyTorch checkpoints; [`teacher`]: importing published teachers;
+//! - [`backbone`] and [`distill`]: EfficientNet-Lite0 and the distillation of a teacher of our own.
 //!
 //! [`EfficientAd`] is the trained detector that `predict`, `eval` and the streaming service load.
 
+pub mod backbone;
 pub mod config;
+pub mod distill;
 pub mod losses;
 pub mod net;
+pub mod pth;
+pub mod teacher;
 pub mod train;
 pub mod weights;
 

@@ -68,6 +68,18 @@ impl AdamW {
         }
     }
 
+    /// The first and second moments, in parameter order (for checkpoints).
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.first_moments, &self.second_moments)
+    }
+
+    /// Restores moments saved from [`AdamW::moments`] after `steps_taken` updates.
+    pub fn restore(&mut self, first_moments: Vec<Tensor>, second_moments: Vec<Tensor>, steps_taken: u64) {
+        self.first_moments = first_moments;
+        self.second_moments = second_moments;
+        self.steps_taken = steps_taken;
+    }
+
     /// One update from the gradients currently stored in `params`.
     pub fn step(&mut self, params: &[Tensor], learning_rate: f64) {
         self.steps_taken += 1;

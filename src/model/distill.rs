@@ -1,0 +1,320 @@
+//! Teacher pre-training by distillation (EfficientAD's recipe, with EfficientNet-Lite0 in place of
+//! WideResNet-101, whose weights are not obtainable here): a PDN-S learns to reproduce channel-normalised
+//! backbone features of natural images under an MSE loss.
+//!
+//! Geometry: the PDN sees the image at side S and outputs S/4 − 8 features per side (56 at 256). The
+//! backbone sees the same image at side 2S − 64 (448), so that its stride-8 grid has exactly S/4 − 8 cells;
+//! its stride-16 tap is upsampled onto that grid. As in EfficientAD (after PatchCore), each tap is averaged
+//! over 3x3 neighbours, the taps are concatenated (240 + 672 channels) and averaged in adjacent channel
+//! groups down to the teacher's 384 channels.
+//!
+//! Every step is a pure function of (weights, optimiser state, seed, step), so a resumed run continues
+//! exactly as an uninterrupted one would.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use super::backbone::{EfficientNetLite0, TAPS};
+use super::losses::mse;
+use super::net::Pdn;
+use super::train::{AdamW, TrainError};
+use super::weights::TensorFile;
+use crate::error::WeightsError;
+use crate::preprocess;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillConfig {
+    /// PDN input side S (a multiple of 64); the backbone sees 2S − 64.
+    pub image_size: i64,
+    pub channels: i64,
+    pub steps: u64,
+    pub batch_size: i64,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Smallest random crop, as a fraction of the image area.
+    pub min_crop_area: f64,
+    pub grayscale_probability: f64,
+    /// Images whose features set the per-channel target statistics.
+    pub statistics_images: i64,
+}
+
+impl Default for DistillConfig {
+    /// EfficientAD's pre-training: Adam(W) lr 1e-4, weight decay 1e-5, batch 16, 60,000 iterations.
+    fn default() -> Self {
+        DistillConfig {
+            image_size: 256,
+            channels: 384,
+            steps: 60_000,
+            batch_size: 16,
+            learning_rate: 1e-4,
+            weight_decay: 1e-5,
+            seed: 0,
+            min_crop_area: 0.5,
+            grayscale_probability: 0.1,
+            statistics_images: 256,
+        }
+    }
+}
+
+impl DistillConfig {
+    pub fn backbone_side(&self) -> i64 {
+        2 * self.image_size - 64
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.image_size < 128 || self.image_size % 64 != 0 {
+            return Err(format!("image size {} must be a multiple of 64, at least 128", self.image_size));
+        }
+        if self.batch_size < 1 || self.channels < 1 || self.steps == 0 {
+            return Err("steps, batch size and channels must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DistillState {
+    step: u64,
+    optimizer_steps: u64,
+    config: DistillConfig,
+}
+
+pub struct Distiller {
+    pub config: DistillConfig,
+    backbone: EfficientNetLite0,
+    pdn_vs: nn::VarStore,
+    pdn: Pdn,
+    params: Vec<(String, Tensor)>,
+    optimizer: AdamW,
+    /// Training images as [N, 3, L, L] bytes on the device, L = the backbone side.
+    images: Tensor,
+    target_mean: Tensor,
+    target_std: Tensor,
+    step: u64,
+}
+
+impl Distiller {
+    /// A new run. `images` are [N, 3, L, L] pixels in [0, 1] at the backbone side (see
+    /// [`DistillConfig::backbone_side`]).
+    pub fn new(config: DistillConfig, backbone: EfficientNetLite0, images: &Tensor) -> Result<Distiller, TrainError> {
+        config.validate().map_err(TrainError::Data)?;
+        let mut distiller = Self::assemble(config, backbone, images)?;
+        let (mean, std) = distiller.target_statistics();
+        if !bool::try_from(mean.isfinite().all().logical_and(&std.isfinite().all())).unwrap_or(false) {
+            return Err(TrainError::Data("backbone features are not finite (corrupt images?)".into()));
+        }
+        distiller.target_mean = mean;
+        distiller.target_std = std;
+        Ok(distiller)
+    }
+
+    fn assemble(config: DistillConfig, backbone: EfficientNetLite0, images: &Tensor) -> Result<Distiller, TrainError> {
+        let device = backbone.device();
+        let side = config.backbone_side();
+        if images.dim() != 4 || images.size()[1..] != [3, side, side] || images.size()[0] == 0 {
+            return Err(TrainError::Data(format!("expected images [N, 3, {side}, {side}], got {:?}", images.size())));
+        }
+        tch::manual_seed(config.seed as i64);
+        let pdn_vs = nn::VarStore::new(device);
+        let pdn = Pdn::new(&pdn_vs.root(), config.channels);
+        let mut params: Vec<(String, Tensor)> = pdn_vs.variables().into_iter().collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let optimizer = AdamW::new(&tensors, config.weight_decay);
+        let images = (images * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).to_device(device);
+        let c = config.channels;
+        Ok(Distiller {
+            config,
+            backbone,
+            pdn_vs,
+            pdn,
+            params,
+            optimizer,
+            images,
+            target_mean: Tensor::zeros([1, c, 1, 1], (Kind::Float, device)),
+            target_std: Tensor::ones([1, c, 1, 1], (Kind::Float, device)),
+            step: 0,
+        })
+    }
+
+    pub fn step_index(&self) -> u64 {
+        self.step
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    /// Backbone features of `pixels` ([B, 3, L, L] in [0, 1]) reduced to the teacher's shape, unnormalised.
+    pub fn raw_targets(&self, pixels: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let taps = self.backbone.expansion_activations(&EfficientNetLite0::scale_input(pixels), &TAPS);
+            let neighbourhood = |t: &Tensor| t.avg_pool2d([3, 3], [1, 1], [1, 1], false, false, None::<i64>);
+            let fine = neighbourhood(&taps[0]);
+            let (h, w) = (fine.size()[2], fine.size()[3]);
+            let coarse = neighbourhood(&taps[1]).upsample_bilinear2d([h, w], false, None, None);
+            let stacked = Tensor::cat(&[fine, coarse], 1);
+            let (b, c) = (stacked.size()[0], stacked.size()[1]);
+            stacked
+                .permute([0, 2, 3, 1])
+                .reshape([b * h * w, 1, c])
+                .adaptive_avg_pool1d(self.config.channels)
+                .reshape([b, h, w, self.config.channels])
+                .permute([0, 3, 1, 2])
+                .contiguous()
+        })
+    }
+
+    /// Per-channel mean and std of the targets over (up to `statistics_images` of) the whole images.
+    fn target_statistics(&self) -> (Tensor, Tensor) {
+        let n = self.images.size()[0].min(self.config.statistics_images.max(1));
+        let mut sum = Tensor::zeros([self.config.channels], (Kind::Double, self.images.device()));
+        let mut sum_sq = sum.zeros_like();
+        let mut count = 0i64;
+        let chunk = 8;
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let pixels = self.images.narrow(0, start, len).to_kind(Kind::Float) / 255.0;
+            let t = self.raw_targets(&pixels).to_kind(Kind::Double);
+            sum += t.sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Double);
+            sum_sq += t.square().sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Double);
+            count += t.size()[0] * t.size()[2] * t.size()[3];
+            start += len;
+        }
+        let mean = &sum / count as f64;
+        let var = (&sum_sq / count as f64 - mean.square()).clamp_min(0.0);
+        let std = var.sqrt().clamp_min(1e-6);
+        let shape = [1, self.config.channels, 1, 1];
+        (mean.to_kind(Kind::Float).reshape(shape), std.to_kind(Kind::Float).reshape(shape))
+    }
+
+    /// A batch of augmented images, [B, 3, L, L] in [0, 1]: random crop (area ≥ `min_crop_area`) resized
+    /// back, horizontal flip, brightness/contrast/saturation jitter in [0.8, 1.2], occasional grayscale.
+    fn augmented_batch(&self, rng: &mut ChaCha8Rng) -> Tensor {
+        let n = self.images.size()[0];
+        let side = self.config.backbone_side();
+        let samples: Vec<Tensor> = (0..self.config.batch_size)
+            .map(|_| {
+                let image = self.images.get(rng.gen_range(0..n)).to_kind(Kind::Float) / 255.0;
+                let crop = ((side as f64) * rng.gen_range(self.config.min_crop_area..=1.0).sqrt()).round() as i64;
+                let crop = crop.clamp(8, side);
+                let (y, x) = (rng.gen_range(0..=side - crop), rng.gen_range(0..=side - crop));
+                let mut pixels = image.narrow(1, y, crop).narrow(2, x, crop).unsqueeze(0);
+                if crop != side {
+                    pixels = pixels.upsample_bilinear2d([side, side], false, None, None);
+                }
+                if rng.gen_bool(0.5) {
+                    pixels = pixels.flip([3]);
+                }
+                let gray = |p: &Tensor| {
+                    (p.select(1, 0) * 0.299 + p.select(1, 1) * 0.587 + p.select(1, 2) * 0.114).unsqueeze(1)
+                };
+                pixels = &pixels * rng.gen_range(0.8..1.2);
+                let mean = gray(&pixels).mean(Kind::Float);
+                pixels = (&pixels - &mean) * rng.gen_range(0.8..1.2) + &mean;
+                let g = gray(&pixels);
+                pixels = (&pixels - &g) * rng.gen_range(0.8..1.2) + &g;
+                if rng.gen_bool(self.config.grayscale_probability) {
+                    pixels = gray(&pixels).expand([1, 3, side, side], false);
+                }
+                pixels.clamp(0.0, 1.0)
+            })
+            .collect();
+        Tensor::cat(&samples, 0)
+    }
+
+    /// One optimisation step; returns the MSE loss.
+    pub fn step(&mut self) -> Result<f64, TrainError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.step);
+        let pixels = self.augmented_batch(&mut rng);
+        let target = (self.raw_targets(&pixels) - &self.target_mean) / &self.target_std;
+        let s = self.config.image_size;
+        let pdn_input = preprocess::normalise(&pixels.adaptive_avg_pool2d([s, s]));
+        let loss = mse(&self.pdn.forward(&pdn_input), &target);
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            self.step += 1;
+            return Err(TrainError::NonFinite { step: self.step - 1, loss: value });
+        }
+        for (_, p) in &mut self.params {
+            p.zero_grad();
+        }
+        loss.backward();
+        let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        self.optimizer.step(&tensors, self.config.learning_rate);
+        self.step += 1;
+        Ok(value)
+    }
+
+    /// The teacher's weights, keyed `conv1.weight` … `conv4.bias` on the CPU (see [`super::teacher`]).
+    pub fn teacher_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.pdn_vs.variables().into_iter().map(|(k, t)| (k, t.detach().to_device(Device::Cpu))).collect()
+    }
+
+    pub fn save_checkpoint(&self, path: &Path) -> Result<(), TrainError> {
+        let mut file = TensorFile::default();
+        for (name, tensor) in self.teacher_tensors() {
+            file.tensors.insert(format!("pdn.{name}"), tensor);
+        }
+        for (((name, _), m), v) in self.params.iter().zip(self.optimizer.moments().0).zip(self.optimizer.moments().1) {
+            file.tensors.insert(format!("adamw.m.{name}"), m.to_device(Device::Cpu));
+            file.tensors.insert(format!("adamw.v.{name}"), v.to_device(Device::Cpu));
+        }
+        file.tensors.insert("target_mean".into(), self.target_mean.to_device(Device::Cpu));
+        file.tensors.insert("target_std".into(), self.target_std.to_device(Device::Cpu));
+        let state =
+            DistillState { step: self.step, optimizer_steps: self.optimizer.steps_taken, config: self.config.clone() };
+        file.metadata.insert("distill_state".into(), serde_json::to_string(&state).unwrap_or_default());
+        file.save(path)?;
+        Ok(())
+    }
+
+    /// Continues from [`Distiller::save_checkpoint`]; `steps` may extend the run.
+    pub fn resume(
+        path: &Path,
+        backbone: EfficientNetLite0,
+        images: &Tensor,
+        steps: Option<u64>,
+    ) -> Result<Distiller, TrainError> {
+        let device = backbone.device();
+        let mut file = TensorFile::load(path, device)?;
+        if !file.metadata.contains_key("distill_state") {
+            return Err(WeightsError::Content {
+                path: path.to_path_buf(),
+                reason: "not a distillation checkpoint (no distill_state)".into(),
+            }
+            .into());
+        }
+        let state: DistillState = file.metadata_json(path, "distill_state")?;
+        let mut config = state.config;
+        if let Some(steps) = steps {
+            config.steps = steps;
+        }
+        let mut distiller = Self::assemble(config, backbone, images)?;
+        let c = distiller.config.channels;
+        for (name, mut variable) in distiller.pdn_vs.variables() {
+            let source = file.take(path, &format!("pdn.{name}"), &variable.size())?;
+            tch::no_grad(|| variable.copy_(&source));
+        }
+        let shapes: Vec<(String, Vec<i64>)> = distiller.params.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        for (name, shape) in &shapes {
+            first.push(file.take(path, &format!("adamw.m.{name}"), shape)?);
+            second.push(file.take(path, &format!("adamw.v.{name}"), shape)?);
+        }
+        distiller.optimizer.restore(first, second, state.optimizer_steps);
+        distiller.target_mean = file.take(path, "target_mean", &[1, c, 1, 1])?;
+        distiller.target_std = file.take(path, "target_std", &[1, c, 1, 1])?;
+        distiller.step = state.step;
+        Ok(distiller)
+    }
+}
