@@ -6,8 +6,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3-pip && 
 ARG LINEGUARD_TORCH=cpu
 WORKDIR /opt/lineguard
 COPY . .
-# libtorch from the PyPI wheel into .libtorch/; the test broker is not needed in the image.
-RUN LINEGUARD_TORCH=${LINEGUARD_TORCH} LINEGUARD_NO_BROKER=1 scripts/setup.sh \
+# libtorch from the PyPI wheel into .libtorch/; the test broker and the distillation backbone stay out.
+RUN LINEGUARD_TORCH=${LINEGUARD_TORCH} scripts/setup.sh libtorch \
     && cargo build --release --locked \
     && strip target/release/lineguard
 

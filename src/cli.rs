@@ -22,6 +22,10 @@ Streaming from Kafka (see pipelines/local.toml):\n  \
 lineguard run --pipeline pipelines/local.toml          # the service: frames in, results out\n  \
 lineguard produce --topic frames.trays data/synth/test/good   # send images as camera frames\n  \
 lineguard tail --topic lineguard.results                # watch the verdicts\n\n\
+EfficientAD expects a teacher pretrained on natural images (the default is a random one):\n  \
+lineguard import-teacher teacher_small.pth --out teacher.safetensors     # the published one\n  \
+lineguard distill-teacher --images imagenet/ --out teacher.safetensors   # our own (a GPU job)\n  \
+lineguard train --data DIR --teacher teacher.safetensors --out model.safetensors\n\n\
 Or all of it at once, with a local broker: lineguard demo. Datasets use the MVTec LOCO AD layout (train/good, validation/good, \
 test/good, test/logical_anomalies, test/structural_anomalies, ground_truth/, defects_config.json).",
     after_help = "Run 'lineguard <command> --help' for the flags of one command."
@@ -207,7 +211,8 @@ pub struct DistillTeacherArgs {
 /// Step budgets of `bench-quality`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QualityBudget {
-    /// About 45 minutes on 2 CPU cores: 256 px, 250 steps per run (the paper: 70000).
+    /// About 45 minutes on 2 CPU cores: 256 px, 200 steps per run with a short-run schedule
+    /// (pipelines/recipes/cpu_budget.toml).
     Cpu,
     /// The paper's recipe: 256 px, 70000 steps per run. Meant for a GPU.
     Full,
@@ -228,10 +233,13 @@ pub struct BenchQualityArgs {
     pub teacher: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub budget: QualityBudget,
+    /// Recipe file applied to every run instead of the budget's (`--preset` still picks each run's preset).
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
     /// Override the budget's steps per run.
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Override the budget's image side.
+    /// Image side for every run (default 256, the paper's).
     #[arg(long)]
     pub image_size: Option<i64>,
     /// DFSC margins to run (comma-separated); the efficientad_s baseline runs once.

@@ -15,6 +15,11 @@ use serde_json::Value;
 
 use crate::cli::{BenchQualityArgs, QualityBudget};
 
+/// `pipelines/recipes/cpu_budget.toml`, embedded so the benchmark runs from any folder.
+const CPU_BUDGET_RECIPE: &str = include_str!("../../pipelines/recipes/cpu_budget.toml");
+const CPU_BUDGET_STEPS: u64 = 200;
+const FULL_STEPS: u64 = 70_000;
+
 /// The paper's image AUROC on juice_bottle (logical anomalies), for the table.
 const PAPER_LOGICAL_AUROC: [(&str, f64); 3] =
     [("EAD-S (paper)", 96.7), ("EAD-M (paper)", 98.4), ("DFSC (paper)", 99.9)];
@@ -44,22 +49,29 @@ struct RunResult {
 }
 
 pub fn run(args: &BenchQualityArgs) -> anyhow::Result<()> {
-    let (steps, image_size) = match args.budget {
-        QualityBudget::Cpu => (250, 256),
-        QualityBudget::Full => (70_000, 256),
-    };
-    let steps = args.steps.unwrap_or(steps);
-    let image_size = args.image_size.unwrap_or(image_size);
     anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    // The recipe every run starts from: the user's, else the budget's (the full budget is the presets' own).
+    let (recipe, budget_steps) = match (&args.config, args.budget) {
+        (Some(path), _) => (Some(path.clone()), None),
+        (None, QualityBudget::Cpu) => {
+            let path = args.out_dir.join("cpu_budget.toml");
+            std::fs::write(&path, CPU_BUDGET_RECIPE).with_context(|| format!("writing {}", path.display()))?;
+            (Some(path), Some(CPU_BUDGET_STEPS))
+        }
+        (None, QualityBudget::Full) => (None, Some(FULL_STEPS)),
+    };
+    let steps = args.steps.or(budget_steps);
+    let image_size = args.image_size.unwrap_or(256);
     let teacher = describe_teacher(args.teacher.as_deref())?;
     let mut runs = vec![Run { name: "efficientad_s".into(), preset: Preset::EfficientadS, margin: None }];
     for &margin in &args.margins {
         runs.push(Run { name: format!("dfsc_m{margin}"), preset: Preset::Dfsc, margin: Some(margin) });
     }
     log::info!(
-        "bench-quality: {} runs of {steps} steps at {image_size} px, seed {}, teacher: {teacher}, {} at a time",
+        "bench-quality: {} runs of {} steps at {image_size} px, seed {}, teacher: {teacher}, {} at a time",
         runs.len(),
+        steps.map(|s| s.to_string()).unwrap_or_else(|| "the recipe's".into()),
         args.seed,
         args.parallel
     );
@@ -71,7 +83,7 @@ pub fn run(args: &BenchQualityArgs) -> anyhow::Result<()> {
             scope.spawn(|| loop {
                 let next = queue.lock().ok().and_then(|mut q| if q.is_empty() { None } else { Some(q.remove(0)) });
                 let Some((index, run)) = next else { break };
-                let result = execute(args, &run, steps, image_size);
+                let result = execute(args, &run, recipe.as_deref(), steps, image_size);
                 if let Some(error) = &result.error {
                     log::error!("{}: {error}", run.name);
                 }
@@ -86,12 +98,12 @@ pub fn run(args: &BenchQualityArgs) -> anyhow::Result<()> {
     let results: Vec<RunResult> = results.into_iter().map(|(_, r)| r).collect();
     let total_minutes = started.elapsed().as_secs_f64() / 60.0;
 
-    let table = markdown(&results, &teacher, args, steps, image_size, total_minutes);
+    let table = markdown(&results, &teacher, args, recipe.as_deref(), image_size, total_minutes);
     println!("{table}");
     let json = serde_json::json!({
         "data": args.data.display().to_string(),
         "teacher": teacher,
-        "steps": steps,
+        "recipe": recipe.as_ref().map(|r| r.display().to_string()),
         "image_size": image_size,
         "seed": args.seed,
         "parallel": args.parallel,
@@ -107,13 +119,13 @@ pub fn run(args: &BenchQualityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn execute(args: &BenchQualityArgs, run: &Run, steps: u64, image_size: i64) -> RunResult {
+fn execute(args: &BenchQualityArgs, run: &Run, recipe: Option<&Path>, steps: Option<u64>, image_size: i64) -> RunResult {
     let model = args.out_dir.join(format!("{}.safetensors", run.name));
     let mut result = RunResult {
         name: run.name.clone(),
         preset: run.preset.to_string(),
         margin: run.margin,
-        steps,
+        steps: 0,
         image_size,
         train_seconds: 0.0,
         eval_seconds: 0.0,
@@ -133,7 +145,13 @@ fn execute(args: &BenchQualityArgs, run: &Run, steps: u64, image_size: i64) -> R
     };
     let mut train = Command::new(&exe);
     train.arg("train").arg("--data").arg(&args.data).arg("--out").arg(&model);
-    train.args(["--preset", &run.preset.to_string(), "--steps", &steps.to_string()]);
+    train.args(["--preset", &run.preset.to_string()]);
+    if let Some(recipe) = recipe {
+        train.arg("--config").arg(recipe);
+    }
+    if let Some(steps) = steps {
+        train.args(["--steps", &steps.to_string()]);
+    }
     train.args(["--image-size", &image_size.to_string(), "--seed", &args.seed.to_string()]);
     if let Some(margin) = run.margin {
         train.args(["--margin", &margin.to_string()]);
@@ -252,15 +270,17 @@ fn markdown(
     results: &[RunResult],
     teacher: &str,
     args: &BenchQualityArgs,
-    steps: u64,
+    recipe: Option<&Path>,
     image_size: i64,
     total_minutes: f64,
 ) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Dataset {}; up to {steps} steps per run at {image_size} px, seed {}; teacher: {teacher}; {}; {total_minutes:.0} min in all.\n\n",
+        "Dataset {}; {} px, seed {}, recipe: {}; teacher: {teacher}; {}; {total_minutes:.0} min in all.\n\n",
         args.data.display(),
+        image_size,
         args.seed,
+        recipe.map(|r| r.display().to_string()).unwrap_or_else(|| "the presets' own (the paper's)".into()),
         machine(args.cpu)
     ));
     out.push_str("| run | margin | steps | logical image AUROC | logical AU-sPRO@5% | structural image AUROC | train + eval (min) |\n");

@@ -173,3 +173,22 @@ pub fn sibling(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     path.with_file_name(format!("{stem}{suffix}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_budget_cuts_once_after_the_measured_steps_and_never_extends() {
+        let mut spent = TimeBudget::new(Some(0.0), 10).unwrap();
+        let cuts: Vec<Option<u64>> = (11..=40).map(|step| spent.after_step(step, 1000)).collect();
+        let decided_at = 10 + BUDGET_WARMUP_STEPS + BUDGET_MEASURED_STEPS;
+        for (step, cut) in (11..=40).zip(&cuts) {
+            let expected = (step == decided_at).then_some(decided_at);
+            assert_eq!(*cut, expected, "step {step}");
+        }
+        let mut ample = TimeBudget::new(Some(600.0), 0).unwrap();
+        assert!((1..=40).all(|step| ample.after_step(step, 100).is_none()), "an ample budget keeps the total");
+        assert!(TimeBudget::new(None, 0).is_none());
+    }
+}

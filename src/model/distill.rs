@@ -172,9 +172,13 @@ impl Distiller {
         })
     }
 
-    /// Per-channel mean and std of the targets over (up to `statistics_images` of) the whole images.
+    /// Per-channel mean and std of the targets over (up to `statistics_images` of) the whole images,
+    /// spread evenly over the set (files sorted by class name would otherwise give only the first classes).
     fn target_statistics(&self) -> (Tensor, Tensor) {
-        let n = self.images.size()[0].min(self.config.statistics_images.max(1));
+        let total = self.images.size()[0];
+        let n = total.min(self.config.statistics_images.max(1));
+        let indices: Vec<i64> = (0..n).map(|i| i * total / n).collect();
+        let chosen = self.images.index_select(0, &Tensor::from_slice(&indices).to_device(self.images.device()));
         let mut sum = Tensor::zeros([self.config.channels], (Kind::Double, self.images.device()));
         let mut sum_sq = sum.zeros_like();
         let mut count = 0i64;
@@ -182,7 +186,7 @@ impl Distiller {
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
-            let pixels = self.images.narrow(0, start, len).to_kind(Kind::Float) / 255.0;
+            let pixels = chosen.narrow(0, start, len).to_kind(Kind::Float) / 255.0;
             let t = self.raw_targets(&pixels).to_kind(Kind::Double);
             sum += t.sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Double);
             sum_sq += t.square().sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Double);

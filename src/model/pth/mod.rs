@@ -240,14 +240,18 @@ fn build_tensor(path: &Path, name: &str, tensor: &TensorRef, data: &[u8]) -> Res
         return Err(bad(format!("bad shape {:?} / stride {:?}", tensor.size, tensor.stride)));
     }
     let empty = tensor.size.contains(&0);
-    let last_index =
-        tensor.offset as i64 + tensor.size.iter().zip(&tensor.stride).map(|(n, s)| (n - 1) * s).sum::<i64>();
+    // Saturating: a hostile file must not overflow its way past the bounds check.
+    let last_index = tensor
+        .size
+        .iter()
+        .zip(&tensor.stride)
+        .fold(tensor.offset.min(i64::MAX as u64) as i64, |acc, (n, s)| acc.saturating_add((n - 1).saturating_mul(*s)));
     if !empty && last_index >= numel {
         return Err(bad(format!(
             "shape {:?} at offset {} needs {} elements, the storage holds {numel}",
             tensor.size,
             tensor.offset,
-            last_index + 1
+            last_index.saturating_add(1)
         )));
     }
     let kind = match tensor.storage.dtype {
