@@ -119,7 +119,13 @@ pub fn run(args: &BenchQualityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn execute(args: &BenchQualityArgs, run: &Run, recipe: Option<&Path>, steps: Option<u64>, image_size: i64) -> RunResult {
+fn execute(
+    args: &BenchQualityArgs,
+    run: &Run,
+    recipe: Option<&Path>,
+    steps: Option<u64>,
+    image_size: i64,
+) -> RunResult {
     let model = args.out_dir.join(format!("{}.safetensors", run.name));
     let mut result = RunResult {
         name: run.name.clone(),

@@ -268,10 +268,7 @@ impl Distiller {
         for (name, tensor) in self.teacher_tensors() {
             file.tensors.insert(format!("pdn.{name}"), tensor);
         }
-        for (((name, _), m), v) in self.params.iter().zip(self.optimizer.moments().0).zip(self.optimizer.moments().1) {
-            file.tensors.insert(format!("adamw.m.{name}"), m.to_device(Device::Cpu));
-            file.tensors.insert(format!("adamw.v.{name}"), v.to_device(Device::Cpu));
-        }
+        self.optimizer.export(&self.params, &mut file.tensors);
         file.tensors.insert("target_mean".into(), self.target_mean.to_device(Device::Cpu));
         file.tensors.insert("target_std".into(), self.target_std.to_device(Device::Cpu));
         let state =
@@ -308,14 +305,7 @@ impl Distiller {
             let source = file.take(path, &format!("pdn.{name}"), &variable.size())?;
             tch::no_grad(|| variable.copy_(&source));
         }
-        let shapes: Vec<(String, Vec<i64>)> = distiller.params.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-        let mut first = Vec::new();
-        let mut second = Vec::new();
-        for (name, shape) in &shapes {
-            first.push(file.take(path, &format!("adamw.m.{name}"), shape)?);
-            second.push(file.take(path, &format!("adamw.v.{name}"), shape)?);
-        }
-        distiller.optimizer.restore(first, second, state.optimizer_steps);
+        distiller.optimizer.import(&distiller.params, &mut file, path, state.optimizer_steps)?;
         distiller.target_mean = file.take(path, "target_mean", &[1, c, 1, 1])?;
         distiller.target_std = file.take(path, "target_std", &[1, c, 1, 1])?;
         distiller.step = state.step;

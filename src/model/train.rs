@@ -68,16 +68,30 @@ impl AdamW {
         }
     }
 
-    /// The first and second moments, in parameter order (for checkpoints).
-    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
-        (&self.first_moments, &self.second_moments)
+    /// Adds the moments to a checkpoint as `adamw.m.<name>` and `adamw.v.<name>`; `params` names them in
+    /// the order the optimiser was built with.
+    pub fn export(&self, params: &[(String, Tensor)], tensors: &mut BTreeMap<String, Tensor>) {
+        for (((name, _), m), v) in params.iter().zip(&self.first_moments).zip(&self.second_moments) {
+            tensors.insert(format!("adamw.m.{name}"), m.to_device(Device::Cpu));
+            tensors.insert(format!("adamw.v.{name}"), v.to_device(Device::Cpu));
+        }
     }
 
-    /// Restores moments saved from [`AdamW::moments`] after `steps_taken` updates.
-    pub fn restore(&mut self, first_moments: Vec<Tensor>, second_moments: Vec<Tensor>, steps_taken: u64) {
-        self.first_moments = first_moments;
-        self.second_moments = second_moments;
+    /// Restores moments written by [`AdamW::export`] (shapes checked against `params`) and the update count.
+    pub fn import(
+        &mut self,
+        params: &[(String, Tensor)],
+        file: &mut TensorFile,
+        path: &Path,
+        steps_taken: u64,
+    ) -> Result<(), WeightsError> {
+        for (i, (name, param)) in params.iter().enumerate() {
+            let shape = param.size();
+            self.first_moments[i] = file.take(path, &format!("adamw.m.{name}"), &shape)?;
+            self.second_moments[i] = file.take(path, &format!("adamw.v.{name}"), &shape)?;
+        }
         self.steps_taken = steps_taken;
+        Ok(())
     }
 
     /// One update from the gradients currently stored in `params`.
@@ -282,12 +296,7 @@ impl Trainer {
         if let Some((ema_vs, _)) = &self.ema {
             weights::export_store(ema_vs, "ema", &mut file.tensors);
         }
-        for (((name, _), m), v) in
-            self.params.iter().zip(&self.optimizer.first_moments).zip(&self.optimizer.second_moments)
-        {
-            file.tensors.insert(format!("adamw.m.{name}"), m.to_device(Device::Cpu));
-            file.tensors.insert(format!("adamw.v.{name}"), v.to_device(Device::Cpu));
-        }
+        self.optimizer.export(&self.params, &mut file.tensors);
         let state = TrainState { step: self.step, optimizer_steps: self.optimizer.steps_taken };
         file.metadata.insert("train_state".into(), serde_json::to_string(&state).unwrap_or_default());
         file.save(path)?;
@@ -313,13 +322,8 @@ impl Trainer {
         if let Some((ema_vs, _)) = &mut self.ema {
             weights::import_store(ema_vs, "ema", file, path)?;
         }
-        for (i, (name, param)) in self.params.iter().enumerate() {
-            let shape = param.size();
-            self.optimizer.first_moments[i] = file.take(path, &format!("adamw.m.{name}"), &shape)?;
-            self.optimizer.second_moments[i] = file.take(path, &format!("adamw.v.{name}"), &shape)?;
-        }
+        self.optimizer.import(&self.params, file, path, state.optimizer_steps)?;
         self.step = state.step;
-        self.optimizer.steps_taken = state.optimizer_steps;
         Ok(())
     }
 

@@ -241,11 +241,10 @@ fn build_tensor(path: &Path, name: &str, tensor: &TensorRef, data: &[u8]) -> Res
     }
     let empty = tensor.size.contains(&0);
     // Saturating: a hostile file must not overflow its way past the bounds check.
-    let last_index = tensor
-        .size
-        .iter()
-        .zip(&tensor.stride)
-        .fold(tensor.offset.min(i64::MAX as u64) as i64, |acc, (n, s)| acc.saturating_add((n - 1).saturating_mul(*s)));
+    let last_index =
+        tensor.size.iter().zip(&tensor.stride).fold(tensor.offset.min(i64::MAX as u64) as i64, |acc, (n, s)| {
+            acc.saturating_add((n - 1).saturating_mul(*s))
+        });
     if !empty && last_index >= numel {
         return Err(bad(format!(
             "shape {:?} at offset {} needs {} elements, the storage holds {numel}",
