@@ -98,7 +98,8 @@ pub fn run(args: &BenchQualityArgs) -> anyhow::Result<()> {
     let results: Vec<RunResult> = results.into_iter().map(|(_, r)| r).collect();
     let total_minutes = started.elapsed().as_secs_f64() / 60.0;
 
-    let table = markdown(&results, &teacher, args, recipe.as_deref(), image_size, total_minutes);
+    let machine = machine(args.cpu);
+    let table = markdown(&results, &teacher, args, recipe.as_deref(), image_size, &machine, total_minutes);
     println!("{table}");
     let json = serde_json::json!({
         "data": args.data.display().to_string(),
@@ -107,7 +108,7 @@ pub fn run(args: &BenchQualityArgs) -> anyhow::Result<()> {
         "image_size": image_size,
         "seed": args.seed,
         "parallel": args.parallel,
-        "machine": machine(args.cpu),
+        "machine": machine,
         "total_minutes": total_minutes,
         "runs": results,
     });
@@ -278,6 +279,7 @@ fn markdown(
     args: &BenchQualityArgs,
     recipe: Option<&Path>,
     image_size: i64,
+    machine: &str,
     total_minutes: f64,
 ) -> String {
     let mut out = String::new();
@@ -287,7 +289,7 @@ fn markdown(
         image_size,
         args.seed,
         recipe.map(|r| r.display().to_string()).unwrap_or_else(|| "the presets' own (the paper's)".into()),
-        machine(args.cpu)
+        machine
     ));
     out.push_str("| run | margin | steps | logical image AUROC | logical AU-sPRO@5% | structural image AUROC | train + eval (min) |\n");
     out.push_str("|---|---|---|---|---|---|---|\n");

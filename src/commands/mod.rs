@@ -168,6 +168,13 @@ pub async fn termination() {
     }
 }
 
+/// A finished model or teacher supersedes its checkpoint; keeping it would invite resuming a finished run.
+pub fn remove_finished_checkpoint(checkpoint: &std::path::Path) {
+    if checkpoint.exists() {
+        let _ = std::fs::remove_file(checkpoint);
+    }
+}
+
 /// `path` with its extension replaced, for files written beside another (checkpoints beside models).
 pub fn sibling(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());

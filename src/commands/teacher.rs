@@ -1,6 +1,5 @@
 //! `import-teacher` and `distill-teacher`: the two ways to a pretrained teacher.
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -126,18 +125,11 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
     });
     teacher::save_teacher(distiller.teacher_tensors(), source, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    remove_finished_checkpoint(&checkpoint);
+    super::remove_finished_checkpoint(&checkpoint);
     println!(
         "teacher written to {} ({} steps, final loss {final_loss:.4})",
         args.out.display(),
         distiller.step_index()
     );
     Ok(())
-}
-
-/// The finished teacher supersedes its checkpoint; keeping it would invite resuming a finished run.
-fn remove_finished_checkpoint(checkpoint: &Path) {
-    if checkpoint.exists() {
-        let _ = std::fs::remove_file(checkpoint);
-    }
 }

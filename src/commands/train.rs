@@ -108,10 +108,7 @@ pub fn train(
     }
     let model = trainer.finish(&validation, 1)?;
     model.save(out).with_context(|| format!("writing model {}", out.display()))?;
-    if checkpoint.exists() {
-        // The finished model supersedes the checkpoint; keeping it would invite resuming a finished run.
-        let _ = std::fs::remove_file(&checkpoint);
-    }
+    super::remove_finished_checkpoint(&checkpoint);
     log::info!("model written to {}", out.display());
     Ok(model)
 }
