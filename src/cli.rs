@@ -59,6 +59,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the streaming service: Kafka frames in, scores, anomaly maps and dead letters out.
     Run(RunArgs),
+    /// Inspect and roll back the model versions of a line that retrains continuously.
+    Model(ModelArgs),
     /// Send image files to a Kafka topic as camera frames (keys and headers per the message contract).
     Produce(ProduceArgs),
     /// Print the records of a results, maps or dead-letter topic readably.
@@ -350,6 +352,54 @@ pub struct RunArgs {
     /// Validate the pipeline file and print the resolved settings, then exit.
     #[arg(long)]
     pub check: bool,
+    /// Which stages to run. `all`: inference for every line plus the trainer of each line with a
+    /// [lines.<name>.retrain] table (one process). In Kubernetes, run any number of `inference` replicas
+    /// in one consumer group and exactly one `trainer` per line: replicas publish accepted frames to the
+    /// accepted topic, the trainer publishes promoted models to the models topic, every replica swaps them in.
+    #[arg(long, value_enum, default_value_t = RoleArg::All)]
+    pub role: RoleArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoleArg {
+    All,
+    Inference,
+    Trainer,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    #[command(subcommand)]
+    pub action: ModelAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelAction {
+    /// List the versions a line's trainer keeps, which one is current, and the latest gate decisions.
+    List(ModelLineArgs),
+    /// Serve an earlier version again: marks it current in the trainer's state folder and publishes it on
+    /// the models topic, which every replica follows (run it where the trainer's state_dir is, e.g.
+    /// `kubectl exec` into the trainer). The trainer continues training from it.
+    Rollback(RollbackArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelLineArgs {
+    /// The pipeline file of the deployment (the line's retrain table says where its state is).
+    #[arg(long, short = 'p')]
+    pub pipeline: PathBuf,
+    /// The line (the name of a [lines.<name>] table).
+    #[arg(long)]
+    pub line: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub target: ModelLineArgs,
+    /// The version to serve; default: the newest kept version older than the current one.
+    #[arg(long)]
+    pub to: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -84,6 +84,8 @@ pub struct PreparedFrame {
     pub input: Vec<f32>,
     pub original_size: (u32, u32),
     pub prepared_at: Instant,
+    /// The encoded image, kept only on lines that retrain (an accepted frame is published as received).
+    pub payload: Option<Vec<u8>>,
     pub ack: Ack,
 }
 
@@ -101,6 +103,8 @@ pub struct ScoredFrame {
     pub display_range: (f32, f32),
     pub model_version: u64,
     pub batch_size: usize,
+    /// The encoded image on lines that retrain (see [`PreparedFrame::payload`]).
+    pub payload: Option<Vec<u8>>,
     pub ack: Ack,
 }
 

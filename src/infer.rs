@@ -6,6 +6,8 @@
 //! batches, so no frame is ever scored by a half-loaded model and every result names the version that
 //! produced it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,34 +26,43 @@ pub struct Batching {
     pub max_wait: Duration,
 }
 
-/// Hands new models to a running inference stage.
+/// Hands new models to a running inference stage, and tells how busy it is.
 #[derive(Clone)]
 pub struct ModelSwapper {
     sender: Sender<EfficientAd>,
     side: i64,
+    queued: Arc<AtomicUsize>,
 }
 
 impl ModelSwapper {
     /// Queues `model` to replace the serving one before the next batch. Refuses models that cannot serve
     /// this line (another input size, no calibration) so the stage never has to.
     pub fn swap(&self, model: EfficientAd) -> Result<(), WeightsError> {
-        check_servable(&model)?;
-        if model.recipe.image_size != self.side {
-            return Err(WeightsError::Content {
-                path: "<hot swap>".into(),
-                reason: format!(
-                    "the new model takes {} px images, the serving one {} px; restart the line to change sizes",
-                    model.recipe.image_size, self.side
-                ),
-            });
+        self.try_swap(model).map_err(|(err, _)| err)
+    }
+
+    /// [`ModelSwapper::swap`], handing the model back when it was not queued (a swap is still pending).
+    pub fn try_swap(&self, model: EfficientAd) -> Result<(), (WeightsError, Option<EfficientAd>)> {
+        let refuse = |reason: String| WeightsError::Content { path: "<hot swap>".into(), reason };
+        if let Err(err) = check_servable(&model) {
+            return Err((err, None));
         }
-        self.sender.try_send(model).map_err(|err| WeightsError::Content {
-            path: "<hot swap>".into(),
-            reason: match err {
-                TrySendError::Full(_) => "a swap is already pending".into(),
-                TrySendError::Disconnected(_) => "the inference stage has stopped".into(),
-            },
+        if model.recipe.image_size != self.side {
+            let reason = format!(
+                "the new model takes {} px images, the serving one {} px; restart the line to change sizes",
+                model.recipe.image_size, self.side
+            );
+            return Err((refuse(reason), None));
+        }
+        self.sender.try_send(model).map_err(|err| match err {
+            TrySendError::Full(model) => (refuse("a swap is already pending".into()), Some(model)),
+            TrySendError::Disconnected(_) => (refuse("the inference stage has stopped".into()), None),
         })
+    }
+
+    /// Frames waiting in front of inference when the last batch started (the trainer yields to them).
+    pub fn queued_frames(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -79,16 +90,45 @@ pub fn spawn(
     metrics: LineMetrics,
 ) -> std::io::Result<(JoinHandle<Result<(), String>>, ModelSwapper)> {
     let (sender, swaps) = crossbeam_channel::bounded(1);
-    let swapper = ModelSwapper { sender, side: model.recipe.image_size };
+    let queued = Arc::new(AtomicUsize::new(0));
+    let swapper = ModelSwapper { sender, side: model.recipe.image_size, queued: queued.clone() };
+    // A background trainer may set its own thread count; inference keeps the one it started with.
+    let threads = tch::get_num_threads().max(1) as usize;
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
+        crate::torch::use_threads(threads);
         let mut model = model;
-        metrics.model_loaded(model.info.model_version);
-        while let Some(batch) = collect_batch(&input, batching.max_batch, batching.max_wait) {
+        let mut swaps = swaps;
+        metrics.model_loaded(model.info.model_version, model.info.created_unix);
+        let install = |model: &mut EfficientAd, new: EfficientAd| {
+            log::info!("model version {} replaces version {}", new.info.model_version, model.info.model_version);
+            *model = new;
+            metrics.model_loaded(model.info.model_version, model.info.created_unix);
+        };
+        loop {
+            // Idle, the stage waits for a frame or a new model, so a swap never waits for traffic; busy,
+            // swaps land between batches.
+            let next = crossbeam_channel::select! {
+                recv(input) -> frame => frame.ok().map(Ok),
+                recv(swaps) -> new => Some(Err(new.ok())),
+            };
+            let first = match next {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(Some(new))) => {
+                    install(&mut model, new);
+                    continue;
+                }
+                Some(Err(None)) => {
+                    // Every swapper is gone: no more swaps can come.
+                    swaps = crossbeam_channel::never();
+                    continue;
+                }
+            };
+            let batch = fill_batch(first, &input, batching.max_batch, batching.max_wait);
+            queued.store(input.len(), Ordering::Relaxed);
             metrics.queue_depth(Queue::Inference, input.len());
             if let Ok(new) = swaps.try_recv() {
-                log::info!("model version {} replaces version {}", new.info.model_version, model.info.model_version);
-                model = new;
-                metrics.model_loaded(model.info.model_version);
+                install(&mut model, new);
             }
             metrics.batch_run(batch.len());
             let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_batch(&model, batch)))
@@ -115,6 +155,11 @@ pub fn spawn(
 /// `None` once the channel is closed and empty.
 pub fn collect_batch<T>(input: &Receiver<T>, max_batch: usize, max_wait: Duration) -> Option<Vec<T>> {
     let first = input.recv().ok()?;
+    Some(fill_batch(first, input, max_batch, max_wait))
+}
+
+/// Gathers more items after `first` until `max_batch` items or `max_wait` after it.
+fn fill_batch<T>(first: T, input: &Receiver<T>, max_batch: usize, max_wait: Duration) -> Vec<T> {
     let deadline = Instant::now() + max_wait;
     let mut batch = Vec::with_capacity(max_batch);
     batch.push(first);
@@ -124,7 +169,7 @@ pub fn collect_batch<T>(input: &Receiver<T>, max_batch: usize, max_wait: Duratio
             Err(_) => break,
         }
     }
-    Some(batch)
+    batch
 }
 
 fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFrame> {
@@ -150,7 +195,7 @@ fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFram
         .into_iter()
         .enumerate()
         .map(|(index, frame)| {
-            let PreparedFrame { mut meta, camera, original_size, prepared_at, ack, .. } = frame;
+            let PreparedFrame { mut meta, camera, original_size, prepared_at, payload, ack, .. } = frame;
             meta.timings.batch_wait = started.duration_since(prepared_at).as_secs_f64();
             meta.timings.inference = inference;
             let map = maps.get(index * cells..(index + 1) * cells).map(<[f32]>::to_vec).unwrap_or_default();
@@ -165,6 +210,7 @@ fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFram
                 display_range,
                 model_version: model.info.model_version,
                 batch_size: count,
+                payload,
                 ack,
             }
         })
@@ -240,6 +286,7 @@ mod tests {
             input: vec![0.1; 3 * 128 * 128],
             original_size: (128, 128),
             prepared_at: Instant::now(),
+            payload: None,
             ack: tracker.register(tp, offset, None),
         }
     }

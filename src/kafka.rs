@@ -77,12 +77,25 @@ pub fn check_reachable(kafka: &KafkaSettings, timeout: Duration) -> Result<(), K
 
 /// Creates topics that do not exist yet (existing ones are left alone).
 pub async fn ensure_topics(kafka: &KafkaSettings, topics: &[&str], partitions: i32) -> Result<(), KafkaError> {
+    ensure_topics_with(kafka, topics, partitions, &[]).await
+}
+
+/// [`ensure_topics`] with extra topic configuration (e.g. `cleanup.policy = compact`).
+pub async fn ensure_topics_with(
+    kafka: &KafkaSettings,
+    topics: &[&str],
+    partitions: i32,
+    configs: &[(&str, &str)],
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", &kafka.brokers).create()?;
     let max_bytes = MAX_MESSAGE_BYTES.to_string();
     let new_topics: Vec<NewTopic> = topics
         .iter()
-        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max_bytes))
+        .map(|name| {
+            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max_bytes);
+            configs.iter().fold(topic, |topic, (key, value)| topic.set(key, value))
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Timeout::After(Duration::from_secs(10))));
     for result in admin.create_topics(&new_topics, &options).await? {

@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod retrain;
 pub mod settings;
 pub mod sink;
 pub mod source;

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -43,6 +43,15 @@ pub struct Metrics {
     consumer_paused: IntGaugeVec,
     offset_commits: IntCounterVec,
     publish_errors: IntCounterVec,
+    model_created: IntGaugeVec,
+    model_age: IntGaugeVec,
+    frames_accepted: IntCounterVec,
+    retrain_frames: IntCounterVec,
+    retrain_steps: IntCounterVec,
+    retrain_loss: GaugeVec,
+    retrain_waits: IntCounterVec,
+    replay_buffer: IntGaugeVec,
+    model_candidates: IntCounterVec,
 }
 
 /// Which stage a latency belongs to (`stage` label of `lineguard_stage_duration_seconds`).
@@ -91,6 +100,59 @@ pub enum Output {
     Results,
     Maps,
     DeadLetter,
+    Accepted,
+}
+
+/// Where a retraining candidate came from (`source` label of `lineguard_retrain_frames_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateSource {
+    /// Scored below the acceptance score by the serving model.
+    Auto,
+    /// Marked normal by an operator on the feedback topic.
+    Feedback,
+}
+
+/// What the replay buffer did with a candidate (`outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateOutcome {
+    Buffered,
+    HeldOut,
+    Duplicate,
+    /// Not an image of the line's kind (undecodable, empty): never trained on.
+    Invalid,
+}
+
+/// Why the trainer did not take a step (`cause` label of `lineguard_retrain_waits_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitCause {
+    RateLimit,
+    InferenceBusy,
+    TooFewFrames,
+    /// The step's loss was not finite; the update was skipped.
+    NonFiniteLoss,
+}
+
+/// A gate's decision (`outcome`/`reason` labels of `lineguard_model_candidates_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOutcome {
+    Promoted,
+    RejectedNonFinite,
+    RejectedFalsePositives,
+    RejectedRecall,
+    RejectedNoImprovement,
+}
+
+impl GateOutcome {
+    pub fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            GateOutcome::Promoted => ("promoted", "improved"),
+            GateOutcome::RejectedNonFinite => ("rejected", "non_finite_scores"),
+            GateOutcome::RejectedFalsePositives => ("rejected", "false_positive_rate"),
+            GateOutcome::RejectedRecall => ("rejected", "recall"),
+            GateOutcome::RejectedNoImprovement => ("rejected", "no_improvement"),
+        }
+    }
 }
 
 impl Output {
@@ -99,6 +161,7 @@ impl Output {
             Output::Results => "results",
             Output::Maps => "maps",
             Output::DeadLetter => "dead_letter",
+            Output::Accepted => "accepted",
         }
     }
 }
@@ -231,8 +294,54 @@ impl Metrics {
                 "Failed publish attempts (retried), by output.",
                 &["line", "output"],
             )?,
+            model_created: gauge(
+                r,
+                "lineguard_model_created_timestamp_seconds",
+                "When the serving model was trained (Unix seconds).",
+                &["line"],
+            )?,
+            model_age: gauge(r, "lineguard_model_age_seconds", "Age of the serving model.", &["line"])?,
+            frames_accepted: counter(
+                r,
+                "lineguard_frames_accepted_total",
+                "Scored frames published to the accepted topic as retraining candidates.",
+                &["line"],
+            )?,
+            retrain_frames: counter(
+                r,
+                "lineguard_retrain_frames_total",
+                "Candidates that reached the trainer, by source and what the replay buffer did with them.",
+                &["line", "source", "outcome"],
+            )?,
+            retrain_steps: counter(r, "lineguard_retrain_steps_total", "Retraining steps taken.", &["line"])?,
+            retrain_loss: {
+                let metric = GaugeVec::new(
+                    Opts::new("lineguard_retrain_loss", "Loss terms of the latest retraining step."),
+                    &["line", "term"],
+                )?;
+                r.register(Box::new(metric.clone()))?;
+                metric
+            },
+            retrain_waits: counter(
+                r,
+                "lineguard_retrain_waits_total",
+                "Times the trainer did not step, by cause.",
+                &["line", "cause"],
+            )?,
+            replay_buffer: gauge(r, "lineguard_replay_buffer_frames", "Frames in the replay buffer.", &["line", "part"])?,
+            model_candidates: counter(
+                r,
+                "lineguard_model_candidates_total",
+                "Retrained candidates evaluated by the promotion gate, by outcome and reason.",
+                &["line", "outcome", "reason"],
+            )?,
             registry,
         }))
+    }
+
+    /// The trainer's event methods for one line.
+    pub fn retrain(self: &Arc<Self>, line: &str) -> RetrainMetrics {
+        RetrainMetrics { metrics: self.clone(), line: line.to_string() }
     }
 
     /// The event methods of one line, with its label bound.
@@ -323,8 +432,22 @@ impl LineMetrics {
         self.batch_size.observe(size as f64);
     }
 
-    pub fn model_loaded(&self, version: u64) {
+    pub fn model_loaded(&self, version: u64, created_unix: u64) {
         self.model_version.set(version as i64);
+        self.metrics.model_created.with_label_values(&[self.line.as_str()]).set(created_unix as i64);
+        self.model_age_tick();
+    }
+
+    /// Refreshes the model-age gauge (called periodically).
+    pub fn model_age_tick(&self) {
+        let created = self.metrics.model_created.with_label_values(&[self.line.as_str()]).get();
+        if created > 0 {
+            self.metrics.model_age.with_label_values(&[self.line.as_str()]).set(unix_now() as i64 - created);
+        }
+    }
+
+    pub fn frame_accepted(&self) {
+        self.metrics.frames_accepted.with_label_values(&[self.line.as_str()]).inc();
     }
 
     /// Reported by the stage that reads the queue, each time it takes an item.
@@ -354,6 +477,78 @@ impl LineMetrics {
 
     pub fn publish_failed(&self, output: Output) {
         self.metrics.publish_errors.with_label_values(&[self.line.as_str(), output.as_str()]).inc();
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Events of a line's trainer.
+#[derive(Clone)]
+pub struct RetrainMetrics {
+    metrics: Arc<Metrics>,
+    line: String,
+}
+
+impl RetrainMetrics {
+    pub fn candidate(&self, source: CandidateSource, outcome: CandidateOutcome) {
+        let source = match source {
+            CandidateSource::Auto => "auto",
+            CandidateSource::Feedback => "feedback",
+        };
+        let outcome = match outcome {
+            CandidateOutcome::Buffered => "buffered",
+            CandidateOutcome::HeldOut => "held_out",
+            CandidateOutcome::Duplicate => "duplicate",
+            CandidateOutcome::Invalid => "invalid",
+        };
+        self.metrics.retrain_frames.with_label_values(&[self.line.as_str(), source, outcome]).inc();
+    }
+
+    pub fn step(&self, losses: &crate::model::train::StepLosses) {
+        self.metrics.retrain_steps.with_label_values(&[self.line.as_str()]).inc();
+        let terms = [
+            ("total", Some(losses.total)),
+            ("hard", Some(losses.hard)),
+            ("autoencoder", Some(losses.autoencoder)),
+            ("student_autoencoder", Some(losses.student_autoencoder)),
+            ("dfsc", losses.dfsc),
+        ];
+        for (term, value) in terms {
+            if let Some(value) = value {
+                self.metrics.retrain_loss.with_label_values(&[self.line.as_str(), term]).set(value);
+            }
+        }
+    }
+
+    pub fn waited(&self, cause: WaitCause) {
+        let cause = match cause {
+            WaitCause::RateLimit => "rate_limit",
+            WaitCause::InferenceBusy => "inference_busy",
+            WaitCause::TooFewFrames => "too_few_frames",
+            WaitCause::NonFiniteLoss => "non_finite_loss",
+        };
+        self.metrics.retrain_waits.with_label_values(&[self.line.as_str(), cause]).inc();
+    }
+
+    pub fn buffer(&self, recent: usize, held_out: usize, pinned: usize) {
+        for (part, count) in [("recent", recent), ("held_out", held_out), ("pinned", pinned)] {
+            self.metrics.replay_buffer.with_label_values(&[self.line.as_str(), part]).set(count as i64);
+        }
+    }
+
+    pub fn gate(&self, outcome: GateOutcome) {
+        let (outcome, reason) = outcome.labels();
+        self.metrics.model_candidates.with_label_values(&[self.line.as_str(), outcome, reason]).inc();
+    }
+
+    /// The trainer's current model (the version every replica follows).
+    pub fn current_model(&self, version: u64, created_unix: u64) {
+        let line = [self.line.as_str()];
+        self.metrics.model_version.with_label_values(&line).set(version as i64);
+        self.metrics.model_created.with_label_values(&line).set(created_unix as i64);
+        self.metrics.model_age.with_label_values(&line).set(unix_now().saturating_sub(created_unix) as i64);
     }
 }
 

@@ -7,6 +7,10 @@
 //!              └──── ack tracker ◄──── sink ◄──(tokio mpsc, max_in_flight)───────────────────┘ ─► Kafka
 //! ```
 //!
+//! A line with `[lines.<name>.retrain]` also publishes confidently normal frames to its accepted topic,
+//! follows its models topic (a thread that hot-swaps every newly promoted model into `infer`), and, in
+//! the `all` and `trainer` roles, runs the line's trainer (see `retrain`).
+//!
 //! Stopping (SIGTERM in `lineguard run`) follows the data: sources stop consuming, each stage ends when
 //! its input closes and is drained, the sink finishes publishing, sources commit and return. A line whose
 //! stages stop on their own (a libtorch failure) stops the whole process with the error, so an
@@ -14,7 +18,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,8 +55,27 @@ pub enum PipelineError {
     DrainTimeout { lines: Vec<String>, timeout: Duration },
 }
 
+/// Which stages this process runs (`lineguard run --role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Inference for every line, and the trainer of every line that retrains: one process does it all.
+    All,
+    /// Inference only; models come from the models topic (one of many replicas).
+    Inference,
+    /// Only the trainers of the lines that retrain (exactly one such process per line).
+    Trainer,
+}
+
+/// A background thread with its stop flag.
+struct Background {
+    name: String,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
 struct RunningLine {
     name: String,
+    follower: Option<Background>,
     stop: watch::Sender<bool>,
     source: JoinHandle<()>,
     infer: std::thread::JoinHandle<Result<(), String>>,
@@ -64,6 +87,7 @@ struct RunningLine {
 /// A started pipeline: stop it with [`RunningPipeline::shutdown`] or run it with [`run`].
 pub struct RunningPipeline {
     lines: Vec<RunningLine>,
+    trainers: Vec<Background>,
     metrics_address: Option<SocketAddr>,
     metrics_server: Option<JoinHandle<()>>,
     metrics: Arc<Metrics>,
@@ -73,8 +97,8 @@ pub struct RunningPipeline {
 }
 
 /// Runs until `shutdown` completes (then drains) or a line fails.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), PipelineError> {
-    let mut pipeline = start(&settings).await?;
+pub async fn run(settings: Settings, role: Role, shutdown: impl Future<Output = ()>) -> Result<(), PipelineError> {
+    let mut pipeline = start_as(&settings, role).await?;
     let failed = tokio::select! {
         _ = shutdown => None,
         ended = pipeline.line_ended.recv() => ended,
@@ -87,8 +111,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     pipeline.shutdown().await
 }
 
-/// Loads models, connects to Kafka and starts every line's stages and the metrics endpoint.
+/// Loads models, connects to Kafka and starts every line's stages (and trainers) and the metrics endpoint.
 pub async fn start(settings: &Settings) -> Result<RunningPipeline, PipelineError> {
+    start_as(settings, Role::All).await
+}
+
+/// [`start`] for one role of a multi-process deployment.
+pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline, PipelineError> {
+    if role == Role::Trainer && settings.lines.values().all(|line| line.retrain.is_none()) {
+        return Err(PipelineError::Stage {
+            line: "*".into(),
+            reason: "--role trainer, but no line has a [lines.<name>.retrain] table".into(),
+        });
+    }
     let metrics = Metrics::new().map_err(|err| PipelineError::Metrics {
         address: settings.metrics.listen.clone(),
         source: std::io::Error::other(err.to_string()),
@@ -96,15 +131,54 @@ pub async fn start(settings: &Settings) -> Result<RunningPipeline, PipelineError
     let (ended_tx, line_ended) = mpsc::unbounded_channel();
     let mut lines = Vec::new();
     let mut health = Vec::new();
+    let mut trainers = Vec::new();
     for (name, line) in &settings.lines {
-        let line_health = Arc::new(LineHealth::default());
-        health.push(line_health.clone());
-        match start_line(settings, name, line, metrics.clone(), line_health, ended_tx.clone()).await {
-            Ok(started) => lines.push(started),
+        let started = async {
+            let mut swapper = None;
+            if role != Role::Trainer {
+                let line_health = Arc::new(LineHealth::default());
+                health.push(line_health.clone());
+                let running = start_line(settings, name, line, metrics.clone(), line_health, ended_tx.clone()).await?;
+                swapper = Some(running.swapper.clone());
+                lines.push(running);
+            }
+            if let (Some(retrain), true) = (&line.retrain, role != Role::Inference) {
+                let device = choose_device(name, line.device)?;
+                let stage = crate::retrain::trainer::TrainerStage {
+                    line: name.clone(),
+                    settings: retrain.clone(),
+                    threshold: line.threshold,
+                    kafka: settings.kafka.clone(),
+                    configured_model: line.model.clone(),
+                    device,
+                    inference: swapper,
+                    metrics: metrics.retrain(name),
+                    runtime: tokio::runtime::Handle::current(),
+                };
+                let stop = Arc::new(AtomicBool::new(false));
+                // A separate trainer process is its trainer: its failure ends the process so the
+                // orchestrator restarts it. In-process, inference goes on without retraining.
+                let (ended, line_name) = (ended_tx.clone(), name.clone());
+                let on_exit = move |result: &Result<(), String>| match result {
+                    Err(reason) if role == Role::Trainer => {
+                        log::error!("{reason}");
+                        let _ = ended.send(line_name);
+                    }
+                    Err(reason) => log::error!("{reason}; inference continues without retraining"),
+                    Ok(()) => {}
+                };
+                let thread = crate::retrain::trainer::spawn(stage, stop.clone(), Box::new(on_exit))?;
+                trainers.push(Background { name: name.clone(), stop, thread });
+            }
+            Ok::<(), PipelineError>(())
+        };
+        match started.await {
+            Ok(()) => {}
             Err(err) => {
                 // Lines already consuming must not be left running detached: stop them cleanly first.
                 let partial = RunningPipeline {
                     lines,
+                    trainers,
                     metrics_address: None,
                     metrics_server: None,
                     metrics: metrics.clone(),
@@ -131,6 +205,7 @@ pub async fn start(settings: &Settings) -> Result<RunningPipeline, PipelineError
     };
     Ok(RunningPipeline {
         lines,
+        trainers,
         metrics_address,
         metrics_server,
         metrics,
@@ -156,15 +231,28 @@ impl RunningPipeline {
     /// Stops consuming, publishes everything in flight, commits, and waits for every stage (bounded by
     /// `shutdown.drain_timeout_secs`).
     pub async fn shutdown(self) -> Result<(), PipelineError> {
-        let RunningPipeline { lines, metrics_server, drain_timeout, .. } = self;
+        let RunningPipeline { lines, trainers, metrics_server, drain_timeout, .. } = self;
         for line in &lines {
             let _ = line.stop.send(true);
         }
+        let mut first_error = None;
+        for background in trainers.iter().chain(lines.iter().filter_map(|l| l.follower.as_ref())) {
+            background.stop.store(true, Ordering::Relaxed);
+        }
+        for trainer in trainers {
+            if let Err(reason) = join_background(trainer).await {
+                first_error.get_or_insert(reason);
+            }
+        }
         let deadline = tokio::time::Instant::now() + drain_timeout;
         let mut late = Vec::new();
-        let mut first_error = None;
         for line in lines {
-            let RunningLine { name, source, infer, pool, sampler, .. } = line;
+            let RunningLine { name, source, infer, pool, sampler, follower, .. } = line;
+            if let Some(follower) = follower {
+                if let Err(reason) = join_background(follower).await {
+                    first_error.get_or_insert(reason);
+                }
+            }
             if tokio::time::timeout_at(deadline, source).await.is_err() {
                 late.push(name.clone());
                 continue;
@@ -207,16 +295,29 @@ async fn start_line(
 ) -> Result<RunningLine, PipelineError> {
     let line_metrics: LineMetrics = metrics.line(name);
     let device = choose_device(name, line.device)?;
+    // A line that retrains serves the newest published model, so a replica starting late serves what
+    // the others serve; the configured file is the first version.
+    let (feed, published) = match &line.retrain {
+        Some(retrain) => follow_models_topic(settings, name, retrain).await,
+        None => (None, None),
+    };
     let model_path = line.model.clone();
+    let from_topic = published.is_some();
     let model = tokio::task::spawn_blocking(move || {
-        EfficientAd::load(&model_path, device).and_then(|model| crate::infer::check_servable(&model).map(|_| model))
+        let model = match published {
+            Some(published) => {
+                EfficientAd::from_bytes(&published.model, std::path::Path::new("<models topic>"), device)
+            }
+            None => EfficientAd::load(&model_path, device),
+        };
+        model.and_then(|model| crate::infer::check_servable(&model).map(|_| model))
     })
     .await
     .map_err(|err| PipelineError::Stage { line: name.into(), reason: format!("loading the model panicked: {err}") })?
     .map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
     log::info!(
         "line {name}: model {} version {} ({} px, {}) on {}",
-        line.model.display(),
+        if from_topic { "from the models topic".to_string() } else { line.model.display().to_string() },
         model.info.model_version,
         model.recipe.image_size,
         model.recipe.preset,
@@ -224,6 +325,7 @@ async fn start_line(
     );
     health.model_loaded.store(true, Ordering::Relaxed);
     let side = model.recipe.image_size as u32;
+    let serving_version = model.info.model_version;
 
     let kafka = settings.kafka.clone();
     if let Ok(Err(err)) =
@@ -252,11 +354,31 @@ async fn start_line(
         side,
         max_frame_bytes: line.max_frame_bytes,
         expected_size: line.expected_size,
+        keep_payload: line.retrain.is_some(),
     };
     let pool =
         crate::preprocess::pool::spawn(pool_config, preprocess_queue, to_infer, to_sink.clone(), line_metrics.clone())?;
     let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
     let (infer, swapper) = crate::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone())?;
+    let follower = match feed {
+        Some(feed) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = crate::retrain::models_topic::follow(
+                name.to_string(),
+                feed,
+                swapper.clone(),
+                serving_version,
+                device,
+                stop.clone(),
+            )?;
+            // The follower ends only when stopped; its handle's result type matches the other stages'.
+            let thread = std::thread::Builder::new()
+                .name(format!("models-join-{name}"))
+                .spawn(move || thread.join().map_err(|_| "the models follower panicked".to_string()))?;
+            Some(Background { name: name.to_string(), stop, thread })
+        }
+        None => None,
+    };
 
     let sink_config = SinkConfig {
         line: name.to_string(),
@@ -265,6 +387,10 @@ async fn start_line(
         dead_letter_topic: line.dead_letter_topic.clone(),
         threshold: line.threshold,
         map_format: line.map_format,
+        acceptance: line.retrain.as_ref().map(|retrain| crate::sink::Acceptance {
+            topic: retrain.accepted_topic.clone(),
+            below: retrain.accept_below,
+        }),
     };
     let (drained_tx, drained) = oneshot::channel();
     let sink_metrics = line_metrics.clone();
@@ -282,6 +408,7 @@ async fn start_line(
             loop {
                 ticks.tick().await;
                 metrics.frames_in_flight(tracker.in_flight());
+                metrics.model_age_tick();
             }
         })
     };
@@ -303,7 +430,63 @@ async fn start_line(
         source.run(stop_rx, drained).await;
         let _ = ended.send(line_name);
     });
-    Ok(RunningLine { name: name.to_string(), stop, source, infer, pool, sampler, swapper })
+    Ok(RunningLine { name: name.to_string(), follower, stop, source, infer, pool, sampler, swapper })
+}
+
+/// Creates the line's retraining topics when missing and reads its models topic up to now: the feed to
+/// follow and the newest publication. An unreachable broker is not fatal here (the feed catches up once
+/// it is reachable).
+async fn follow_models_topic(
+    settings: &Settings,
+    name: &str,
+    retrain: &crate::settings::RetrainSettings,
+) -> (Option<crate::retrain::models_topic::ModelFeed>, Option<crate::retrain::models_topic::Published>) {
+    use crate::kafka::ensure_topics_with;
+    let kafka = &settings.kafka;
+    let mut candidates = vec![retrain.accepted_topic.as_str()];
+    if !retrain.feedback_topic.is_empty() {
+        candidates.push(retrain.feedback_topic.as_str());
+    }
+    let created = async {
+        ensure_topics_with(kafka, &candidates, 1, &[]).await?;
+        ensure_topics_with(kafka, &[&retrain.models_topic], 1, &[("cleanup.policy", "compact")]).await
+    };
+    if let Err(err) = created.await {
+        log::warn!("line {name}: cannot create the retraining topics ({err}); they must exist");
+    }
+    let (kafka, topic, line) = (kafka.clone(), retrain.models_topic.clone(), name.to_string());
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut feed = crate::retrain::models_topic::ModelFeed::open(&kafka, &topic, &line)?;
+        let newest = feed.catch_up(Duration::from_secs(30))?;
+        Ok::<_, rdkafka::error::KafkaError>((feed, newest))
+    })
+    .await;
+    match opened {
+        Ok(Ok((feed, newest))) => (Some(feed), newest),
+        Ok(Err(err)) => {
+            log::warn!("line {name}: cannot read the models topic yet ({err}); serving the configured model");
+            let feed = crate::retrain::models_topic::ModelFeed::open(&settings.kafka, &retrain.models_topic, name);
+            (feed.ok(), None)
+        }
+        Err(err) => {
+            log::warn!("line {name}: reading the models topic failed: {err}");
+            (None, None)
+        }
+    }
+}
+
+/// Stops nothing by itself: the caller has set the flag. Waits for the thread off the async runtime.
+async fn join_background(background: Background) -> Result<(), PipelineError> {
+    let Background { name, thread, .. } = background;
+    let joined = tokio::task::spawn_blocking(move || {
+        thread.join().unwrap_or_else(|_| Err("a background thread panicked".into()))
+    })
+    .await;
+    match joined {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => Err(PipelineError::Stage { line: name, reason }),
+        Err(err) => Err(PipelineError::Stage { line: name, reason: err.to_string() }),
+    }
 }
 
 fn choose_device(line: &str, choice: DeviceChoice) -> Result<Device, PipelineError> {

@@ -142,6 +142,148 @@ pub struct LineSettings {
     /// When set, frames of another `[width, height]` go to the dead-letter topic (a camera misconfigured).
     #[serde(default)]
     pub expected_size: Option<[u32; 2]>,
+    /// Continuous retraining on accepted normal frames; absent = the model never changes by itself.
+    #[serde(default)]
+    pub retrain: Option<RetrainSettings>,
+}
+
+/// `[lines.<name>.retrain]`: what becomes training data, how the trainer may use the machine, and when a
+/// retrained model replaces the serving one (see `retrain`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrainSettings {
+    /// Frames scoring below this are retraining candidates: stricter than the line's `threshold`, so only
+    /// confidently normal frames teach the model.
+    pub accept_below: f32,
+    /// Where inference replicas publish accepted frames (key = frame id) for the line's one trainer.
+    pub accepted_topic: String,
+    /// Optional topic where operators mark frames normal (key = frame id, JSON value, see `retrain`);
+    /// empty disables it.
+    pub feedback_topic: String,
+    /// Promoted models, chunked, for every replica to follow (one partition; compaction recommended).
+    pub models_topic: String,
+    /// The trainer's state: replay buffer, checkpoint, kept versions (a subfolder per line).
+    pub state_dir: PathBuf,
+    /// Folder of the original training images; a pinned sample of it stays in the replay buffer and in
+    /// the promotion gate so the model cannot drift away from the line it was built for.
+    pub originals: Option<PathBuf>,
+    pub pinned_originals: usize,
+    /// Optional folder of known defects: the gate rejects candidates that catch fewer of them.
+    pub anomalies: Option<PathBuf>,
+    /// Recent accepted frames kept for training (a sliding window).
+    pub buffer_frames: usize,
+    /// Every n-th accepted frame is held out of training for the gate.
+    pub holdout_every: usize,
+    pub holdout_frames: usize,
+    /// Recent frames needed before training starts.
+    pub min_frames: usize,
+    pub learning_rate: f64,
+    /// Upper bound on the trainer's pace.
+    pub steps_per_minute: f64,
+    /// The in-process trainer waits while more frames than this queue in front of inference.
+    pub pause_when_queue_above: usize,
+    /// Steps between promotion gates.
+    pub evaluate_every: u64,
+    /// How much the gate lets the false-positive rate rise and the recall fall (fractions).
+    pub fpr_tolerance: f64,
+    pub recall_tolerance: f64,
+    /// Promoted versions kept on disk for `lineguard model rollback`.
+    pub keep_versions: usize,
+    /// CPU threads of the trainer's libtorch operations (inference keeps its own).
+    pub threads: usize,
+}
+
+impl Default for RetrainSettings {
+    fn default() -> Self {
+        RetrainSettings {
+            accept_below: f32::NAN,
+            accepted_topic: "lineguard.accepted".into(),
+            feedback_topic: String::new(),
+            models_topic: "lineguard.models".into(),
+            state_dir: PathBuf::from("lineguard-state"),
+            originals: None,
+            pinned_originals: 32,
+            anomalies: None,
+            buffer_frames: 256,
+            holdout_every: 5,
+            holdout_frames: 64,
+            min_frames: 16,
+            learning_rate: 5e-5,
+            steps_per_minute: 60.0,
+            pause_when_queue_above: 8,
+            evaluate_every: 200,
+            fpr_tolerance: 0.0,
+            recall_tolerance: 0.0,
+            keep_versions: 5,
+            threads: 1,
+        }
+    }
+}
+
+impl RetrainSettings {
+    /// This line's own folder under `state_dir`.
+    pub fn line_dir(&self, line: &str) -> PathBuf {
+        self.state_dir.join(line)
+    }
+
+    fn problems(&self, line: &LineSettings, key: &dyn Fn(&str) -> String, problems: &mut Vec<String>) {
+        let key = |field: &str| key(&format!("retrain.{field}"));
+        if !self.accept_below.is_finite() {
+            problems.push(format!("{}: required, a score below `threshold` (e.g. 0.8 × threshold)", key("accept_below")));
+        } else if self.accept_below >= line.threshold {
+            problems.push(format!(
+                "{}: {} is not below the line's threshold {} (only confidently normal frames may teach the model)",
+                key("accept_below"),
+                self.accept_below,
+                line.threshold
+            ));
+        }
+        for (field, topic) in [("accepted_topic", &self.accepted_topic), ("models_topic", &self.models_topic)] {
+            if topic.trim().is_empty() {
+                problems.push(format!("{}: empty", key(field)));
+            }
+        }
+        let own = [&self.accepted_topic, &self.models_topic, &self.feedback_topic];
+        for topic in own.into_iter().filter(|t| !t.is_empty()) {
+            let clash = line.input_topics.contains(topic)
+                || [&line.results_topic, &line.maps_topic, &line.dead_letter_topic].contains(&topic);
+            if clash {
+                problems.push(format!("{}: {topic:?} is also one of the line's other topics", key("*_topic")));
+            }
+        }
+        if self.accepted_topic == self.models_topic || self.feedback_topic == self.models_topic {
+            problems.push(format!("{}: must differ from the accepted and feedback topics", key("models_topic")));
+        }
+        for (field, value, least) in [
+            ("buffer_frames", self.buffer_frames, 1),
+            ("holdout_every", self.holdout_every, 2),
+            ("holdout_frames", self.holdout_frames, 1),
+            ("min_frames", self.min_frames, 1),
+            ("keep_versions", self.keep_versions, 2),
+            ("threads", self.threads, 1),
+        ] {
+            if value < least {
+                problems.push(format!("{}: {value} (at least {least})", key(field)));
+            }
+        }
+        if self.evaluate_every == 0 {
+            problems.push(format!("{}: must be > 0", key("evaluate_every")));
+        }
+        if !(self.steps_per_minute > 0.0) {
+            problems.push(format!("{}: must be > 0", key("steps_per_minute")));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            problems.push(format!("{}: {} (expected 0 < lr < 1)", key("learning_rate"), self.learning_rate));
+        }
+        for (field, value) in [("fpr_tolerance", self.fpr_tolerance), ("recall_tolerance", self.recall_tolerance)] {
+            if !(0.0..=1.0).contains(&value) {
+                problems.push(format!("{}: {value} (a fraction, 0..=1)", key(field)));
+            }
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            problems.push(format!("{}: empty", key("state_dir")));
+        }
+    }
 }
 
 fn default_client_id() -> String {
@@ -287,6 +429,9 @@ impl Settings {
                     problems.push(format!("{}: [{w}, {h}] has a zero side", key("expected_size")));
                 }
             }
+            if let Some(retrain) = &line.retrain {
+                retrain.problems(line, &key, &mut problems);
+            }
             let group = line.group_id(name);
             if let Some(other) = groups.insert(group.clone(), name.clone()) {
                 problems.push(format!(
@@ -342,6 +487,7 @@ impl LineSettings {
             max_in_flight: default_max_in_flight(),
             max_frame_bytes: default_max_frame_bytes(),
             expected_size: None,
+            retrain: None,
         }
     }
 

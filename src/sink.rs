@@ -3,6 +3,8 @@
 //!
 //! - scored frame → a JSON [`ResultRecord`] on the results topic and, unless disabled, the anomaly map on
 //!   the maps topic, both keyed by the frame id;
+//! - scored frame below the retraining acceptance score (lines that retrain) → also the encoded image on
+//!   the accepted topic, keyed by frame id, for the line's trainer (see `retrain`);
 //! - rejected frame → the original bytes and headers on the dead-letter topic, plus `lineguard_error*`
 //!   headers saying why, keyed by the frame id (nothing is lost: the record can be fixed and replayed).
 //!
@@ -32,6 +34,7 @@ pub const HEADER_MAP_FORMAT: &str = "lineguard_map_format";
 pub const HEADER_MAP_WIDTH: &str = "lineguard_map_width";
 pub const HEADER_MAP_HEIGHT: &str = "lineguard_map_height";
 pub const HEADER_MODEL_VERSION: &str = "lineguard_model_version";
+pub const HEADER_SCORE: &str = "lineguard_score";
 
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
@@ -41,6 +44,14 @@ pub struct SinkConfig {
     pub dead_letter_topic: String,
     pub threshold: f32,
     pub map_format: MapFormat,
+    /// Where confidently normal frames go for retraining, and below which score.
+    pub acceptance: Option<Acceptance>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Acceptance {
+    pub topic: String,
+    pub below: f32,
 }
 
 /// The JSON value of a results-topic record.
@@ -155,6 +166,7 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
         display_range,
         model_version,
         batch_size,
+        payload,
         ack,
     } = frame;
     let anomalous = score > config.threshold;
@@ -187,6 +199,31 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
     let result = send_until_delivered(producer, &config.results_topic, key, &json, &result_headers, |_| {
         metrics.publish_failed(Output::Results)
     });
+    let accepted = async {
+        let (Some(acceptance), Some(image)) = (&config.acceptance, &payload) else { return };
+        if !(score < acceptance.below) {
+            return;
+        }
+        let (partition, offset, score_text) =
+            (meta.source.partition.to_string(), meta.source.offset.to_string(), score.to_string());
+        let context = [
+            (HEADER_SCORE, score_text.as_bytes()),
+            (HEADER_MODEL_VERSION, version.as_bytes()),
+            (HEADER_SOURCE_TOPIC, meta.source.topic.as_bytes()),
+            (HEADER_SOURCE_PARTITION, partition.as_bytes()),
+            (HEADER_SOURCE_OFFSET, offset.as_bytes()),
+        ];
+        let original = meta.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        let headers = to_owned_headers(original.chain(context));
+        send_until_delivered(producer, &acceptance.topic, key, image, &headers, |_| {
+            metrics.publish_failed(Output::Accepted)
+        })
+        .await;
+        metrics.frame_accepted();
+    };
+    let result = async {
+        tokio::join!(result, accepted);
+    };
     match &config.maps_topic {
         Some(maps_topic) => {
             let format = config.map_format;

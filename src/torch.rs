@@ -40,3 +40,13 @@ pub fn describe(device: Device) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// Gives the calling thread its own number of CPU threads for libtorch operations, so a background
+/// trainer can be held to one core while inference keeps the others. libtorch's OpenMP thread count is
+/// per calling thread, but its first parallel operation in a thread re-applies the last process-wide
+/// value; running one such operation first makes this thread's setting stick.
+pub fn use_threads(count: usize) {
+    let _ = tch::get_num_threads();
+    let _ = tch::Tensor::ones([1 << 16], (tch::Kind::Float, Device::Cpu)).sum(tch::Kind::Float);
+    tch::set_num_threads(count.max(1) as i32);
+}

@@ -4,6 +4,7 @@ mod bench_quality;
 mod broker;
 mod demo;
 mod eval;
+mod model;
 mod predict;
 mod produce;
 mod run;
@@ -29,6 +30,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Model(args) => model::run(&args),
         Command::Produce(args) => produce::run(&args),
         Command::Tail(args) => tail::run(&args),
         Command::Broker(args) => broker::run(&args),

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use lineguard::settings::Settings;
 
-use crate::cli::RunArgs;
+use crate::cli::{RoleArg, RunArgs};
+use lineguard::pipeline::Role;
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(&args.pipeline)?;
@@ -15,7 +16,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let runtime = super::runtime()?;
-    runtime.block_on(lineguard::pipeline::run(settings, super::termination()))?;
+    let role = match args.role {
+        RoleArg::All => Role::All,
+        RoleArg::Inference => Role::Inference,
+        RoleArg::Trainer => Role::Trainer,
+    };
+    runtime.block_on(lineguard::pipeline::run(settings, role, super::termination()))?;
     log::info!("stopped: every consumed frame was published and its offset committed");
     Ok(ExitCode::SUCCESS)
 }

@@ -204,6 +204,17 @@ impl EfficientAd {
         Self::from_tensor_file(&mut file, path, device)
     }
 
+    /// The model file's bytes (what `save` writes), for publishing a model through Kafka.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, WeightsError> {
+        self.to_tensor_file().to_bytes(Path::new("<model in memory>"))
+    }
+
+    /// A model from the bytes of a model file; `origin` names them in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &Path, device: Device) -> Result<EfficientAd, WeightsError> {
+        let mut file = TensorFile::from_bytes(bytes, origin, device)?;
+        Self::from_tensor_file(&mut file, origin, device)
+    }
+
     pub(crate) fn from_tensor_file(
         file: &mut TensorFile,
         path: &Path,

@@ -204,6 +204,36 @@ impl Trainer {
         Ok(trainer)
     }
 
+    /// Continues training a served model on new images. Its student is the EMA student, which seeds both
+    /// the trained copy and the EMA; the teacher statistics stay those of the original training, so the
+    /// feature space, and with it the meaning of a score, does not move.
+    pub fn continue_from(model: EfficientAd, images: Tensor) -> Result<Trainer, TrainError> {
+        let images = images.to_device(model.device);
+        Self::assemble(model, images, None)
+    }
+
+    /// Replaces the images that steps sample from (a replay buffer that changed).
+    pub fn set_images(&mut self, images: Tensor) -> Result<(), TrainError> {
+        if images.size().first().copied().unwrap_or(0) == 0 {
+            return Err(TrainError::Data("no training images".into()));
+        }
+        self.images = images.to_device(self.model.device);
+        Ok(())
+    }
+
+    /// The model as it would be served now (the EMA student), calibrated on `calibration`, while the run
+    /// goes on: the candidate of a promotion gate.
+    pub fn snapshot(&self, calibration: &Tensor, model_version: u64) -> Result<EfficientAd, TrainError> {
+        let mut file = self.model.to_tensor_file();
+        if let Some((ema_vs, _)) = &self.ema {
+            weights::export_store(ema_vs, "student", &mut file.tensors);
+        }
+        let mut model = EfficientAd::from_tensor_file(&mut file, Path::new("<candidate>"), self.model.device)?;
+        model.map_quantiles = Some(map_quantiles(&model, calibration)?);
+        model.info = ModelInfo::new(model_version, self.step);
+        Ok(model)
+    }
+
     pub fn total_steps(&self) -> u64 {
         self.model.recipe.train.steps
     }

@@ -49,20 +49,29 @@ fn to_view(tensor: &Tensor) -> F32View {
 impl TensorFile {
     /// Writes to `path` through a temporary file in the same folder and a rename.
     pub fn save(&self, path: &Path) -> Result<(), WeightsError> {
+        write_atomically(path, &self.to_bytes(path)?)
+    }
+
+    /// The safetensors bytes of the file; `origin` names it in errors.
+    pub fn to_bytes(&self, origin: &Path) -> Result<Vec<u8>, WeightsError> {
         let views: Vec<(String, F32View)> = self.tensors.iter().map(|(k, v)| (k.clone(), to_view(v))).collect();
         let metadata = Some(self.metadata.clone());
-        let bytes = safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), &metadata)
-            .map_err(|e| WeightsError::Format { path: path.to_path_buf(), reason: e.to_string() })?;
-        write_atomically(path, &bytes)
+        safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), &metadata)
+            .map_err(|e| WeightsError::Format { path: origin.to_path_buf(), reason: e.to_string() })
     }
 
     pub fn load(path: &Path, device: Device) -> Result<TensorFile, WeightsError> {
         let bytes = std::fs::read(path).map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })?;
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Parses safetensors bytes (from a file or a Kafka record); `path` names their origin in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: Device) -> Result<TensorFile, WeightsError> {
         let format_error =
             |e: safetensors::SafeTensorError| WeightsError::Format { path: path.to_path_buf(), reason: e.to_string() };
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(format_error)?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(format_error)?;
         let metadata = header.metadata().clone().unwrap_or_default();
-        let file = SafeTensors::deserialize(&bytes).map_err(format_error)?;
+        let file = SafeTensors::deserialize(bytes).map_err(format_error)?;
         let mut tensors = BTreeMap::new();
         for (name, view) in file.tensors() {
             let kind = match view.dtype() {
@@ -124,6 +133,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
     let temp = temp_path(path);
     let result = (|| {
         let mut file = std::fs::File::create(&temp)?;
+        crash_hook_for_tests(path, &mut file, bytes);
         file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temp, path)
@@ -132,6 +142,31 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
         let _ = std::fs::remove_file(&temp);
     }
     result.map_err(write_error)
+}
+
+/// Crash tests: when `LINEGUARD_CRASH_WRITING` names this file, write half of it to the temporary file
+/// and abort the process, as a power cut or an OOM kill mid-write would.
+fn crash_hook_for_tests(path: &Path, file: &mut std::fs::File, bytes: &[u8]) {
+    use std::io::Write;
+    let Some(target) = std::env::var_os("LINEGUARD_CRASH_WRITING") else { return };
+    if path.file_name() == Some(target.as_os_str()) {
+        log::error!("LINEGUARD_CRASH_WRITING: aborting halfway through writing {}", path.display());
+        let _ = file.write_all(&bytes[..bytes.len() / 2]);
+        let _ = file.sync_all();
+        std::process::abort();
+    }
+}
+
+/// Leftover temporary files of interrupted writes in `folder` (any process id).
+pub fn remove_interrupted_writes(folder: &Path) {
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.rsplit_once(".tmp").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())) {
+            log::warn!("removing {} left by an interrupted write", entry.path().display());
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn temp_path(path: &Path) -> PathBuf {

@@ -22,6 +22,8 @@ pub struct PoolConfig {
     pub side: u32,
     pub max_frame_bytes: usize,
     pub expected_size: Option<[u32; 2]>,
+    /// Keep the encoded image with the prepared frame (lines that retrain publish accepted frames).
+    pub keep_payload: bool,
 }
 
 pub fn spawn(
@@ -93,7 +95,8 @@ pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Bo
             let original_size = (image.width(), image.height());
             let input = super::to_planar(&image, config.side);
             meta.timings.preprocess = started.elapsed().as_secs_f64();
-            Ok(PreparedFrame { meta, camera, input, original_size, prepared_at: Instant::now(), ack })
+            let payload = config.keep_payload.then_some(payload);
+            Ok(PreparedFrame { meta, camera, input, original_size, prepared_at: Instant::now(), payload, ack })
         }
         Err((reason, detail)) => Err(Box::new(RejectedFrame { meta, payload, reason, detail, ack })),
     }
@@ -151,7 +154,7 @@ mod tests {
     use crate::frame::{FrameMeta, SourcePosition, StageTimings};
 
     fn config() -> PoolConfig {
-        PoolConfig { workers: 1, side: 32, max_frame_bytes: 100_000, expected_size: None }
+        PoolConfig { workers: 1, side: 32, max_frame_bytes: 100_000, expected_size: None, keep_payload: false }
     }
 
     fn png(width: u32, height: u32) -> Vec<u8> {

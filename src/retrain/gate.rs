@@ -1,0 +1,165 @@
+//! The promotion gate: a retrained candidate replaces the serving model only if, on images neither has
+//! trained on, it raises no more false alarms at the line's threshold, catches no fewer known defects
+//! (when a folder of them is configured), and is better at something: fewer false alarms, or more
+//! headroom between normal frames and the threshold.
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::metrics::GateOutcome;
+use crate::model::EfficientAd;
+
+/// What the gate measured of one model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    /// Share of the normal evaluation images scoring above the threshold.
+    pub false_positive_rate: f64,
+    /// 95th percentile of the normal images' scores.
+    pub p95_normal_score: f32,
+    /// Share of the known defects scoring above the threshold, when a defect folder is configured.
+    pub recall: Option<f64>,
+    /// Whether every score was a number (a poisoned model can produce NaN).
+    pub finite: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tolerances {
+    pub false_positive_rate: f64,
+    pub recall: f64,
+}
+
+/// The gate's verdict with both readings, kept beside every promoted version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateReport {
+    pub outcome: GateOutcome,
+    pub threshold: f32,
+    pub normal_images: usize,
+    pub defect_images: usize,
+    pub current_version: u64,
+    pub current: Reading,
+    pub candidate: Reading,
+}
+
+impl GateReport {
+    /// One line for logs and `lineguard model list`.
+    pub fn summary(&self) -> String {
+        let recall = match (self.current.recall, self.candidate.recall) {
+            (Some(a), Some(b)) => format!(", recall {:.3} → {:.3} on {} defects", a, b, self.defect_images),
+            _ => String::new(),
+        };
+        format!(
+            "{} vs v{}: false positives {:.3} → {:.3}, p95 normal score {:.3} → {:.3} on {} normal images{recall}",
+            self.outcome.labels().1,
+            self.current_version,
+            self.current.false_positive_rate,
+            self.candidate.false_positive_rate,
+            self.current.p95_normal_score,
+            self.candidate.p95_normal_score,
+            self.normal_images,
+        )
+    }
+}
+
+/// Image scores (maximum of the anomaly map), in chunks to bound memory.
+pub fn image_scores(model: &EfficientAd, images: &Tensor) -> Vec<f32> {
+    let side = model.recipe.image_size;
+    let count = images.size().first().copied().unwrap_or(0);
+    let mut scores = Vec::with_capacity(count as usize);
+    for start in (0..count).step_by(8) {
+        let chunk = images.narrow(0, start, 8.min(count - start)).to_device(model.device());
+        let maps = match model.anomaly_maps(&chunk, side, side) {
+            Ok(maps) => maps,
+            // Only uncalibrated models fail here; gated models are calibrated first.
+            Err(_) => return vec![f32::NAN; count as usize],
+        };
+        let maxima = maps.flatten(1, -1).amax([1], false).to_device(tch::Device::Cpu);
+        scores.extend(Vec::<f32>::try_from(maxima).unwrap_or_else(|_| vec![f32::NAN; chunk.size()[0] as usize]));
+    }
+    scores
+}
+
+pub fn read(model: &EfficientAd, normal: &Tensor, defects: Option<&Tensor>, threshold: f32) -> Reading {
+    let normal_scores = image_scores(model, normal);
+    let defect_scores = defects.map(|d| image_scores(model, d));
+    let finite = normal_scores.iter().chain(defect_scores.iter().flatten()).all(|s| s.is_finite());
+    let above = |scores: &[f32]| scores.iter().filter(|s| **s > threshold).count() as f64 / scores.len().max(1) as f64;
+    Reading {
+        false_positive_rate: above(&normal_scores),
+        p95_normal_score: percentile(&normal_scores, 0.95),
+        recall: defect_scores.as_deref().map(above),
+        finite,
+    }
+}
+
+/// The rules above, in order; `threshold` scales what counts as more headroom (1% of it).
+pub fn decide(current: &Reading, candidate: &Reading, tolerances: Tolerances, threshold: f32) -> GateOutcome {
+    const EPSILON: f64 = 1e-9;
+    if !candidate.finite {
+        return GateOutcome::RejectedNonFinite;
+    }
+    if candidate.false_positive_rate > current.false_positive_rate + tolerances.false_positive_rate + EPSILON {
+        return GateOutcome::RejectedFalsePositives;
+    }
+    if let (Some(now), Some(then)) = (current.recall, candidate.recall) {
+        if then < now - tolerances.recall - EPSILON {
+            return GateOutcome::RejectedRecall;
+        }
+    }
+    let fewer_false_alarms = candidate.false_positive_rate < current.false_positive_rate - EPSILON;
+    let more_headroom = candidate.p95_normal_score < current.p95_normal_score - 0.01 * threshold;
+    if fewer_false_alarms || more_headroom || !current.finite {
+        GateOutcome::Promoted
+    } else {
+        GateOutcome::RejectedNoImprovement
+    }
+}
+
+/// Nearest-rank percentile; NaN for no values.
+fn percentile(values: &[f32], q: f64) -> f32 {
+    let mut sorted: Vec<f32> = values.to_vec();
+    sorted.sort_by(f32::total_cmp);
+    if sorted.is_empty() {
+        return f32::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(fpr: f64, p95: f32, recall: Option<f64>) -> Reading {
+        Reading { false_positive_rate: fpr, p95_normal_score: p95, recall, finite: true }
+    }
+
+    const STRICT: Tolerances = Tolerances { false_positive_rate: 0.0, recall: 0.0 };
+
+    #[test]
+    fn the_gate_promotes_only_improvements_without_regressions() {
+        let current = reading(0.2, 0.45, Some(0.8));
+        let decide = |candidate: Reading| decide(&current, &candidate, STRICT, 0.5);
+        assert_eq!(decide(reading(0.1, 0.45, Some(0.8))), GateOutcome::Promoted, "fewer false alarms");
+        assert_eq!(decide(reading(0.2, 0.40, Some(0.9))), GateOutcome::Promoted, "more headroom");
+        assert_eq!(decide(reading(0.2, 0.449, Some(0.8))), GateOutcome::RejectedNoImprovement, "within noise");
+        assert_eq!(decide(reading(0.3, 0.10, Some(0.8))), GateOutcome::RejectedFalsePositives);
+        // Poisoning: trained on defects, the candidate calls everything normal, defects included.
+        assert_eq!(decide(reading(0.0, 0.10, Some(0.5))), GateOutcome::RejectedRecall);
+        let nan = Reading { finite: false, ..reading(0.0, 0.1, None) };
+        assert_eq!(decide(nan), GateOutcome::RejectedNonFinite);
+        let tolerant = Tolerances { false_positive_rate: 0.15, recall: 0.0 };
+        assert_eq!(
+            super::decide(&current, &reading(0.3, 0.30, Some(0.8)), tolerant, 0.5),
+            GateOutcome::Promoted,
+            "within the configured tolerance"
+        );
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let values: Vec<f32> = (1..=20).map(|v| v as f32).collect();
+        assert_eq!(percentile(&values, 0.95), 19.0);
+        assert_eq!(percentile(&values[..1], 0.95), 1.0);
+        assert!(percentile(&[], 0.95).is_nan());
+    }
+}

@@ -1,0 +1,612 @@
+//! The trainer stage: one thread per line (in the single-process default, or alone with
+//! `lineguard run --role trainer`). Each turn of its loop:
+//!
+//! 1. consumes retraining candidates (the accepted topic, and operator feedback when configured) into the
+//!    replay buffer, committing their offsets only once they are on disk;
+//! 2. notices a model published by someone else (a rollback) and continues from it;
+//! 3. takes one DFSC training step when the buffer holds enough frames, the pace allows
+//!    (`steps_per_minute`) and the in-process inference queue is short;
+//! 4. every `evaluate_every` steps, gates a candidate; a promoted one is written to the version store,
+//!    published on the models topic (every replica swaps it in) and becomes the base of further training.
+//!    A candidate that regresses resets training to the serving model, so bad frames cannot accumulate
+//!    into the weights.
+//!
+//! The trainer checkpoints its weights and optimiser state after every gate and on shutdown; with the
+//! replay buffer on disk, a restarted trainer continues where it stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use super::buffer::{BufferLimits, ReplayBuffer};
+use super::gate::{self, GateReport, Tolerances};
+use super::models_topic::{self, ModelFeed, Published};
+use super::store::{VersionRecord, VersionStore};
+use super::RetrainError;
+use crate::infer::ModelSwapper;
+use crate::metrics::{CandidateOutcome, CandidateSource, GateOutcome, RetrainMetrics, WaitCause};
+use crate::model::config::TrainConfig;
+use crate::model::train::{TrainError, Trainer};
+use crate::model::EfficientAd;
+use crate::settings::{KafkaSettings, RetrainSettings};
+
+/// Everything a line's trainer needs.
+pub struct TrainerStage {
+    pub line: String,
+    pub settings: RetrainSettings,
+    /// The line's anomaly threshold: the gate counts false alarms and caught defects against it.
+    pub threshold: f32,
+    pub kafka: KafkaSettings,
+    /// The model file of the line's configuration: the first version when nothing was promoted yet.
+    pub configured_model: PathBuf,
+    pub device: Device,
+    /// The in-process inference stage, whose queue the trainer yields to; None for a separate trainer.
+    pub inference: Option<ModelSwapper>,
+    pub metrics: RetrainMetrics,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// An operator's verdict on a frame (feedback topic value). Unknown fields are ignored, so a results
+/// record with its `verdict` changed is a valid feedback record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Feedback {
+    pub verdict: String,
+    pub source: FrameLocation,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrameLocation {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// What survives a restart besides the buffer and the weights.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TrainerState {
+    /// The version the checkpointed weights continue from; a checkpoint of another base is stale.
+    base_version: u64,
+    steps_since_gate: u64,
+}
+
+/// Called with the trainer's result when its thread ends.
+pub type OnExit = Box<dyn FnOnce(&Result<(), String>) + Send>;
+
+/// Starts the stage; it runs until `stop` is set (then checkpoints) or fails.
+pub fn spawn(
+    stage: TrainerStage,
+    stop: Arc<AtomicBool>,
+    on_exit: OnExit,
+) -> std::io::Result<JoinHandle<Result<(), String>>> {
+    let name = format!("retrain-{}", stage.line);
+    std::thread::Builder::new().name(name).spawn(move || {
+        let line = stage.line.clone();
+        let result = Running::start(stage)
+            .and_then(|mut running| running.run(&stop))
+            .map_err(|err| format!("line {line}: trainer: {err}"));
+        on_exit(&result);
+        result
+    })
+}
+
+/// Nothing in the buffer, a step ready: the state of a running trainer.
+struct Running {
+    stage: TrainerStage,
+    dir: PathBuf,
+    store: VersionStore,
+    producer: FutureProducer,
+    feed: ModelFeed,
+    candidates: BaseConsumer,
+    fetcher: Option<BaseConsumer>,
+    buffer: ReplayBuffer,
+    defects: Option<Tensor>,
+    current: EfficientAd,
+    /// The publication of `current` that this trainer made or adopted.
+    publication: Option<String>,
+    unpublished: bool,
+    trainer: Option<Trainer>,
+    state: TrainerState,
+    next_step_at: Instant,
+    waiting: Option<WaitCause>,
+    non_finite_in_a_row: u32,
+}
+
+impl Running {
+    fn start(stage: TrainerStage) -> Result<Running, RetrainError> {
+        crate::torch::use_threads(stage.settings.threads);
+        let settings = &stage.settings;
+        let dir = settings.line_dir(&stage.line);
+        let store = VersionStore::open(&dir, settings.keep_versions)?;
+        let producer: FutureProducer = crate::kafka::producer_config(&stage.kafka).create()?;
+        let mut feed = ModelFeed::open(&stage.kafka, &settings.models_topic, &stage.line)?;
+        let published = feed.catch_up(Duration::from_secs(30))?;
+        let current = initial_model(&stage, &store, published.as_ref())?;
+        let publication = published
+            .as_ref()
+            .filter(|p| p.manifest.model_version == current.info.model_version)
+            .map(|p| p.manifest.publication.clone());
+        let unpublished = publication.is_none();
+        stage.metrics.current_model(current.info.model_version, current.info.created_unix);
+        log::info!(
+            "line {}: trainer starts from model version {} (state in {})",
+            stage.line,
+            current.info.model_version,
+            dir.display()
+        );
+
+        let side = current.recipe.image_size as u32;
+        let limits = BufferLimits {
+            side,
+            recent: settings.buffer_frames,
+            held_out: settings.holdout_frames,
+            holdout_every: settings.holdout_every,
+        };
+        let mut buffer = ReplayBuffer::open(&dir.join("buffer"), limits)?;
+        if let Some(originals) = &settings.originals {
+            buffer.pin_originals(originals, settings.pinned_originals, current.recipe.train.seed)?;
+        }
+        let defects = match &settings.anomalies {
+            Some(folder) => Some(load_folder(folder, side)?),
+            None => None,
+        };
+
+        let group = format!("lineguard-trainer-{}", stage.line);
+        let candidates: BaseConsumer = crate::kafka::consumer_config(&stage.kafka, &group).create()?;
+        let mut topics = vec![settings.accepted_topic.as_str()];
+        if !settings.feedback_topic.is_empty() {
+            topics.push(settings.feedback_topic.as_str());
+        }
+        candidates.subscribe(&topics)?;
+        let fetcher = if settings.feedback_topic.is_empty() {
+            None
+        } else {
+            let group = format!("lineguard-trainer-fetch-{}", stage.line);
+            Some(crate::kafka::consumer_config(&stage.kafka, &group).create()?)
+        };
+        let state = read_json(&dir.join("trainer.json")).unwrap_or_default();
+        Ok(Running {
+            dir,
+            store,
+            producer,
+            feed,
+            candidates,
+            fetcher,
+            buffer,
+            defects,
+            current,
+            publication,
+            unpublished,
+            trainer: None,
+            state,
+            next_step_at: Instant::now(),
+            waiting: None,
+            non_finite_in_a_row: 0,
+            stage,
+        })
+    }
+
+    fn run(&mut self, stop: &AtomicBool) -> Result<(), RetrainError> {
+        while !stop.load(Ordering::Relaxed) {
+            if self.unpublished {
+                self.publish_current();
+            }
+            self.ingest()?;
+            self.follow_publications()?;
+            let (recent, held_out, pinned) = self.buffer.counts();
+            self.stage.metrics.buffer(recent, held_out, pinned);
+            if let Err(cause) = self.ready_to_step() {
+                if self.waiting != Some(cause) {
+                    self.stage.metrics.waited(cause);
+                    self.waiting = Some(cause);
+                }
+                continue;
+            }
+            self.waiting = None;
+            self.step()?;
+            if self.state.steps_since_gate >= self.stage.settings.evaluate_every {
+                self.gate()?;
+            }
+        }
+        self.checkpoint()?;
+        log::info!("line {}: trainer stopped (checkpoint in {})", self.stage.line, self.dir.display());
+        Ok(())
+    }
+
+    /// Takes what arrived on the candidate topics (waiting up to 50 ms for the first record).
+    fn ingest(&mut self) -> Result<(), RetrainError> {
+        let feedback_topic = self.stage.settings.feedback_topic.clone();
+        let mut taken = 0;
+        while taken < 64 {
+            let wait = if taken == 0 { Duration::from_millis(50) } else { Duration::ZERO };
+            let message = match self.candidates.poll(wait) {
+                None => break,
+                Some(Err(err)) => {
+                    log::warn!("line {}: reading candidates: {err}", self.stage.line);
+                    break;
+                }
+                Some(Ok(message)) => message,
+            };
+            let frame_id = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+            let payload = message.payload().unwrap_or_default();
+            let (source, image) = if !feedback_topic.is_empty() && message.topic() == feedback_topic {
+                (CandidateSource::Feedback, fetch_marked_frame(self.fetcher.as_ref(), &frame_id, payload))
+            } else {
+                (CandidateSource::Auto, Some(payload.to_vec()))
+            };
+            let outcome = match image {
+                Some(image) => self.buffer.add(&frame_id, &image)?,
+                None => CandidateOutcome::Invalid,
+            };
+            self.stage.metrics.candidate(source, outcome);
+            self.candidates.store_offset_from_message(&message)?;
+            taken += 1;
+        }
+        if taken > 0 {
+            // The frames are on disk: only now may the topics move on.
+            if let Err(err) = self.candidates.commit_consumer_state(CommitMode::Sync) {
+                log::warn!("line {}: committing candidate offsets: {err} (they will be read again)", self.stage.line);
+            }
+        }
+        Ok(())
+    }
+
+    /// A publication this trainer did not make (a rollback) becomes the current model.
+    fn follow_publications(&mut self) -> Result<(), RetrainError> {
+        let Some(Published { manifest, model }) = self.feed.poll(Duration::ZERO) else { return Ok(()) };
+        if Some(&manifest.publication) == self.publication.as_ref()
+            || manifest.model_version == self.current.info.model_version
+        {
+            return Ok(());
+        }
+        let origin = Path::new("<models topic>");
+        let adopted = EfficientAd::from_bytes(&model, origin, self.stage.device)?;
+        let version = manifest.model_version;
+        if self.store.model_path(version).is_file() {
+            self.store.set_current(version)?;
+        } else {
+            let record = VersionRecord {
+                version,
+                recorded_unix: unix_now(),
+                origin: manifest.origin.clone(),
+                trained_steps: adopted.info.trained_steps,
+                parent: None,
+                gate: None,
+            };
+            self.store.record(&adopted, &record)?;
+        }
+        log::info!(
+            "line {}: model version {version} was published ({}); training continues from it",
+            self.stage.line,
+            manifest.origin
+        );
+        self.adopt(adopted, Some(manifest.publication));
+        Ok(())
+    }
+
+    fn adopt(&mut self, model: EfficientAd, publication: Option<String>) {
+        self.stage.metrics.current_model(model.info.model_version, model.info.created_unix);
+        self.state = TrainerState { base_version: model.info.model_version, steps_since_gate: 0 };
+        self.current = model;
+        self.publication = publication;
+        self.trainer = None;
+    }
+
+    fn ready_to_step(&self) -> Result<(), WaitCause> {
+        let settings = &self.stage.settings;
+        if self.buffer.counts().0 < settings.min_frames {
+            return Err(WaitCause::TooFewFrames);
+        }
+        let busy = self.stage.inference.as_ref().is_some_and(|i| i.queued_frames() > settings.pause_when_queue_above);
+        if busy {
+            return Err(WaitCause::InferenceBusy);
+        }
+        if Instant::now() < self.next_step_at {
+            return Err(WaitCause::RateLimit);
+        }
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<(), RetrainError> {
+        let interval = Duration::from_secs_f64(60.0 / self.stage.settings.steps_per_minute);
+        self.next_step_at = Instant::now() + interval;
+        if self.trainer.is_none() {
+            self.trainer = Some(self.make_trainer()?);
+        } else if self.buffer.take_changed() {
+            if let (Some(trainer), Some(images)) = (self.trainer.as_mut(), self.buffer.training_images()) {
+                trainer.set_images(images)?;
+            }
+        }
+        let Some(trainer) = self.trainer.as_mut() else { return Ok(()) };
+        match trainer.step() {
+            Ok(losses) => {
+                self.non_finite_in_a_row = 0;
+                self.stage.metrics.step(&losses);
+                self.state.steps_since_gate += 1;
+            }
+            Err(TrainError::NonFinite { step, loss }) => {
+                self.stage.metrics.waited(WaitCause::NonFiniteLoss);
+                self.non_finite_in_a_row += 1;
+                log::warn!("line {}: retraining step {step}: loss {loss}; update skipped", self.stage.line);
+                if self.non_finite_in_a_row >= 3 {
+                    log::warn!("line {}: restarting training from the serving model", self.stage.line);
+                    self.trainer = None;
+                }
+            }
+            Err(err) => return Err(err.into()),
+        }
+        Ok(())
+    }
+
+    /// Resumes the checkpoint when it continues the current model, else starts from the current model.
+    fn make_trainer(&mut self) -> Result<Trainer, RetrainError> {
+        let images = self.buffer.training_images().ok_or_else(|| RetrainError::Data("empty replay buffer".into()))?;
+        let _ = self.buffer.take_changed();
+        let checkpoint = self.dir.join("trainer.safetensors");
+        let version = self.current.info.model_version;
+        let mut trainer = if checkpoint.is_file() && self.state.base_version == version {
+            log::info!("line {}: resuming retraining from {}", self.stage.line, checkpoint.display());
+            Trainer::resume(&checkpoint, images, self.stage.device)?
+        } else {
+            self.state = TrainerState { base_version: version, steps_since_gate: 0 };
+            Trainer::continue_from(self.store.load(version, self.stage.device)?, images)?
+        };
+        fine_tuning(&mut trainer.model.recipe.train, &self.stage.settings);
+        Ok(trainer)
+    }
+
+    fn gate(&mut self) -> Result<(), RetrainError> {
+        self.state.steps_since_gate = 0;
+        let (Some(calibration), Some(evaluation)) = self.buffer.gate_images() else {
+            log::info!("line {}: no held-out frames or pinned originals to judge a candidate yet", self.stage.line);
+            return Ok(());
+        };
+        let Some(trainer) = self.trainer.as_ref() else { return Ok(()) };
+        let version = self.store.highest_version()?.max(self.current.info.model_version) + 1;
+        let mut candidate = trainer.snapshot(&calibration, version)?;
+        // The file records the recipe the model was built with, not the fine-tuning overrides.
+        candidate.recipe.train = self.current.recipe.train.clone();
+        let threshold = self.stage.threshold;
+        let defects = self.defects.as_ref();
+        let current_reading = gate::read(&self.current, &evaluation, defects, threshold);
+        let candidate_reading = gate::read(&candidate, &evaluation, defects, threshold);
+        let tolerances = Tolerances {
+            false_positive_rate: self.stage.settings.fpr_tolerance,
+            recall: self.stage.settings.recall_tolerance,
+        };
+        let outcome = gate::decide(&current_reading, &candidate_reading, tolerances, threshold);
+        let report = GateReport {
+            outcome,
+            threshold,
+            normal_images: evaluation.size()[0] as usize,
+            defect_images: defects.map_or(0, |d| d.size()[0] as usize),
+            current_version: self.current.info.model_version,
+            current: current_reading,
+            candidate: candidate_reading,
+        };
+        self.stage.metrics.gate(outcome);
+        log::info!("line {}: candidate {}", self.stage.line, report.summary());
+        append_json_line(&self.dir.join("gate-log.jsonl"), &report);
+        match outcome {
+            GateOutcome::Promoted => self.promote(candidate, report)?,
+            GateOutcome::RejectedNoImprovement => {}
+            _ => {
+                // A regression means the recent training data taught something wrong: start again from
+                // the serving model rather than build on it.
+                self.trainer = None;
+                self.state = TrainerState { base_version: self.current.info.model_version, steps_since_gate: 0 };
+            }
+        }
+        self.checkpoint()
+    }
+
+    fn promote(&mut self, candidate: EfficientAd, report: GateReport) -> Result<(), RetrainError> {
+        let version = candidate.info.model_version;
+        let record = VersionRecord {
+            version,
+            recorded_unix: unix_now(),
+            origin: "promoted".into(),
+            trained_steps: candidate.info.trained_steps,
+            parent: Some(self.current.info.model_version),
+            gate: Some(report),
+        };
+        self.store.record(&candidate, &record)?;
+        log::info!("line {}: promoted model version {version}", self.stage.line);
+        self.stage.metrics.current_model(version, candidate.info.created_unix);
+        self.state.base_version = version;
+        self.current = candidate;
+        self.publication = None;
+        self.unpublished = true;
+        self.publish_current();
+        Ok(())
+    }
+
+    /// Publishes the current model on the models topic; on failure, the next turn tries again.
+    fn publish_current(&mut self) {
+        let bytes = match self.current.to_bytes() {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                log::error!("line {}: cannot serialise the model: {err}", self.stage.line);
+                return;
+            }
+        };
+        let (topic, line) = (&self.stage.settings.models_topic, &self.stage.line);
+        let version = self.current.info.model_version;
+        let origin = self
+            .store
+            .versions()
+            .ok()
+            .and_then(|records| records.into_iter().find(|r| r.version == version))
+            .map_or_else(|| "promoted".to_string(), |r| r.origin);
+        let published =
+            self.stage.runtime.block_on(models_topic::publish(&self.producer, topic, line, &bytes, version, &origin));
+        match published {
+            Ok(manifest) => {
+                log::info!(
+                    "line {line}: model version {version} published on {topic} ({} bytes in {} chunks)",
+                    manifest.bytes,
+                    manifest.chunks
+                );
+                self.publication = Some(manifest.publication);
+                self.unpublished = false;
+            }
+            Err(err) => log::warn!("line {line}: publishing model version {version} failed ({err}); retrying"),
+        }
+    }
+
+    fn checkpoint(&self) -> Result<(), RetrainError> {
+        if let Some(trainer) = &self.trainer {
+            trainer.save_checkpoint(&self.dir.join("trainer.safetensors"))?;
+        }
+        let json = serde_json::to_vec(&self.state).unwrap_or_default();
+        crate::model::weights::write_atomically(&self.dir.join("trainer.json"), &json)?;
+        Ok(())
+    }
+}
+
+/// Retraining continues from a served model at a small constant learning rate: no warm-up, no final
+/// drop, no schedule end, and no ImageNet penalty (its images belong to the original training machine).
+fn fine_tuning(train: &mut TrainConfig, settings: &RetrainSettings) {
+    train.learning_rate = settings.learning_rate;
+    train.warmup_beta2 = None;
+    train.final_lr_fraction = 0.0;
+    train.steps = u64::MAX;
+    train.imagenet_penalty_dir = None;
+    train.checkpoint_every = 0;
+}
+
+/// The current model: the store's, else the newest on the models topic, else the configured file.
+/// A model not yet in the store is recorded there so that it can be rolled back to.
+fn initial_model(
+    stage: &TrainerStage,
+    store: &VersionStore,
+    published: Option<&Published>,
+) -> Result<EfficientAd, RetrainError> {
+    if let Some(version) = store.current()? {
+        return store.load(version, stage.device);
+    }
+    let model = match published {
+        Some(p) => EfficientAd::from_bytes(&p.model, Path::new("<models topic>"), stage.device)?,
+        None => EfficientAd::load(&stage.configured_model, stage.device)?,
+    };
+    crate::infer::check_servable(&model)?;
+    let record = VersionRecord {
+        version: model.info.model_version,
+        recorded_unix: unix_now(),
+        origin: "initial".into(),
+        trained_steps: model.info.trained_steps,
+        parent: None,
+        gate: None,
+    };
+    store.record(&model, &record)?;
+    Ok(model)
+}
+
+/// The frame an operator marked normal, read back from its input topic; None (logged) when the record
+/// is not feedback we understand, the verdict is not `normal`, or the frame is no longer retained.
+fn fetch_marked_frame(fetcher: Option<&BaseConsumer>, frame_id: &str, payload: &[u8]) -> Option<Vec<u8>> {
+    let feedback: Feedback = match serde_json::from_slice(payload) {
+        Ok(feedback) => feedback,
+        Err(err) => {
+            log::warn!("feedback for {frame_id}: not a feedback record ({err})");
+            return None;
+        }
+    };
+    if !matches!(feedback.verdict.as_str(), "normal" | "ok") {
+        log::info!("feedback for {frame_id}: verdict {:?} is not a training candidate", feedback.verdict);
+        return None;
+    }
+    let fetcher = fetcher?;
+    let FrameLocation { topic, partition, offset } = &feedback.source;
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition_offset(topic, *partition, Offset::Offset(*offset)).ok()?;
+    if let Err(err) = fetcher.assign(&wanted) {
+        log::warn!("feedback for {frame_id}: cannot read {topic}/{partition}@{offset}: {err}");
+        return None;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match fetcher.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) if message.topic() == topic && message.partition() == *partition => {
+                if message.offset() == *offset {
+                    return message.payload().map(<[u8]>::to_vec);
+                }
+                if message.offset() > *offset {
+                    break; // the frame is gone (retention or compaction)
+                }
+            }
+            Some(Err(err)) => {
+                log::warn!("feedback for {frame_id}: {err}");
+                return None;
+            }
+            _ => {}
+        }
+    }
+    log::warn!("feedback for {frame_id}: {topic}/{partition}@{offset} is no longer on the broker");
+    None
+}
+
+fn load_folder(folder: &Path, side: u32) -> Result<Tensor, RetrainError> {
+    let paths = crate::dataset::list_images(folder).map_err(|e| RetrainError::Data(e.to_string()))?;
+    if paths.is_empty() {
+        return Err(RetrainError::Data(format!("retrain.anomalies: {} holds no images", folder.display())));
+    }
+    crate::dataset::load_inputs(&paths, side, &|| {}).map_err(|e| RetrainError::Data(e.to_string()))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Gate decisions, one JSON object per line, for `lineguard model list` and post-mortems.
+fn append_json_line<T: Serialize>(path: &Path, value: &T) {
+    use std::io::Write;
+    let line = serde_json::to_string(value).unwrap_or_default();
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut file| writeln!(file, "{line}"));
+    if let Err(err) = written {
+        log::warn!("cannot append to {}: {err}", path.display());
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_records_with_a_changed_verdict_are_feedback() {
+        let record = r#"{"schema":"lineguard.result.v1","frame_id":"f1","verdict":"normal","score":0.7,
+            "source":{"topic":"frames","partition":2,"offset":41},"batch_size":4}"#;
+        let feedback: Feedback = serde_json::from_str(record).unwrap();
+        assert_eq!(feedback.source, FrameLocation { topic: "frames".into(), partition: 2, offset: 41 });
+        assert!(fetch_marked_frame(None, "f1", b"{}").is_none(), "not feedback");
+        let anomalous = br#"{"verdict":"anomalous","source":{"topic":"t","partition":0,"offset":1}}"#;
+        assert!(fetch_marked_frame(None, "f1", anomalous).is_none(), "only normal verdicts teach");
+    }
+
+    #[test]
+    fn fine_tuning_keeps_a_constant_small_learning_rate() {
+        let settings = RetrainSettings { learning_rate: 2e-5, ..RetrainSettings::default() };
+        let mut train = TrainConfig { imagenet_penalty_dir: Some("/elsewhere".into()), ..TrainConfig::default() };
+        fine_tuning(&mut train, &settings);
+        for step in [0, 10, 1_000_000_000] {
+            assert_eq!(crate::model::train::learning_rate(&train, step), 2e-5);
+        }
+        assert!(train.imagenet_penalty_dir.is_none());
+    }
+}
