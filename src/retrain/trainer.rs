@@ -160,7 +160,13 @@ impl Running {
         };
 
         let group = format!("lineguard-trainer-{}", stage.line);
-        let candidates: BaseConsumer = crate::kafka::consumer_config(&stage.kafka, &group).create()?;
+        // Consumer statistics feed the inference lines' lag metrics; the trainer has no use for them.
+        let quiet = |group: &str| {
+            let mut config = crate::kafka::consumer_config(&stage.kafka, group);
+            config.set("statistics.interval.ms", "0");
+            config
+        };
+        let candidates: BaseConsumer = quiet(&group).create()?;
         let mut topics = vec![settings.accepted_topic.as_str()];
         if !settings.feedback_topic.is_empty() {
             topics.push(settings.feedback_topic.as_str());
@@ -170,7 +176,7 @@ impl Running {
             None
         } else {
             let group = format!("lineguard-trainer-fetch-{}", stage.line);
-            Some(crate::kafka::consumer_config(&stage.kafka, &group).create()?)
+            Some(quiet(&group).create()?)
         };
         let state = read_json(&dir.join("trainer.json")).unwrap_or_default();
         Ok(Running {

@@ -1,0 +1,222 @@
+//! A real Kafka-protocol broker for integration tests: each test starts its own in-memory `nisshi` on a
+//! free loopback port (killed when the test ends), runs the real `lineguard run` binary against it and
+//! reads output topics with a real consumer.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lineguard::broker::LocalBroker;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+
+use super::{lineguard_ok, path_str};
+
+pub fn nisshi() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nisshi");
+    if local.is_file() {
+        return local;
+    }
+    lineguard::broker::find_nisshi().expect("nisshi is missing: run scripts/setup.sh (it installs it into .tools/)")
+}
+
+/// One broker, a scratch folder and unique topic names for one test.
+pub struct Harness {
+    pub broker: LocalBroker,
+    pub dir: tempfile::TempDir,
+    pub name: String,
+}
+
+impl Harness {
+    pub fn new(name: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = LocalBroker::start(Some(&nisshi()), Some(&dir.path().join("broker.log"))).expect("nisshi starts");
+        Harness { broker, dir, name: name.to_string() }
+    }
+
+    pub fn brokers(&self) -> String {
+        self.broker.bootstrap()
+    }
+
+    pub fn kafka(&self) -> lineguard::settings::KafkaSettings {
+        lineguard::settings::KafkaSettings::for_brokers(&self.brokers(), "test")
+    }
+
+    pub fn create_topics(&self, names: &[&str], partitions: i32) {
+        runtime().block_on(lineguard::kafka::ensure_topics(&self.kafka(), names, partitions)).unwrap();
+    }
+
+    /// Starts `lineguard run`; its log goes to <file>.log in the scratch folder.
+    pub fn run(&self, pipeline: &Path) -> Service {
+        self.run_with(pipeline, "log", &[], &[])
+    }
+
+    /// `lineguard run` with extra arguments and environment; its log goes to <file>.<log_suffix>.
+    pub fn run_with(&self, pipeline: &Path, log_suffix: &str, args: &[&str], env: &[(&str, &str)]) -> Service {
+        let log = pipeline.with_extension(log_suffix);
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lineguard"))
+            .args(["run", "--pipeline", path_str(pipeline)])
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Service { child: Some(child), log }
+    }
+
+    /// Sends the frames with the real `produce` command.
+    pub fn produce(&self, topic: &str, frames: &[PathBuf], key_prefix: &str) {
+        let mut args = vec!["produce", "--brokers", "", "--topic", topic, "--rate", "0", "--key-prefix", key_prefix];
+        let brokers = self.brokers();
+        args[2] = &brokers;
+        args.extend(frames.iter().map(|p| path_str(p)));
+        lineguard_ok(&args);
+    }
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+pub struct Service {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Service {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to end by itself (within `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            if started.elapsed() > limit {
+                panic!("lineguard did not exit within {limit:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then the exit status (within `limit`).
+    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!("lineguard did not stop within {limit:?} after SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// The value of an unlabelled-or-labelled sample line of the metrics page, e.g.
+/// `lineguard_partitions_assigned{line="a"}`.
+pub fn metric(port: u16, sample: &str) -> Option<f64> {
+    let page = http_get(port, "/metrics")?;
+    page.lines().find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+}
+
+pub fn wait_for(what: &str, limit: Duration, service: &[&Service], mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > limit {
+            let logs: Vec<String> = service.iter().map(|s| s.log()).collect();
+            panic!("timed out waiting for {what}; service logs:\n{}", logs.join("\n-----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct Record {
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, Vec<u8>>,
+}
+
+/// Reads `topic` from the beginning until `expected` records arrived, then a little longer (so that
+/// duplicates would be seen too), or until `limit`.
+pub fn read_topic(brokers: &str, topic: &str, expected: usize, limit: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", rand::random::<u64>()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut records = Vec::new();
+    let started = Instant::now();
+    let mut complete_at: Option<Instant> = None;
+    while started.elapsed() < limit && complete_at.is_none_or(|at| at.elapsed() < Duration::from_secs(2)) {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            records.push(Record {
+                key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                headers: message
+                    .headers()
+                    .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+                    .unwrap_or_default(),
+            });
+        }
+        if records.len() >= expected && complete_at.is_none() {
+            complete_at = Some(Instant::now());
+        }
+    }
+    records
+}
+
+pub fn count_by_key(records: &[Record]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for record in records {
+        *counts.entry(record.key.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+pub fn keys_with_prefix(counts: &HashMap<String, usize>, prefix: &str) -> usize {
+    counts.keys().filter(|k| k.starts_with(prefix)).count()
+}
+

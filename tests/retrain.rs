@@ -1,0 +1,385 @@
+//! Continuous retraining through a real broker, on a small synthetic line: the real `lineguard run`
+//! binary in its `inference`, `trainer` and `all` roles, real models, real consumers. Nothing is mocked.
+//!
+//! - drift: the line's lighting changes, false alarms rise, operators mark them normal, the trainer
+//!   promotes a model that raises fewer, both replicas swap it in without losing or repeating a frame, and
+//!   a replica started afterwards serves it too;
+//! - poisoning: operators mark defects normal; the gate refuses what they would teach;
+//! - a crash while writing a promoted version leaves the previous one current and loadable.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::kafka::{count_by_key, free_port, http_get, metric, read_topic, wait_for, Harness, Record, Service};
+use common::{lineguard_ok, path_str};
+use lineguard::model::EfficientAd;
+use lineguard::retrain::gate::GateReport;
+use lineguard::sink::ResultRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tch::Device;
+
+/// A small model of a synthetic line, its threshold, and frames: as built, and with the light changed.
+struct Fixture {
+    data: PathBuf,
+    model: PathBuf,
+    threshold: f32,
+    good: Vec<PathBuf>,
+    drifted: Vec<PathBuf>,
+    stained: Vec<PathBuf>,
+    defects: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("retrain-fixture-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = dir.join("data");
+        common::synth_small(&data, 10, 6, 24);
+        let recipe = dir.join("small.toml");
+        std::fs::write(&recipe, "image_size = 128\nchannels = 32\n[train]\nsteps = 200\ncheckpoint_every = 0\n").unwrap();
+        let model = dir.join("model.safetensors");
+        lineguard_ok(&["train", "--data", path_str(&data), "--out", path_str(&model), "-c", path_str(&recipe), "--cpu"]);
+        // The alarm threshold a plant would set: just above every normal validation tray.
+        let loaded = EfficientAd::load(&model, Device::Cpu).unwrap();
+        let validation = lineguard::dataset::list_images(&data.join("validation/good")).unwrap();
+        let highest = validation
+            .iter()
+            .map(|p| lineguard::eval::score_image(&loaded, p).unwrap().score)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let threshold = highest * 1.05;
+        let good = lineguard::dataset::list_images(&data.join("test/good")).unwrap();
+        let drifted_dir = dir.join("drifted");
+        std::fs::create_dir_all(&drifted_dir).unwrap();
+        let drifted = good.iter().map(|p| edit(p, &drifted_dir, brighten)).collect();
+        // Known defects for the gate (a dark foreign object on validation trays), and the same defect on
+        // test trays for the poisoning stream.
+        let defects = dir.join("defects");
+        let stained = dir.join("stained");
+        for folder in [&defects, &stained] {
+            std::fs::create_dir_all(folder).unwrap();
+        }
+        for path in &validation {
+            edit(path, &defects, stain);
+        }
+        let stained = good.iter().map(|p| edit(p, &stained, stain)).collect();
+        Fixture { data, model, threshold, good, drifted, stained, defects }
+    })
+}
+
+fn edit(path: &Path, out: &Path, change: fn(&mut image::RgbImage)) -> PathBuf {
+    let mut image = image::open(path).unwrap().to_rgb8();
+    change(&mut image);
+    let target = out.join(path.file_name().unwrap());
+    image.save(&target).unwrap();
+    target
+}
+
+/// The same tray under stronger light.
+fn brighten(image: &mut image::RgbImage) {
+    for pixel in image.pixels_mut() {
+        for channel in pixel.0.iter_mut() {
+            *channel = channel.saturating_add(45);
+        }
+    }
+}
+
+/// A dark object lying on the tray.
+fn stain(image: &mut image::RgbImage) {
+    for y in 40..76 {
+        for x in 50..86 {
+            image.put_pixel(x, y, image::Rgb([230, 30, 200]));
+        }
+    }
+}
+
+fn recall(model: &Path, defects: &Path, threshold: f32) -> f64 {
+    let frames = lineguard::dataset::list_images(defects).unwrap();
+    let caught = scores(model, &frames).iter().filter(|s| **s > threshold).count();
+    caught as f64 / frames.len() as f64
+}
+
+fn scores(model: &Path, frames: &[PathBuf]) -> Vec<f32> {
+    let model = EfficientAd::load(model, Device::Cpu).unwrap();
+    frames.iter().map(|p| lineguard::eval::score_image(&model, p).unwrap().score).collect()
+}
+
+/// The topics and state folder of one retraining line.
+struct Line {
+    frames: String,
+    results: String,
+    dead_letter: String,
+    accepted: String,
+    feedback: String,
+    models: String,
+    state: PathBuf,
+}
+
+impl Line {
+    fn new(harness: &Harness) -> Line {
+        let t = |kind: &str| format!("{}.{kind}", harness.name);
+        let line = Line {
+            frames: t("frames"),
+            results: t("results"),
+            dead_letter: t("dead-letter"),
+            accepted: t("accepted"),
+            feedback: t("feedback"),
+            models: t("models"),
+            state: harness.dir.path().join("state"),
+        };
+        harness.create_topics(&[&line.frames], 2);
+        harness.create_topics(&[&line.results, &line.dead_letter, &line.accepted, &line.feedback, &line.models], 1);
+        line
+    }
+
+    /// A pipeline file for one process; every process of a deployment shares the line's settings.
+    fn pipeline(&self, harness: &Harness, file: &str, metrics_port: u16, extra_retrain: &str) -> PathBuf {
+        let f = fixture();
+        let text = format!(
+            r#"[kafka]
+brokers = "{brokers}"
+[kafka.consumer]
+"session.timeout.ms" = "6000"
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+[shutdown]
+drain_timeout_secs = 60
+[lines.trays]
+model = "{model}"
+input_topics = ["{frames}"]
+results_topic = "{results}"
+maps_topic = ""
+map_format = "none"
+dead_letter_topic = "{dead_letter}"
+group_id = "replicas"
+threshold = {threshold}
+device = "cpu"
+max_batch = 4
+[lines.trays.retrain]
+accept_below = {accept_below}
+accepted_topic = "{accepted}"
+feedback_topic = "{feedback}"
+models_topic = "{models}"
+state_dir = "{state}"
+originals = "{originals}"
+pinned_originals = 6
+buffer_frames = 64
+holdout_every = 3
+holdout_frames = 32
+min_frames = 4
+learning_rate = 0.0001
+steps_per_minute = 6000
+evaluate_every = 10
+keep_versions = 3
+{extra_retrain}
+"#,
+            brokers = harness.brokers(),
+            model = path_str(&f.model),
+            frames = self.frames,
+            results = self.results,
+            dead_letter = self.dead_letter,
+            threshold = f.threshold,
+            accept_below = f.threshold - 0.02,
+            accepted = self.accepted,
+            feedback = self.feedback,
+            models = self.models,
+            state = path_str(&self.state),
+            originals = path_str(&f.data.join("train/good")),
+        );
+        let path = harness.dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn store(&self) -> lineguard::retrain::store::VersionStore {
+        lineguard::retrain::store::VersionStore::open(&self.state.join("trays"), 3).unwrap()
+    }
+
+    fn gate_log(&self) -> Vec<GateReport> {
+        let text = std::fs::read_to_string(self.state.join("trays/gate-log.jsonl")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+/// Results of the frames sent with `prefix`: every one exactly once.
+fn results_of(brokers: &str, topic: &str, prefix: &str, expected: usize, services: &[&Service]) -> Vec<ResultRecord> {
+    let records = read_topic(brokers, topic, usize::MAX, Duration::from_secs(8));
+    let mine: Vec<&Record> = records.iter().filter(|r| r.key.starts_with(prefix)).collect();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for record in &mine {
+        *counts.entry(record.key.as_str()).or_default() += 1;
+    }
+    let logs: Vec<String> = services.iter().map(|s| s.log()).collect();
+    assert_eq!(counts.len(), expected, "every {prefix} frame scored:\n{counts:?}\n{}", logs.join("\n----\n"));
+    assert!(counts.values().all(|&n| n == 1), "no frame scored twice: {counts:?}");
+    mine.iter().map(|r| serde_json::from_slice(&r.payload).unwrap()).collect()
+}
+
+/// Waits until every result of `prefix` is in, then returns them.
+fn wait_for_results(
+    harness: &Harness,
+    line: &Line,
+    prefix: &str,
+    expected: usize,
+    services: &[&Service],
+) -> Vec<ResultRecord> {
+    wait_for(&format!("{expected} results of {prefix}"), Duration::from_secs(180), services, || {
+        let records = read_topic(&harness.brokers(), &line.results, expected, Duration::from_secs(2));
+        count_by_key(&records).keys().filter(|k| k.starts_with(prefix)).count() >= expected
+    });
+    results_of(&harness.brokers(), &line.results, prefix, expected, services)
+}
+
+fn false_positive_rate(results: &[ResultRecord]) -> f64 {
+    results.iter().filter(|r| r.verdict == "anomalous").count() as f64 / results.len() as f64
+}
+
+/// What an operator's tool does: the results record, with the verdict corrected, on the feedback topic.
+fn mark_normal<'a>(harness: &Harness, line: &Line, results: impl IntoIterator<Item = &'a ResultRecord>) {
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();
+    common::kafka::runtime().block_on(async {
+        for result in results {
+            let mut record = serde_json::to_value(result).unwrap();
+            record["verdict"] = "normal".into();
+            let json = serde_json::to_vec(&record).unwrap();
+            let sent = FutureRecord::to(&line.feedback).key(&result.frame_id).payload(&json);
+            producer.send(sent, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+        }
+    });
+}
+
+fn model_version(port: u16) -> Option<f64> {
+    metric(port, "lineguard_model_version{line=\"trays\"}")
+}
+
+fn ready(port: u16) -> bool {
+    http_get(port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+fn all<'a>(trainer: &'a Service, replicas: &'a [Service]) -> Vec<&'a Service> {
+    std::iter::once(trainer).chain(replicas).collect()
+}
+
+#[test]
+fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
+    let f = fixture();
+    let harness = Harness::new("drift");
+    let line = Line::new(&harness);
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let trainer_file = line.pipeline(&harness, "trainer.toml", ports[0], "");
+    let replica_files: Vec<PathBuf> =
+        (1..4).map(|i| line.pipeline(&harness, &format!("replica{i}.toml"), ports[i], "")).collect();
+
+    // The trainer's first promotion dies halfway through writing version 2, as an OOM kill would.
+    let mut trainer = harness.run_with(
+        &trainer_file,
+        "crashed.log",
+        &["--role", "trainer"],
+        &[("LINEGUARD_CRASH_WRITING", "v000002.safetensors")],
+    );
+    let replicas: Vec<Service> =
+        replica_files[..2].iter().map(|p| harness.run_with(p, "log", &["--role", "inference"], &[])).collect();
+    wait_for("two ready replicas", Duration::from_secs(90), &all(&trainer, &replicas), || ready(ports[1]) && ready(ports[2]));
+    wait_for("the trainer", Duration::from_secs(60), &all(&trainer, &replicas), || model_version(ports[0]) == Some(1.0));
+
+    // The light changes: the served model flags normal trays.
+    harness.produce(&line.frames, &f.drifted[..12], "d1");
+    let before = wait_for_results(&harness, &line, "d1-", 12, &all(&trainer, &replicas));
+    let fpr_before = false_positive_rate(&before);
+    assert!(before.iter().all(|r| r.model_version == 1));
+    assert!(fpr_before >= 0.5, "the drift raises false alarms: {fpr_before}");
+
+    // Operators mark the false alarms normal; the trainer learns, gates, and crashes writing version 2.
+    mark_normal(&harness, &line, before.iter().filter(|r| r.verdict == "anomalous"));
+    let crashed = trainer.wait_exit(Duration::from_secs(240));
+    assert!(!crashed.success(), "the crash hook aborts:\n{}", trainer.log());
+    let leftovers: Vec<_> = std::fs::read_dir(line.state.join("trays/versions")).unwrap().flatten().collect();
+    let half_written = |e: &std::fs::DirEntry| e.file_name().to_string_lossy().starts_with("v000002.safetensors.tmp");
+    assert!(leftovers.iter().any(half_written), "the crash left a temp file: {leftovers:?}\n{}", trainer.log());
+    // (Opening the store, as the restarted trainer will, clears it.)
+    let store = line.store();
+    assert_eq!(store.current().unwrap(), Some(1), "the half-written version never became current");
+    assert!(EfficientAd::load(&store.model_path(1), Device::Cpu).is_ok(), "the previous model loads");
+    assert_eq!(model_version(ports[1]), Some(1.0), "replicas still serve version 1");
+
+    // The restarted trainer resumes the buffer, promotes, and both replicas swap the new model in.
+    let mut trainer = harness.run_with(&trainer_file, "log", &["--role", "trainer"], &[]);
+    let buffered = |port| metric(port, "lineguard_replay_buffer_frames{line=\"trays\",part=\"recent\"}");
+    wait_for("the reopened replay buffer", Duration::from_secs(60), &all(&trainer, &replicas), || {
+        buffered(ports[0]).is_some_and(|n| n > 0.0)
+    });
+    wait_for("a promotion served by both replicas", Duration::from_secs(240), &all(&trainer, &replicas), || {
+        let versions = [model_version(ports[0]), model_version(ports[1]), model_version(ports[2])];
+        versions[0].is_some_and(|v| v >= 2.0) && versions.iter().all(|v| *v == versions[0])
+    });
+    let promoted = model_version(ports[0]).unwrap() as u64;
+    assert!(!std::fs::read_dir(line.state.join("trays/versions")).unwrap().flatten().any(|e| {
+        e.file_name().to_string_lossy().contains(".tmp")
+    }));
+
+    harness.produce(&line.frames, &f.drifted[12..], "d2");
+    let after = wait_for_results(&harness, &line, "d2-", 12, &all(&trainer, &replicas));
+    let fpr_after = false_positive_rate(&after);
+    assert!(after.iter().all(|r| r.model_version >= promoted), "phase 2 is scored by the promoted model");
+    assert!(fpr_after < fpr_before, "retraining recovers: false alarms {fpr_before} → {fpr_after}");
+    // No frame lost or scored twice across the swap (checked again now that everything is in).
+    results_of(&harness.brokers(), &line.results, "d1-", 12, &all(&trainer, &replicas));
+
+    // A replica that starts now serves the promoted model from its first frame.
+    let late = harness.run_with(&replica_files[2], "log", &["--role", "inference"], &[]);
+    wait_for("the late replica", Duration::from_secs(90), &[&late], || {
+        model_version(ports[3]).is_some_and(|v| v as u64 >= promoted)
+    });
+    let report = line.gate_log();
+    assert!(report.iter().any(|r| r.outcome == lineguard::metrics::GateOutcome::Promoted), "{report:?}");
+    let listed = common::stdout(&lineguard_ok(&["model", "list", "--pipeline", path_str(&trainer_file), "--line", "trays"]));
+    assert!(listed.contains(&format!("* v{promoted}")), "{listed}");
+    eprintln!("false alarms on drifted trays: {fpr_before:.2} with v1 → {fpr_after:.2} with v{promoted}\n{listed}");
+    let _ = trainer.terminate(Duration::from_secs(60));
+}
+
+#[test]
+fn poisoned_feedback_never_lowers_recall() {
+    let f = fixture();
+    let harness = Harness::new("poison");
+    let line = Line::new(&harness);
+    let port = free_port();
+    let anomalies = format!("anomalies = \"{}\"", path_str(&f.defects));
+    let pipeline = line.pipeline(&harness, "all.toml", port, &anomalies);
+    let service = harness.run(&pipeline);
+    wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
+    let initial_recall = recall(&f.model, &f.defects, f.threshold);
+    assert!(initial_recall >= 0.8, "the fixture model catches the known defects: {initial_recall}");
+
+    // A normal stream with 5% defects, and a careless operator who marks every frame normal.
+    let mut stream: Vec<PathBuf> = f.good[..19].to_vec();
+    stream.insert(9, f.stained[0].clone());
+    harness.produce(&line.frames, &stream, "p1");
+    let first = wait_for_results(&harness, &line, "p1-", 20, &[&service]);
+    mark_normal(&harness, &line, &first);
+    // Then a batch of nothing but defects, all marked normal.
+    harness.produce(&line.frames, &f.stained[1..13], "p2");
+    let second = wait_for_results(&harness, &line, "p2-", 12, &[&service]);
+    mark_normal(&harness, &line, &second);
+
+    wait_for("a recall rejection", Duration::from_secs(240), &[&service], || {
+        line.gate_log().iter().any(|r| r.outcome == lineguard::metrics::GateOutcome::RejectedRecall)
+    });
+    let accepted = metric(port, "lineguard_frames_accepted_total{line=\"trays\"}").unwrap_or(0.0);
+    assert!(accepted > 0.0, "confidently normal frames were accepted automatically");
+    for report in line.gate_log().iter().filter(|r| r.outcome == lineguard::metrics::GateOutcome::Promoted) {
+        assert!(report.candidate.recall >= report.current.recall, "{}", report.summary());
+    }
+    let store = line.store();
+    let current = store.model_path(store.current().unwrap().unwrap());
+    let final_recall = recall(&current, &f.defects, f.threshold);
+    assert!(final_recall >= initial_recall, "recall {initial_recall} → {final_recall}");
+    let rejected = metric(port, "lineguard_model_candidates_total{line=\"trays\",outcome=\"rejected\",reason=\"recall\"}");
+    assert!(rejected.is_some_and(|n| n >= 1.0), "the rejection is counted");
+}
