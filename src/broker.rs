@@ -79,6 +79,9 @@ impl LocalBroker {
             .args(["--storage-engine", "memory://nisshi/"])
             // Without it every new consumer group waits 3 s for more members.
             .args(["--group-initial-rebalance-delay", "0ms"])
+            // nisshi logs every request at info: inheriting a user's RUST_LOG=info costs it more than a
+            // core formatting log lines.
+            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(output())
             .stderr(output())

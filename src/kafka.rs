@@ -93,7 +93,8 @@ pub async fn ensure_topics_with(
     let new_topics: Vec<NewTopic> = topics
         .iter()
         .map(|name| {
-            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max_bytes);
+            let topic =
+                NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max_bytes);
             configs.iter().fold(topic, |topic, (key, value)| topic.set(key, value))
         })
         .collect();

@@ -328,7 +328,12 @@ impl Metrics {
                 "Times the trainer did not step, by cause.",
                 &["line", "cause"],
             )?,
-            replay_buffer: gauge(r, "lineguard_replay_buffer_frames", "Frames in the replay buffer.", &["line", "part"])?,
+            replay_buffer: gauge(
+                r,
+                "lineguard_replay_buffer_frames",
+                "Frames in the replay buffer.",
+                &["line", "part"],
+            )?,
             model_candidates: counter(
                 r,
                 "lineguard_model_candidates_total",
@@ -337,6 +342,27 @@ impl Metrics {
             )?,
             registry,
         }))
+    }
+
+    /// Totals of a line's retraining so far, for progress lines (the demo's).
+    pub fn retrain_summary(&self, line: &str) -> RetrainSummary {
+        let gate = |outcome: GateOutcome| {
+            let (outcome, reason) = outcome.labels();
+            self.model_candidates.with_label_values(&[line, outcome, reason]).get()
+        };
+        let rejections = [
+            GateOutcome::RejectedNonFinite,
+            GateOutcome::RejectedFalsePositives,
+            GateOutcome::RejectedRecall,
+            GateOutcome::RejectedNoImprovement,
+        ];
+        RetrainSummary {
+            steps: self.retrain_steps.with_label_values(&[line]).get(),
+            buffered: self.replay_buffer.with_label_values(&[line, "recent"]).get() as u64,
+            promoted: gate(GateOutcome::Promoted),
+            rejected: rejections.into_iter().map(gate).sum(),
+            model_version: self.model_version.with_label_values(&[line]).get() as u64,
+        }
     }
 
     /// The trainer's event methods for one line.
@@ -482,6 +508,15 @@ impl LineMetrics {
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetrainSummary {
+    pub steps: u64,
+    pub buffered: u64,
+    pub promoted: u64,
+    pub rejected: u64,
+    pub model_version: u64,
 }
 
 /// Events of a line's trainer.

@@ -229,7 +229,8 @@ impl RetrainSettings {
     fn problems(&self, line: &LineSettings, key: &dyn Fn(&str) -> String, problems: &mut Vec<String>) {
         let key = |field: &str| key(&format!("retrain.{field}"));
         if !self.accept_below.is_finite() {
-            problems.push(format!("{}: required, a score below `threshold` (e.g. 0.8 × threshold)", key("accept_below")));
+            problems
+                .push(format!("{}: required, a score below `threshold` (e.g. 0.8 × threshold)", key("accept_below")));
         } else if self.accept_below >= line.threshold {
             problems.push(format!(
                 "{}: {} is not below the line's threshold {} (only confidently normal frames may teach the model)",

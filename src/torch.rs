@@ -50,3 +50,13 @@ pub fn use_threads(count: usize) {
     let _ = tch::Tensor::ones([1 << 16], (tch::Kind::Float, Device::Cpu)).sum(tch::Kind::Float);
     tch::set_num_threads(count.max(1) as i32);
 }
+
+/// Lowers the calling thread's CPU scheduling priority to the minimum (nice 19), so that on a busy
+/// machine the kernel runs inference threads first. Linux threads carry their own nice value.
+pub fn lower_thread_priority() {
+    // SAFETY: gettid and setpriority have no memory-safety preconditions; failure is reported, not UB.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    if result != 0 {
+        log::warn!("cannot lower the trainer's priority: {}", std::io::Error::last_os_error());
+    }
+}

@@ -109,7 +109,6 @@ impl LineHarness for Harness {
         std::fs::write(&path, text).unwrap();
         path
     }
-
 }
 
 #[test]

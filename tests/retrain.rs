@@ -42,9 +42,19 @@ fn fixture() -> &'static Fixture {
         let data = dir.join("data");
         common::synth_small(&data, 10, 6, 24);
         let recipe = dir.join("small.toml");
-        std::fs::write(&recipe, "image_size = 128\nchannels = 32\n[train]\nsteps = 200\ncheckpoint_every = 0\n").unwrap();
+        std::fs::write(&recipe, "image_size = 128\nchannels = 32\n[train]\nsteps = 200\ncheckpoint_every = 0\n")
+            .unwrap();
         let model = dir.join("model.safetensors");
-        lineguard_ok(&["train", "--data", path_str(&data), "--out", path_str(&model), "-c", path_str(&recipe), "--cpu"]);
+        lineguard_ok(&[
+            "train",
+            "--data",
+            path_str(&data),
+            "--out",
+            path_str(&model),
+            "-c",
+            path_str(&recipe),
+            "--cpu",
+        ]);
         // The alarm threshold a plant would set: just above every normal validation tray.
         let loaded = EfficientAd::load(&model, Device::Cpu).unwrap();
         let validation = lineguard::dataset::list_images(&data.join("validation/good")).unwrap();
@@ -285,8 +295,12 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
     );
     let replicas: Vec<Service> =
         replica_files[..2].iter().map(|p| harness.run_with(p, "log", &["--role", "inference"], &[])).collect();
-    wait_for("two ready replicas", Duration::from_secs(90), &all(&trainer, &replicas), || ready(ports[1]) && ready(ports[2]));
-    wait_for("the trainer", Duration::from_secs(60), &all(&trainer, &replicas), || model_version(ports[0]) == Some(1.0));
+    wait_for("two ready replicas", Duration::from_secs(90), &all(&trainer, &replicas), || {
+        ready(ports[1]) && ready(ports[2])
+    });
+    wait_for("the trainer", Duration::from_secs(60), &all(&trainer, &replicas), || {
+        model_version(ports[0]) == Some(1.0)
+    });
 
     // The light changes: the served model flags normal trays.
     harness.produce(&line.frames, &f.drifted[..12], "d1");
@@ -319,9 +333,10 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
         versions[0].is_some_and(|v| v >= 2.0) && versions.iter().all(|v| *v == versions[0])
     });
     let promoted = model_version(ports[0]).unwrap() as u64;
-    assert!(!std::fs::read_dir(line.state.join("trays/versions")).unwrap().flatten().any(|e| {
-        e.file_name().to_string_lossy().contains(".tmp")
-    }));
+    assert!(!std::fs::read_dir(line.state.join("trays/versions"))
+        .unwrap()
+        .flatten()
+        .any(|e| { e.file_name().to_string_lossy().contains(".tmp") }));
 
     harness.produce(&line.frames, &f.drifted[12..], "d2");
     let after = wait_for_results(&harness, &line, "d2-", 12, &all(&trainer, &replicas));
@@ -338,7 +353,8 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
     });
     let report = line.gate_log();
     assert!(report.iter().any(|r| r.outcome == lineguard::metrics::GateOutcome::Promoted), "{report:?}");
-    let listed = common::stdout(&lineguard_ok(&["model", "list", "--pipeline", path_str(&trainer_file), "--line", "trays"]));
+    let listed =
+        common::stdout(&lineguard_ok(&["model", "list", "--pipeline", path_str(&trainer_file), "--line", "trays"]));
     assert!(listed.contains(&format!("* v{promoted}")), "{listed}");
     eprintln!("false alarms on drifted trays: {fpr_before:.2} with v1 → {fpr_after:.2} with v{promoted}\n{listed}");
     let _ = trainer.terminate(Duration::from_secs(60));
@@ -380,6 +396,7 @@ fn poisoned_feedback_never_lowers_recall() {
     let current = store.model_path(store.current().unwrap().unwrap());
     let final_recall = recall(&current, &f.defects, f.threshold);
     assert!(final_recall >= initial_recall, "recall {initial_recall} → {final_recall}");
-    let rejected = metric(port, "lineguard_model_candidates_total{line=\"trays\",outcome=\"rejected\",reason=\"recall\"}");
+    let rejected =
+        metric(port, "lineguard_model_candidates_total{line=\"trays\",outcome=\"rejected\",reason=\"recall\"}");
     assert!(rejected.is_some_and(|n| n >= 1.0), "the rejection is counted");
 }

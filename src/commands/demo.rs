@@ -2,7 +2,9 @@
 //! no data and no broker of the user's. It synthesises a production line, trains (or reuses) a small DFSC
 //! model, chooses a threshold on normal validation trays, starts a local broker and the streaming
 //! pipeline, streams the test trays (good, logical and structural anomalies, plus a few broken messages)
-//! through it, and prints a live summary and where the heatmaps went.
+//! through it, and prints a live summary and where the heatmaps went. Retraining runs alongside: trays
+//! scored confidently normal feed the in-process trainer, whose candidates are gated and, when better,
+//! swapped in (the live line shows the model version and the gate's decisions).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -19,9 +21,10 @@ use rdkafka::ClientConfig;
 
 use lineguard::broker::LocalBroker;
 use lineguard::eval::EvalOptions;
+use lineguard::metrics::RetrainSummary;
 use lineguard::model::config::Recipe;
 use lineguard::model::EfficientAd;
-use lineguard::settings::{KafkaSettings, LineSettings, Settings};
+use lineguard::settings::{KafkaSettings, LineSettings, RetrainSettings, Settings};
 use lineguard::sink::{ResultRecord, HEADER_ERROR_REASON};
 use lineguard::synth::SynthConfig;
 
@@ -75,7 +78,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     };
 
     log::info!("step 3/4: choosing the alarm threshold on the normal validation trays");
-    let threshold = validation_threshold(&model, &data.join("validation/good"))?;
+    let (threshold, accept_below) = validation_threshold(&model, &data.join("validation/good"))?;
     if args.eval {
         let report = super::eval::evaluate(&model, &data, &EvalOptions::default(), None)?;
         println!();
@@ -86,19 +89,23 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
 
     log::info!("step 4/4: streaming the test trays through the pipeline");
     let runtime = super::runtime()?;
-    runtime.block_on(stream(args, &data, &model_path, threshold))
+    runtime.block_on(stream(args, &data, &model_path, threshold, accept_below))
 }
 
-/// The highest score of a normal validation image: no false alarm on validation, and anything scoring
-/// above every normal tray seen so far is flagged.
-fn validation_threshold(model: &EfficientAd, folder: &Path) -> anyhow::Result<f32> {
-    let mut highest = f32::NEG_INFINITY;
+/// The alarm threshold is the highest score of a normal validation image: no false alarm on validation,
+/// and anything scoring above every normal tray seen so far is flagged. Frames scoring below the
+/// validation median are confident enough to retrain on.
+fn validation_threshold(model: &EfficientAd, folder: &Path) -> anyhow::Result<(f32, f32)> {
+    let mut scores = Vec::new();
     for path in lineguard::dataset::list_images(folder)? {
-        highest = highest.max(lineguard::eval::score_image(model, &path)?.score);
+        scores.push(lineguard::eval::score_image(model, &path)?.score);
     }
-    anyhow::ensure!(highest.is_finite(), "no validation images in {}", folder.display());
-    log::info!("threshold {highest:.4} (highest validation score)");
-    Ok(highest)
+    scores.sort_by(f32::total_cmp);
+    let (Some(&highest), Some(&median)) = (scores.last(), scores.get(scores.len() / 2)) else {
+        anyhow::bail!("no validation images in {}", folder.display());
+    };
+    log::info!("threshold {highest:.4} (highest validation score); retraining accepts frames below {median:.4}");
+    Ok((highest, median))
 }
 
 /// The frames to stream: every test tray, shuffled like a real line, labelled by folder.
@@ -116,9 +123,17 @@ struct Topics {
     results: String,
     maps: String,
     dead_letter: String,
+    accepted: String,
+    models: String,
 }
 
-async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32) -> anyhow::Result<ExitCode> {
+async fn stream(
+    args: &DemoArgs,
+    data: &Path,
+    model_path: &Path,
+    threshold: f32,
+    accept_below: f32,
+) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.workdir)?;
     let (_broker, brokers, suffix) = match &args.brokers {
         Some(brokers) => (None, brokers.clone(), format!(".{}", std::process::id())),
@@ -140,13 +155,33 @@ async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32)
         results: format!("demo.results{suffix}"),
         maps: format!("demo.maps{suffix}"),
         dead_letter: format!("demo.dead-letter{suffix}"),
+        accepted: format!("demo.accepted{suffix}"),
+        models: format!("demo.models{suffix}"),
     };
     let kafka = super::produce::kafka_settings(&brokers);
     lineguard::kafka::ensure_topics(&kafka, &[&topics.frames, &topics.results, &topics.maps, &topics.dead_letter], 4)
         .await
         .context("creating the demo topics")?;
 
-    let settings = demo_settings(&kafka, &topics, model_path, threshold);
+    // Every demo run retrains from its own starting model: versions of earlier runs would not compare.
+    let state = args.workdir.join("retrain-state");
+    if state.exists() {
+        std::fs::remove_dir_all(&state).with_context(|| format!("clearing {}", state.display()))?;
+    }
+    let retrain = RetrainSettings {
+        accept_below,
+        accepted_topic: topics.accepted.clone(),
+        models_topic: topics.models.clone(),
+        state_dir: state,
+        originals: Some(data.join("train/good")),
+        pinned_originals: 16,
+        min_frames: 8,
+        // A short gate interval so that the demo's one minute of stream sees candidates judged.
+        evaluate_every: 8,
+        steps_per_minute: 60.0,
+        ..RetrainSettings::default()
+    };
+    let settings = demo_settings(&kafka, &topics, model_path, threshold, retrain);
     settings.validate()?;
     let pipeline = lineguard::pipeline::start(&settings).await?;
     if let Some(address) = pipeline.metrics_address() {
@@ -219,7 +254,10 @@ async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32)
                 let message = message.context("reading the demo's output topics")?;
                 tally.record(&message, &topics);
             }
-            _ = report.tick() => println!("{}", tally.live_line(started.elapsed())),
+            _ = report.tick() => {
+                let retrain = pipeline.metrics().retrain_summary("demo");
+                println!("{}", tally.live_line(started.elapsed(), &retrain));
+            }
             _ = super::termination() => {
                 log::warn!("interrupted");
                 break;
@@ -228,13 +266,23 @@ async fn stream(args: &DemoArgs, data: &Path, model_path: &Path, threshold: f32)
     }
     tally.write_pictures(&paths, &heatmaps);
     let elapsed = started.elapsed();
+    let metrics = pipeline.metrics().clone();
     pipeline.shutdown().await?;
+    let retrain = metrics.retrain_summary("demo");
     tally.print_summary(elapsed, &heatmaps, produced.unwrap_or(0));
+    tally.print_retraining(&retrain, &args.workdir.join("retrain-state"));
     Ok(ExitCode::SUCCESS)
 }
 
-fn demo_settings(kafka: &KafkaSettings, topics: &Topics, model_path: &Path, threshold: f32) -> Settings {
+fn demo_settings(
+    kafka: &KafkaSettings,
+    topics: &Topics,
+    model_path: &Path,
+    threshold: f32,
+    retrain: RetrainSettings,
+) -> Settings {
     let line = LineSettings {
+        retrain: Some(retrain),
         results_topic: topics.results.clone(),
         maps_topic: topics.maps.clone(),
         dead_letter_topic: topics.dead_letter.clone(),
@@ -266,6 +314,8 @@ struct Tally {
     threshold: f32,
     /// (split, flagged) per frame key; a key seen twice (redelivery) counts once.
     results: HashMap<String, (String, bool, f32)>,
+    /// Frames scored by each model version.
+    versions: BTreeMap<u64, usize>,
     dead_letters: Vec<(String, String)>,
     maps: HashMap<String, Vec<u8>>,
     latencies_ms: Vec<f64>,
@@ -279,6 +329,7 @@ impl Tally {
         Tally {
             threshold,
             results: HashMap::new(),
+            versions: BTreeMap::new(),
             dead_letters: Vec::new(),
             maps: HashMap::new(),
             latencies_ms: Vec::new(),
@@ -316,6 +367,7 @@ impl Tally {
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(captured);
             if self.results.insert(key, (split.to_string(), result.verdict == "anomalous", result.score)).is_none() {
+                *self.versions.entry(result.model_version).or_default() += 1;
                 self.latencies_ms.push((now_ms - captured) as f64);
                 self.in_pipeline_ms.push(result.timings_ms.in_pipeline);
             }
@@ -332,7 +384,7 @@ impl Tally {
         counts
     }
 
-    fn live_line(&self, elapsed: Duration) -> String {
+    fn live_line(&self, elapsed: Duration, retrain: &RetrainSummary) -> String {
         let counts = self.counts();
         let get = |s: &str| counts.get(s).copied().unwrap_or_default();
         let (good, false_alarms) = get("good");
@@ -346,7 +398,27 @@ impl Tally {
             self.results.len() as f64 / elapsed.as_secs_f64().max(1e-3),
             self.dead_letters.len(),
             percentile(&self.latencies_ms, 0.5).map_or("-".into(), |v| format!("{v:.0} ms")),
+        ) + &format!(
+            " | model v{} | retraining: {} frames, {} steps, {} promoted, {} rejected",
+            retrain.model_version, retrain.buffered, retrain.steps, retrain.promoted, retrain.rejected
         )
+    }
+
+    fn print_retraining(&self, retrain: &RetrainSummary, state: &Path) {
+        let by_version: Vec<String> = self.versions.iter().map(|(v, n)| format!("v{v}: {n}")).collect();
+        println!(
+            "retraining: {} accepted frames in the replay buffer, {} steps, candidates {} promoted / {} rejected; \
+             frames scored by model {}",
+            retrain.buffered,
+            retrain.steps,
+            retrain.promoted,
+            retrain.rejected,
+            by_version.join(", ")
+        );
+        println!(
+            "versions and gate decisions: {}/demo (lineguard model list reads them from a pipeline file)",
+            state.display()
+        );
     }
 
     /// Original | heatmap pictures of the flagged frames.

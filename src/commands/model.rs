@@ -17,12 +17,13 @@ pub fn run(args: &ModelArgs) -> anyhow::Result<ExitCode> {
             let line = &rollback.target.line;
             let current = store.current()?.context("no current version recorded yet: the trainer has not started")?;
             let kept: Vec<u64> = store.versions()?.iter().map(|r| r.version).collect();
-            let target = match rollback.to {
-                Some(version) => version,
-                None => kept.iter().rev().copied().find(|v| *v < current).with_context(|| {
-                    format!("no kept version older than the current {current} (kept: {kept:?})")
-                })?,
-            };
+            let target =
+                match rollback.to {
+                    Some(version) => version,
+                    None => kept.iter().rev().copied().find(|v| *v < current).with_context(|| {
+                        format!("no kept version older than the current {current} (kept: {kept:?})")
+                    })?,
+                };
             anyhow::ensure!(kept.contains(&target), "version {target} is not kept (kept: {kept:?})");
             anyhow::ensure!(target != current, "version {target} is already current");
             let path = store.model_path(target);

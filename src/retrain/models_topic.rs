@@ -166,7 +166,12 @@ impl ModelFeed {
     /// Reads `topic` from its beginning; no consumer group offsets are used or committed.
     pub fn open(kafka: &KafkaSettings, topic: &str, line: &str) -> Result<ModelFeed, rdkafka::error::KafkaError> {
         let group = format!("lineguard-models-{line}-{}-{}", std::process::id(), rand::random::<u32>());
-        let consumer: BaseConsumer = crate::kafka::consumer_config(kafka, &group).set("statistics.interval.ms", "0").create()?;
+        // New models are rare: a fetch that waits long for data keeps the broker from re-serving the end of
+        // a large topic several times a second (which costs a small broker whole cores).
+        let consumer: BaseConsumer = crate::kafka::consumer_config(kafka, &group)
+            .set("statistics.interval.ms", "0")
+            .set("fetch.wait.max.ms", "10000")
+            .create()?;
         let mut partitions = TopicPartitionList::new();
         partitions.add_partition_offset(topic, 0, Offset::Beginning)?;
         consumer.assign(&partitions)?;
@@ -219,7 +224,6 @@ impl ModelFeed {
             }
         }
     }
-
 }
 
 /// Runs a replica's follower until `stop`: every newer publication of the line is loaded onto `device`

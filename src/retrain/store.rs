@@ -82,7 +82,8 @@ impl VersionStore {
         for entry in std::fs::read_dir(&folder).map_err(|source| RetrainError::Io { path: folder.clone(), source })? {
             let path = entry.map_err(|source| RetrainError::Io { path: folder.clone(), source })?.path();
             if path.extension().is_some_and(|e| e == "json") {
-                let text = std::fs::read_to_string(&path).map_err(|source| RetrainError::Io { path: path.clone(), source })?;
+                let text =
+                    std::fs::read_to_string(&path).map_err(|source| RetrainError::Io { path: path.clone(), source })?;
                 match serde_json::from_str::<VersionRecord>(&text) {
                     Ok(record) if self.model_path(record.version).is_file() => records.push(record),
                     Ok(_) => {}

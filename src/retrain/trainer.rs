@@ -123,6 +123,8 @@ struct Running {
 impl Running {
     fn start(stage: TrainerStage) -> Result<Running, RetrainError> {
         crate::torch::use_threads(stage.settings.threads);
+        // Inference threads come first whenever both want a core.
+        crate::torch::lower_thread_priority();
         let settings = &stage.settings;
         let dir = settings.line_dir(&stage.line);
         let store = VersionStore::open(&dir, settings.keep_versions)?;
@@ -209,6 +211,8 @@ impl Running {
             self.follow_publications()?;
             let (recent, held_out, pinned) = self.buffer.counts();
             self.stage.metrics.buffer(recent, held_out, pinned);
+            // Keeps the model-age gauge moving in a trainer-only process.
+            self.stage.metrics.current_model(self.current.info.model_version, self.current.info.created_unix);
             if let Err(cause) = self.ready_to_step() {
                 if self.waiting != Some(cause) {
                     self.stage.metrics.waited(cause);
@@ -576,11 +580,8 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 fn append_json_line<T: Serialize>(path: &Path, value: &T) {
     use std::io::Write;
     let line = serde_json::to_string(value).unwrap_or_default();
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut file| writeln!(file, "{line}"));
+    let written =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut file| writeln!(file, "{line}"));
     if let Err(err) = written {
         log::warn!("cannot append to {}: {err}", path.display());
     }

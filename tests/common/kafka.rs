@@ -219,4 +219,3 @@ pub fn count_by_key(records: &[Record]) -> HashMap<String, usize> {
 pub fn keys_with_prefix(counts: &HashMap<String, usize>, prefix: &str) -> usize {
     counts.keys().filter(|k| k.starts_with(prefix)).count()
 }
-
