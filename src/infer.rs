@@ -38,25 +38,26 @@ impl ModelSwapper {
     /// Queues `model` to replace the serving one before the next batch. Refuses models that cannot serve
     /// this line (another input size, no calibration) so the stage never has to.
     pub fn swap(&self, model: EfficientAd) -> Result<(), WeightsError> {
-        self.try_swap(model).map_err(|(err, _)| err)
+        self.try_swap(model).map_err(|refused| refused.error)
     }
 
     /// [`ModelSwapper::swap`], handing the model back when it was not queued (a swap is still pending).
-    pub fn try_swap(&self, model: EfficientAd) -> Result<(), (WeightsError, Option<EfficientAd>)> {
+    pub fn try_swap(&self, model: EfficientAd) -> Result<(), SwapRefused> {
         let refuse = |reason: String| WeightsError::Content { path: "<hot swap>".into(), reason };
+        let refused = |error, model: Option<EfficientAd>| SwapRefused { error, model: model.map(Box::new) };
         if let Err(err) = check_servable(&model) {
-            return Err((err, None));
+            return Err(refused(err, None));
         }
         if model.recipe.image_size != self.side {
             let reason = format!(
                 "the new model takes {} px images, the serving one {} px; restart the line to change sizes",
                 model.recipe.image_size, self.side
             );
-            return Err((refuse(reason), None));
+            return Err(refused(refuse(reason), None));
         }
         self.sender.try_send(model).map_err(|err| match err {
-            TrySendError::Full(model) => (refuse("a swap is already pending".into()), Some(model)),
-            TrySendError::Disconnected(_) => (refuse("the inference stage has stopped".into()), None),
+            TrySendError::Full(model) => refused(refuse("a swap is already pending".into()), Some(model)),
+            TrySendError::Disconnected(_) => refused(refuse("the inference stage has stopped".into()), None),
         })
     }
 
@@ -64,6 +65,12 @@ impl ModelSwapper {
     pub fn queued_frames(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
+}
+
+/// Why a swap did not happen; `model` comes back when it may be offered again later.
+pub struct SwapRefused {
+    pub error: WeightsError,
+    pub model: Option<Box<EfficientAd>>,
 }
 
 /// A model can serve when its maps can be normalised.

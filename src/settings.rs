@@ -270,7 +270,7 @@ impl RetrainSettings {
         if self.evaluate_every == 0 {
             problems.push(format!("{}: must be > 0", key("evaluate_every")));
         }
-        if !(self.steps_per_minute > 0.0) {
+        if self.steps_per_minute.is_nan() || self.steps_per_minute <= 0.0 {
             problems.push(format!("{}: must be > 0", key("steps_per_minute")));
         }
         if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
@@ -575,6 +575,32 @@ threshold = 0.4
         assert!(err.contains("threshold"), "{err}");
         let err = parse(MINIMAL, &[("LINEGUARD__LINES__JUICE__THRESHOLD", "abc")]).unwrap_err().to_string();
         assert!(err.contains("lines.juice.threshold") && err.contains("string"), "{err}");
+    }
+
+    #[test]
+    fn retraining_tables_get_defaults_and_are_checked_whole() {
+        let settings = parse(&format!("{MINIMAL}[lines.juice.retrain]\naccept_below = 0.3\n"), &[]).unwrap();
+        let retrain = settings.lines["juice"].retrain.as_ref().unwrap();
+        assert_eq!(retrain, &RetrainSettings { accept_below: 0.3, ..RetrainSettings::default() });
+        assert_eq!(retrain.line_dir("juice"), Path::new("lineguard-state/juice"));
+
+        let broken = format!(
+            "{MINIMAL}[lines.juice.retrain]\naccept_below = 0.5\nmodels_topic = \"frames\"\nholdout_every = 1\n\
+             keep_versions = 1\nsteps_per_minute = 0\nfpr_tolerance = 2\n"
+        );
+        let err = parse(&broken, &[]).unwrap_err().to_string();
+        for needle in [
+            "lines.juice.retrain.accept_below: 0.5 is not below the line's threshold 0.4",
+            "\"frames\" is also one of the line's other topics",
+            "lines.juice.retrain.holdout_every",
+            "lines.juice.retrain.keep_versions",
+            "lines.juice.retrain.steps_per_minute",
+            "lines.juice.retrain.fpr_tolerance",
+        ] {
+            assert!(err.contains(needle), "missing {needle} in:\n{err}");
+        }
+        let missing = parse(&format!("{MINIMAL}[lines.juice.retrain]\n"), &[]).unwrap_err().to_string();
+        assert!(missing.contains("retrain.accept_below: required"), "{missing}");
     }
 
     #[test]

@@ -201,7 +201,7 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
     });
     let accepted = async {
         let (Some(acceptance), Some(image)) = (&config.acceptance, &payload) else { return };
-        if !(score < acceptance.below) {
+        if score.is_nan() || score >= acceptance.below {
             return;
         }
         let (partition, offset, score_text) =

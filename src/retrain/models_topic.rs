@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::buffer::fnv64;
-use crate::infer::ModelSwapper;
+use crate::infer::{ModelSwapper, SwapRefused};
 use crate::model::EfficientAd;
 use crate::settings::KafkaSettings;
 
@@ -264,8 +264,10 @@ pub fn follow(
                         log::info!("line {line}: model version {version} queued for the next batch");
                         serving_version = version;
                     }
-                    Err((_, Some(model))) => pending = Some(model), // the previous swap is still pending
-                    Err((err, None)) => log::error!("line {line}: cannot serve model version {version}: {err}"),
+                    Err(SwapRefused { model: Some(model), .. }) => pending = Some(*model), // still pending
+                    Err(SwapRefused { error, .. }) => {
+                        log::error!("line {line}: cannot serve model version {version}: {error}")
+                    }
                 }
             }
         }
