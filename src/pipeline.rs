@@ -441,17 +441,8 @@ async fn follow_models_topic(
     name: &str,
     retrain: &crate::settings::RetrainSettings,
 ) -> (Option<crate::retrain::models_topic::ModelFeed>, Option<crate::retrain::models_topic::Published>) {
-    use crate::kafka::ensure_topics_with;
     let kafka = &settings.kafka;
-    let mut candidates = vec![retrain.accepted_topic.as_str()];
-    if !retrain.feedback_topic.is_empty() {
-        candidates.push(retrain.feedback_topic.as_str());
-    }
-    let created = async {
-        ensure_topics_with(kafka, &candidates, 1, &[]).await?;
-        ensure_topics_with(kafka, &[&retrain.models_topic], 1, &[("cleanup.policy", "compact")]).await
-    };
-    if let Err(err) = created.await {
+    if let Err(err) = crate::retrain::ensure_topics(kafka, retrain).await {
         log::warn!("line {name}: cannot create the retraining topics ({err}); they must exist");
     }
     let (kafka, topic, line) = (kafka.clone(), retrain.models_topic.clone(), name.to_string());

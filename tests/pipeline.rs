@@ -32,19 +32,12 @@ fn fixture() -> &'static Fixture {
         let data = dir.join("data");
         common::synth_small(&data, 4, 3, 10);
         // A narrow network (16 teacher channels) keeps inference cheap; the pipeline does not care.
-        let recipe = dir.join("tiny.toml");
-        std::fs::write(&recipe, "image_size = 128\nchannels = 16\n[train]\nsteps = 3\ncheckpoint_every = 0\n").unwrap();
         let model = dir.join("model.safetensors");
-        lineguard_ok(&[
-            "train",
-            "--data",
-            path_str(&data),
-            "--out",
-            path_str(&model),
-            "-c",
-            path_str(&recipe),
-            "--cpu",
-        ]);
+        common::train_with_recipe(
+            &data,
+            &model,
+            "image_size = 128\nchannels = 16\n[train]\nsteps = 3\ncheckpoint_every = 0\n",
+        );
         let mut frames = Vec::new();
         for split in ["good", "logical_anomalies", "structural_anomalies"] {
             let folder = data.join("test").join(split);

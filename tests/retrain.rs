@@ -41,20 +41,9 @@ fn fixture() -> &'static Fixture {
         std::fs::create_dir_all(&dir).unwrap();
         let data = dir.join("data");
         common::synth_small(&data, 10, 6, 24);
-        let recipe = dir.join("small.toml");
-        std::fs::write(&recipe, "image_size = 128\nchannels = 32\n[train]\nsteps = 200\ncheckpoint_every = 0\n")
-            .unwrap();
         let model = dir.join("model.safetensors");
-        lineguard_ok(&[
-            "train",
-            "--data",
-            path_str(&data),
-            "--out",
-            path_str(&model),
-            "-c",
-            path_str(&recipe),
-            "--cpu",
-        ]);
+        let recipe = "image_size = 128\nchannels = 32\n[train]\nsteps = 200\ncheckpoint_every = 0\n";
+        common::train_with_recipe(&data, &model, recipe);
         // The alarm threshold a plant would set: just above every normal validation tray.
         let loaded = EfficientAd::load(&model, Device::Cpu).unwrap();
         let validation = lineguard::dataset::list_images(&data.join("validation/good")).unwrap();

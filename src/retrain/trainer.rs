@@ -129,6 +129,9 @@ impl Running {
         let dir = settings.line_dir(&stage.line);
         let store = VersionStore::open(&dir, settings.keep_versions)?;
         let producer: FutureProducer = crate::kafka::producer_config(&stage.kafka).create()?;
+        if let Err(err) = stage.runtime.block_on(super::ensure_topics(&stage.kafka, settings)) {
+            log::warn!("line {}: cannot create the retraining topics ({err}); they must exist", stage.line);
+        }
         let mut feed = ModelFeed::open(&stage.kafka, &settings.models_topic, &stage.line)?;
         let published = feed.catch_up(Duration::from_secs(30))?;
         let current = initial_model(&stage, &store, published.as_ref())?;

@@ -57,3 +57,11 @@ pub fn synth_small(out: &Path, train: usize, validation: usize, test: usize) {
     all.extend(args);
     lineguard_ok(&all);
 }
+
+/// Trains a model on `data` with the recipe `recipe_toml` (written beside `out`) through the real CLI, on
+/// the CPU.
+pub fn train_with_recipe(data: &Path, out: &Path, recipe_toml: &str) {
+    let recipe = out.with_extension("toml");
+    std::fs::write(&recipe, recipe_toml).expect("recipe written");
+    lineguard_ok(&["train", "--data", path_str(data), "--out", path_str(out), "-c", path_str(&recipe), "--cpu"]);
+}
