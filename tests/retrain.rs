@@ -344,7 +344,9 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
     assert!(report.iter().any(|r| r.outcome == lineguard::metrics::GateOutcome::Promoted), "{report:?}");
     let listed =
         common::stdout(&lineguard_ok(&["model", "list", "--pipeline", path_str(&trainer_file), "--line", "trays"]));
-    assert!(listed.contains(&format!("* v{promoted}")), "{listed}");
+    // Training goes on after the first promotion, so a later version may be current by now.
+    let current = line.store().current().unwrap().unwrap();
+    assert!(current >= promoted && listed.contains(&format!("* v{current} ")), "{listed}");
     eprintln!("false alarms on drifted trays: {fpr_before:.2} with v1 → {fpr_after:.2} with v{promoted}\n{listed}");
     let _ = trainer.terminate(Duration::from_secs(60));
 }

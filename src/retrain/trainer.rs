@@ -98,7 +98,7 @@ pub fn spawn(
     })
 }
 
-/// Nothing in the buffer, a step ready: the state of a running trainer.
+/// A started trainer: its stores, Kafka clients, current model and training state.
 struct Running {
     stage: TrainerStage,
     dir: PathBuf,
