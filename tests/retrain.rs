@@ -205,9 +205,15 @@ keep_versions = 3
     }
 }
 
-/// Results of the frames sent with `prefix`: every one exactly once.
-fn results_of(brokers: &str, topic: &str, prefix: &str, expected: usize, services: &[&Service]) -> Vec<ResultRecord> {
-    let records = read_topic(brokers, topic, usize::MAX, Duration::from_secs(8));
+/// Results of the frames sent with `prefix`: every one exactly once. `in_topic` is how many results the
+/// topic should hold by now (reading stops 2 s after that many, so duplicates would show).
+fn results_of(
+    brokers: &str,
+    topic: &str,
+    (prefix, expected, in_topic): (&str, usize, usize),
+    services: &[&Service],
+) -> Vec<ResultRecord> {
+    let records = read_topic(brokers, topic, in_topic, Duration::from_secs(60));
     let mine: Vec<&Record> = records.iter().filter(|r| r.key.starts_with(prefix)).collect();
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for record in &mine {
@@ -223,15 +229,14 @@ fn results_of(brokers: &str, topic: &str, prefix: &str, expected: usize, service
 fn wait_for_results(
     harness: &Harness,
     line: &Line,
-    prefix: &str,
-    expected: usize,
+    (prefix, expected, in_topic): (&str, usize, usize),
     services: &[&Service],
 ) -> Vec<ResultRecord> {
     wait_for(&format!("{expected} results of {prefix}"), Duration::from_secs(180), services, || {
-        let records = read_topic(&harness.brokers(), &line.results, expected, Duration::from_secs(2));
+        let records = read_topic(&harness.brokers(), &line.results, in_topic, Duration::from_secs(5));
         count_by_key(&records).keys().filter(|k| k.starts_with(prefix)).count() >= expected
     });
-    results_of(&harness.brokers(), &line.results, prefix, expected, services)
+    results_of(&harness.brokers(), &line.results, (prefix, expected, in_topic), services)
 }
 
 fn false_positive_rate(results: &[ResultRecord]) -> f64 {
@@ -293,7 +298,7 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
 
     // The light changes: the served model flags normal trays.
     harness.produce(&line.frames, &f.drifted[..12], "d1");
-    let before = wait_for_results(&harness, &line, "d1-", 12, &all(&trainer, &replicas));
+    let before = wait_for_results(&harness, &line, ("d1-", 12, 12), &all(&trainer, &replicas));
     let fpr_before = false_positive_rate(&before);
     assert!(before.iter().all(|r| r.model_version == 1));
     assert!(fpr_before >= 0.5, "the drift raises false alarms: {fpr_before}");
@@ -328,12 +333,12 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
         .any(|e| { e.file_name().to_string_lossy().contains(".tmp") }));
 
     harness.produce(&line.frames, &f.drifted[12..], "d2");
-    let after = wait_for_results(&harness, &line, "d2-", 12, &all(&trainer, &replicas));
+    let after = wait_for_results(&harness, &line, ("d2-", 12, 24), &all(&trainer, &replicas));
     let fpr_after = false_positive_rate(&after);
     assert!(after.iter().all(|r| r.model_version >= promoted), "phase 2 is scored by the promoted model");
     assert!(fpr_after < fpr_before, "retraining recovers: false alarms {fpr_before} → {fpr_after}");
     // No frame lost or scored twice across the swap (checked again now that everything is in).
-    results_of(&harness.brokers(), &line.results, "d1-", 12, &all(&trainer, &replicas));
+    results_of(&harness.brokers(), &line.results, ("d1-", 12, 24), &all(&trainer, &replicas));
 
     // A replica that starts now serves the promoted model from its first frame.
     let late = harness.run_with(&replica_files[2], "log", &["--role", "inference"], &[]);
@@ -368,11 +373,11 @@ fn poisoned_feedback_never_lowers_recall() {
     let mut stream: Vec<PathBuf> = f.good[..19].to_vec();
     stream.insert(9, f.stained[0].clone());
     harness.produce(&line.frames, &stream, "p1");
-    let first = wait_for_results(&harness, &line, "p1-", 20, &[&service]);
+    let first = wait_for_results(&harness, &line, ("p1-", 20, 20), &[&service]);
     mark_normal(&harness, &line, &first);
     // Then a batch of nothing but defects, all marked normal.
     harness.produce(&line.frames, &f.stained[1..13], "p2");
-    let second = wait_for_results(&harness, &line, "p2-", 12, &[&service]);
+    let second = wait_for_results(&harness, &line, ("p2-", 12, 32), &[&service]);
     mark_normal(&harness, &line, &second);
 
     wait_for("a recall rejection", Duration::from_secs(240), &[&service], || {
