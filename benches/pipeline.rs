@@ -15,7 +15,7 @@ use std::time::Instant;
 
 mod common;
 
-use common::median;
+use common::{arg, median};
 use lineguard::broker::LocalBroker;
 use lineguard::kafka::{send_files, Sending};
 use lineguard::model::config::{Preset, Recipe};
@@ -27,10 +27,6 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::ClientConfig;
 use tch::Tensor;
-
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn percentile(values: &[f64], q: f64) -> f64 {
     let mut sorted = values.to_vec();

@@ -19,15 +19,11 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::median;
+use common::{arg, median};
 use lineguard::model::config::{Preset, Recipe};
 use lineguard::model::train::Trainer;
 use lineguard::model::{EfficientAd, MapQuantiles};
 use tch::{Device, Tensor};
-
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// Inference frames per second over `duration`.
 fn infer_for(model: &EfficientAd, batch: &Tensor, duration: Duration) -> f64 {

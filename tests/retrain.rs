@@ -353,7 +353,17 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
     let current = line.store().current().unwrap().unwrap();
     assert!(current >= promoted && listed.contains(&format!("* v{current} ")), "{listed}");
     eprintln!("false alarms on drifted trays: {fpr_before:.2} with v1 → {fpr_after:.2} with v{promoted}\n{listed}");
+
+    // Rolling back (with the trainer stopped, so that it cannot promote again meanwhile) brings every
+    // replica back to version 1.
     let _ = trainer.terminate(Duration::from_secs(60));
+    lineguard_ok(&["model", "rollback", "--pipeline", path_str(&trainer_file), "--line", "trays", "--to", "1"]);
+    wait_for("every replica back on version 1", Duration::from_secs(60), &[&late], || {
+        ports[1..].iter().all(|port| model_version(*port) == Some(1.0))
+    });
+    let listed =
+        common::stdout(&lineguard_ok(&["model", "list", "--pipeline", path_str(&trainer_file), "--line", "trays"]));
+    assert!(listed.contains("* v1 "), "{listed}");
 }
 
 #[test]
