@@ -468,7 +468,10 @@ impl LineMetrics {
     pub fn model_age_tick(&self) {
         let created = self.metrics.model_created.with_label_values(&[self.line.as_str()]).get();
         if created > 0 {
-            self.metrics.model_age.with_label_values(&[self.line.as_str()]).set(unix_now() as i64 - created);
+            self.metrics
+                .model_age
+                .with_label_values(&[self.line.as_str()])
+                .set(crate::model::unix_seconds() as i64 - created);
         }
     }
 
@@ -504,10 +507,6 @@ impl LineMetrics {
     pub fn publish_failed(&self, output: Output) {
         self.metrics.publish_errors.with_label_values(&[self.line.as_str(), output.as_str()]).inc();
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -583,7 +582,10 @@ impl RetrainMetrics {
         let line = [self.line.as_str()];
         self.metrics.model_version.with_label_values(&line).set(version as i64);
         self.metrics.model_created.with_label_values(&line).set(created_unix as i64);
-        self.metrics.model_age.with_label_values(&line).set(unix_now().saturating_sub(created_unix) as i64);
+        self.metrics
+            .model_age
+            .with_label_values(&line)
+            .set(crate::model::unix_seconds().saturating_sub(created_unix) as i64);
     }
 }
 

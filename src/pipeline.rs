@@ -371,10 +371,6 @@ async fn start_line(
                 device,
                 stop.clone(),
             )?;
-            // The follower ends only when stopped; its handle's result type matches the other stages'.
-            let thread = std::thread::Builder::new()
-                .name(format!("models-join-{name}"))
-                .spawn(move || thread.join().map_err(|_| "the models follower panicked".to_string()))?;
             Some(Background { name: name.to_string(), stop, thread })
         }
         None => None,

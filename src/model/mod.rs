@@ -58,13 +58,15 @@ impl ModelInfo {
         ModelInfo {
             model_version,
             trained_steps,
-            created_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_unix: unix_seconds(),
             lineguard_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
+}
+
+/// Seconds since the Unix epoch (0 on a clock set before 1970).
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Raw (unnormalised) difference maps at feature resolution, [B, 1, h, w] each.

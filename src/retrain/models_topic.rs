@@ -228,7 +228,8 @@ impl ModelFeed {
 
 /// Runs a replica's follower until `stop`: every newer publication of the line is loaded onto `device`
 /// and handed to the inference stage, which swaps it in between batches. When several publications
-/// arrived meanwhile, only the newest is loaded.
+/// arrived meanwhile, only the newest is loaded. The thread ends only when stopped; its result type is
+/// the other stages'.
 pub fn follow(
     line: String,
     mut feed: ModelFeed,
@@ -236,7 +237,7 @@ pub fn follow(
     mut serving_version: u64,
     device: Device,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<JoinHandle<Result<(), String>>> {
     std::thread::Builder::new().name(format!("models-{line}")).spawn(move || {
         let mut pending: Option<EfficientAd> = None;
         while !stop.load(Ordering::Relaxed) {
@@ -271,6 +272,7 @@ pub fn follow(
                 }
             }
         }
+        Ok(())
     })
 }
 

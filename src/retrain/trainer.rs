@@ -288,7 +288,7 @@ impl Running {
         } else {
             let record = VersionRecord {
                 version,
-                recorded_unix: unix_now(),
+                recorded_unix: crate::model::unix_seconds(),
                 origin: manifest.origin.clone(),
                 trained_steps: adopted.info.trained_steps,
                 parent: None,
@@ -425,7 +425,7 @@ impl Running {
         let version = candidate.info.model_version;
         let record = VersionRecord {
             version,
-            recorded_unix: unix_now(),
+            recorded_unix: crate::model::unix_seconds(),
             origin: "promoted".into(),
             trained_steps: candidate.info.trained_steps,
             parent: Some(self.current.info.model_version),
@@ -513,7 +513,7 @@ fn initial_model(
     crate::infer::check_servable(&model)?;
     let record = VersionRecord {
         version: model.info.model_version,
-        recorded_unix: unix_now(),
+        recorded_unix: crate::model::unix_seconds(),
         origin: "initial".into(),
         trained_steps: model.info.trained_steps,
         parent: None,
@@ -588,10 +588,6 @@ fn append_json_line<T: Serialize>(path: &Path, value: &T) {
     if let Err(err) = written {
         log::warn!("cannot append to {}: {err}", path.display());
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
