@@ -16,13 +16,13 @@ use std::time::Instant;
 mod common;
 
 use common::{arg, median};
-use lineguard::broker::LocalBroker;
-use lineguard::kafka::{send_files, Sending};
+use lineguard::data::synth::SynthConfig;
 use lineguard::model::config::{Preset, Recipe};
 use lineguard::model::{EfficientAd, MapQuantiles};
-use lineguard::settings::{KafkaSettings, LineSettings, MetricsSettings, Settings};
-use lineguard::sink::ResultRecord;
-use lineguard::synth::SynthConfig;
+use lineguard::service::broker::LocalBroker;
+use lineguard::service::kafka::{send_files, Sending};
+use lineguard::service::settings::{KafkaSettings, LineSettings, MetricsSettings, Settings};
+use lineguard::service::sink::ResultRecord;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::ClientConfig;
@@ -62,7 +62,7 @@ async fn stream(brokers: &str, model: &Path, frames: &[PathBuf], round: usize, r
     let kafka = KafkaSettings::for_brokers(brokers, "bench");
     let topic = |kind: &str| format!("bench.{round}.{rate}.{kind}");
     let (input, results, maps, dead) = (topic("frames"), topic("results"), topic("maps"), topic("dead-letter"));
-    lineguard::kafka::ensure_topics(&kafka, &[&input, &results, &maps, &dead], 4).await.expect("topics");
+    lineguard::service::kafka::ensure_topics(&kafka, &[&input, &results, &maps, &dead], 4).await.expect("topics");
     let line = LineSettings {
         results_topic: results.clone(),
         maps_topic: maps,
@@ -76,7 +76,7 @@ async fn stream(brokers: &str, model: &Path, frames: &[PathBuf], round: usize, r
         shutdown: Default::default(),
         lines: BTreeMap::from([("bench".to_string(), line)]),
     };
-    let pipeline = lineguard::pipeline::start(&settings).await.expect("pipeline starts");
+    let pipeline = lineguard::service::pipeline::start(&settings).await.expect("pipeline starts");
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-reader-{round}-{rate}"))
@@ -85,7 +85,7 @@ async fn stream(brokers: &str, model: &Path, frames: &[PathBuf], round: usize, r
         .create()
         .expect("reader");
     reader.subscribe(&[&results]).expect("subscribe");
-    let producer = lineguard::kafka::producer_config(&kafka).create().expect("producer");
+    let producer = lineguard::service::kafka::producer_config(&kafka).create().expect("producer");
     let prefix = format!("bench-{round}");
     let sending = Sending { topic: &input, camera: "bench", line: None, key_prefix: &prefix, rate };
     let started = Instant::now();
@@ -135,10 +135,10 @@ fn main() {
         test_logical: per_split,
         test_structural: per_split,
     };
-    lineguard::synth::generate(&synth, &data, &mut || {}).expect("synthetic frames");
+    lineguard::data::synth::generate(&synth, &data, &mut || {}).expect("synthetic frames");
     let mut frames = Vec::new();
     for split in ["good", "logical_anomalies", "structural_anomalies"] {
-        frames.extend(lineguard::dataset::list_images(&data.join("test").join(split)).expect("frames"));
+        frames.extend(lineguard::data::loco::list_images(&data.join("test").join(split)).expect("frames"));
     }
     frames.truncate(count);
 
@@ -150,7 +150,9 @@ fn main() {
     model.save(&model_path).expect("model saved");
     let inputs: Vec<Tensor> = frames
         .iter()
-        .map(|p| lineguard::preprocess::to_input(&lineguard::preprocess::load_image(p).expect("frame"), side))
+        .map(|p| {
+            lineguard::data::preprocess::to_input(&lineguard::data::preprocess::load_image(p).expect("frame"), side)
+        })
         .collect();
 
     let broker = LocalBroker::start(None, Some(&dir.path().join("broker.log")))

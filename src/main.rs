@@ -1,7 +1,6 @@
 //! The `lineguard` command: parses arguments, dispatches to a subcommand, turns errors into one clear
 //! message and an exit code.
 
-mod cli;
 mod commands;
 
 use std::process::ExitCode;
@@ -12,7 +11,7 @@ fn main() -> ExitCode {
     // Before any other libtorch call: registers CUDA when this is a GPU install (see `lineguard::torch`).
     lineguard::torch::init();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_secs().init();
-    let cli = cli::Cli::parse();
+    let cli = commands::cli::Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,
         Err(err) => {

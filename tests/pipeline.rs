@@ -13,7 +13,9 @@ use common::kafka::{
     count_by_key, free_port, http_get, keys_with_prefix, metric, read_topic, runtime, wait_for, Harness,
 };
 use common::{lineguard_ok, path_str};
-use lineguard::sink::{ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MAP_FORMAT, HEADER_SOURCE_OFFSET};
+use lineguard::service::sink::{
+    ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MAP_FORMAT, HEADER_SOURCE_OFFSET,
+};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 
@@ -68,7 +70,7 @@ impl LineHarness for Harness {
         let t = |kind: &str| format!("{}.{line}.{kind}", self.name);
         let topics =
             Topics { frames: t("frames"), results: t("results"), maps: t("maps"), dead_letter: t("dead-letter") };
-        let kafka = lineguard::settings::KafkaSettings {
+        let kafka = lineguard::service::settings::KafkaSettings {
             brokers: self.brokers(),
             client_id: "test".into(),
             consumer: Default::default(),
@@ -76,7 +78,7 @@ impl LineHarness for Harness {
         };
         let names = [&topics.frames, &topics.results, &topics.maps, &topics.dead_letter];
         let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-        runtime().block_on(lineguard::kafka::ensure_topics(&kafka, &names, partitions)).unwrap();
+        runtime().block_on(lineguard::service::kafka::ensure_topics(&kafka, &names, partitions)).unwrap();
         topics
     }
 
@@ -145,7 +147,7 @@ fn every_frame_gets_exactly_one_result_and_a_decodable_map_on_two_lines() {
                 let picture = image::load_from_memory(&map.payload).expect("the map is a PNG");
                 assert_eq!((picture.width(), picture.height()), (128, 128));
             } else {
-                let values = lineguard::sink::decode_f16_map(&map.payload);
+                let values = lineguard::service::sink::decode_f16_map(&map.payload);
                 assert_eq!(values.len(), 128 * 128);
                 let score = results
                     .iter()
@@ -216,7 +218,7 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_the_line_keeps
     let producer: ThreadedProducer<DefaultProducerContext> =
         ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();
     for (key, payload, headers, _) in &cases {
-        let owned = lineguard::kafka::to_owned_headers(headers.iter().map(|(k, v)| (*k, v.as_bytes())));
+        let owned = lineguard::service::kafka::to_owned_headers(headers.iter().map(|(k, v)| (*k, v.as_bytes())));
         producer
             .send(BaseRecord::<str, [u8]>::to(&topics.frames).key(*key).payload(payload.as_slice()).headers(owned))
             .map_err(|(e, _)| e)

@@ -2,7 +2,7 @@
 
 mod common;
 
-use lineguard::dataset::{load_inputs, LocoDataset, Split};
+use lineguard::data::loco::{load_inputs, LocoDataset, Split};
 use lineguard::eval::metrics;
 use lineguard::model::config::{Preset, Recipe};
 use lineguard::model::train::Trainer;

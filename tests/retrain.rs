@@ -17,8 +17,8 @@ use std::time::Duration;
 use common::kafka::{count_by_key, free_port, http_get, metric, read_topic, wait_for, Harness, Record, Service};
 use common::{lineguard_ok, path_str};
 use lineguard::model::EfficientAd;
-use lineguard::retrain::gate::GateReport;
-use lineguard::sink::ResultRecord;
+use lineguard::service::retrain::gate::GateReport;
+use lineguard::service::sink::ResultRecord;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tch::Device;
 
@@ -46,13 +46,13 @@ fn fixture() -> &'static Fixture {
         common::train_with_recipe(&data, &model, recipe);
         // The alarm threshold a plant would set: just above every normal validation tray.
         let loaded = EfficientAd::load(&model, Device::Cpu).unwrap();
-        let validation = lineguard::dataset::list_images(&data.join("validation/good")).unwrap();
+        let validation = lineguard::data::loco::list_images(&data.join("validation/good")).unwrap();
         let highest = validation
             .iter()
             .map(|p| lineguard::eval::score_image(&loaded, p).unwrap().score)
             .fold(f32::NEG_INFINITY, f32::max);
         let threshold = highest * 1.05;
-        let good = lineguard::dataset::list_images(&data.join("test/good")).unwrap();
+        let good = lineguard::data::loco::list_images(&data.join("test/good")).unwrap();
         let drifted_dir = dir.join("drifted");
         std::fs::create_dir_all(&drifted_dir).unwrap();
         let drifted = good.iter().map(|p| edit(p, &drifted_dir, brighten)).collect();
@@ -98,7 +98,7 @@ fn stain(image: &mut image::RgbImage) {
 }
 
 fn recall(model: &Path, defects: &Path, threshold: f32) -> f64 {
-    let frames = lineguard::dataset::list_images(defects).unwrap();
+    let frames = lineguard::data::loco::list_images(defects).unwrap();
     let caught = scores(model, &frames).iter().filter(|s| **s > threshold).count();
     caught as f64 / frames.len() as f64
 }
@@ -195,8 +195,8 @@ keep_versions = 3
         path
     }
 
-    fn store(&self) -> lineguard::retrain::store::VersionStore {
-        lineguard::retrain::store::VersionStore::open(&self.state.join("trays"), 3).unwrap()
+    fn store(&self) -> lineguard::service::retrain::store::VersionStore {
+        lineguard::service::retrain::store::VersionStore::open(&self.state.join("trays"), 3).unwrap()
     }
 
     fn gate_log(&self) -> Vec<GateReport> {
@@ -346,7 +346,7 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
         model_version(ports[3]).is_some_and(|v| v as u64 >= promoted)
     });
     let report = line.gate_log();
-    assert!(report.iter().any(|r| r.outcome == lineguard::metrics::GateOutcome::Promoted), "{report:?}");
+    assert!(report.iter().any(|r| r.outcome == lineguard::service::metrics::GateOutcome::Promoted), "{report:?}");
     let listed =
         common::stdout(&lineguard_ok(&["model", "list", "--pipeline", path_str(&trainer_file), "--line", "trays"]));
     // Training goes on after the first promotion, so a later version may be current by now.
@@ -391,11 +391,11 @@ fn poisoned_feedback_never_lowers_recall() {
     mark_normal(&harness, &line, &second);
 
     wait_for("a recall rejection", Duration::from_secs(240), &[&service], || {
-        line.gate_log().iter().any(|r| r.outcome == lineguard::metrics::GateOutcome::RejectedRecall)
+        line.gate_log().iter().any(|r| r.outcome == lineguard::service::metrics::GateOutcome::RejectedRecall)
     });
     let accepted = metric(port, "lineguard_frames_accepted_total{line=\"trays\"}").unwrap_or(0.0);
     assert!(accepted > 0.0, "confidently normal frames were accepted automatically");
-    for report in line.gate_log().iter().filter(|r| r.outcome == lineguard::metrics::GateOutcome::Promoted) {
+    for report in line.gate_log().iter().filter(|r| r.outcome == lineguard::service::metrics::GateOutcome::Promoted) {
         assert!(report.candidate.recall >= report.current.recall, "{}", report.summary());
     }
     let store = line.store();

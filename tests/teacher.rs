@@ -19,7 +19,7 @@ fn backbone_checkpoint() -> PathBuf {
 
 /// Resize the shorter side to 224, centre crop 224x224, [1, 3, 224, 224] pixels in [0, 1].
 fn centre_crop_224(path: &Path) -> Tensor {
-    let image = lineguard::preprocess::load_image(path).unwrap();
+    let image = lineguard::data::preprocess::load_image(path).unwrap();
     let scale = 224.0 / image.width().min(image.height()) as f64;
     let (w, h) = ((image.width() as f64 * scale).round() as u32, (image.height() as f64 * scale).round() as u32);
     let resized = image::imageops::resize(&image, w, h, image::imageops::FilterType::Triangle);
@@ -33,7 +33,7 @@ fn backbone_classifies_imagenet_samples_into_their_labelled_class() {
     let Some(samples) = shared_dataset("imagenet_samples") else { return };
     let net = EfficientNetLite0::load(&backbone_checkpoint(), Device::Cpu).unwrap();
     // One image per class; sorted by WordNet id, the file order is the class index.
-    let files = lineguard::dataset::list_images(&samples).unwrap();
+    let files = lineguard::data::loco::list_images(&samples).unwrap();
     assert_eq!(files.len(), 1000);
     let mut correct = 0;
     let mut checked = 0;
@@ -52,12 +52,13 @@ fn backbone_classifies_imagenet_samples_into_their_labelled_class() {
 
 fn few_images(n: usize) -> Option<Vec<PathBuf>> {
     let samples = shared_dataset("imagenet_samples")?;
-    let files = lineguard::dataset::list_images(&samples).unwrap();
+    let files = lineguard::data::loco::list_images(&samples).unwrap();
     Some(files.into_iter().step_by(97).take(n).collect())
 }
 
 fn pixels(files: &[PathBuf], side: u32) -> Tensor {
-    lineguard::preprocess::denormalise(&lineguard::dataset::load_inputs(files, side, &|| {}).unwrap()).clamp(0.0, 1.0)
+    lineguard::data::preprocess::denormalise(&lineguard::data::loco::load_inputs(files, side, &|| {}).unwrap())
+        .clamp(0.0, 1.0)
 }
 
 fn tiny_config() -> DistillConfig {

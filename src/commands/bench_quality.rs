@@ -13,7 +13,7 @@ use lineguard::model::weights::TensorFile;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cli::{BenchQualityArgs, QualityBudget};
+use super::cli::{BenchQualityArgs, QualityBudget};
 
 /// `pipelines/recipes/cpu_budget.toml`, embedded so the benchmark runs from any folder.
 const CPU_BUDGET_RECIPE: &str = include_str!("../../pipelines/recipes/cpu_budget.toml");

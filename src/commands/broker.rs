@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-use lineguard::broker::LocalBroker;
+use lineguard::service::broker::LocalBroker;
 
-use crate::cli::BrokerArgs;
+use super::cli::BrokerArgs;
 
 pub fn run(args: &BrokerArgs) -> anyhow::Result<ExitCode> {
     let broker = LocalBroker::start_on(Some(args.port), None, None)?;

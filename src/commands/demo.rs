@@ -19,16 +19,16 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureRecord;
 use rdkafka::ClientConfig;
 
-use lineguard::broker::LocalBroker;
+use lineguard::data::synth::SynthConfig;
 use lineguard::eval::EvalOptions;
-use lineguard::metrics::RetrainSummary;
 use lineguard::model::config::Recipe;
 use lineguard::model::EfficientAd;
-use lineguard::settings::{KafkaSettings, LineSettings, RetrainSettings, Settings};
-use lineguard::sink::{ResultRecord, HEADER_ERROR_REASON};
-use lineguard::synth::SynthConfig;
+use lineguard::service::broker::LocalBroker;
+use lineguard::service::metrics::RetrainSummary;
+use lineguard::service::settings::{KafkaSettings, LineSettings, RetrainSettings, Settings};
+use lineguard::service::sink::{ResultRecord, HEADER_ERROR_REASON};
 
-use crate::cli::DemoArgs;
+use super::cli::DemoArgs;
 
 /// The demo's short CPU schedule, shared with the quality test; the file says why each value differs from
 /// the paper's.
@@ -97,7 +97,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
 /// validation median are confident enough to retrain on.
 fn validation_threshold(model: &EfficientAd, folder: &Path) -> anyhow::Result<(f32, f32)> {
     let mut scores = Vec::new();
-    for path in lineguard::dataset::list_images(folder)? {
+    for path in lineguard::data::loco::list_images(folder)? {
         scores.push(lineguard::eval::score_image(model, &path)?.score);
     }
     scores.sort_by(f32::total_cmp);
@@ -112,7 +112,7 @@ fn validation_threshold(model: &EfficientAd, folder: &Path) -> anyhow::Result<(f
 fn test_frames(data: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut frames = Vec::new();
     for split in SPLITS {
-        frames.extend(lineguard::dataset::list_images(&data.join("test").join(split))?);
+        frames.extend(lineguard::data::loco::list_images(&data.join("test").join(split))?);
     }
     frames.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
     Ok(frames)
@@ -159,9 +159,13 @@ async fn stream(
         models: format!("demo.models{suffix}"),
     };
     let kafka = super::produce::kafka_settings(&brokers);
-    lineguard::kafka::ensure_topics(&kafka, &[&topics.frames, &topics.results, &topics.maps, &topics.dead_letter], 4)
-        .await
-        .context("creating the demo topics")?;
+    lineguard::service::kafka::ensure_topics(
+        &kafka,
+        &[&topics.frames, &topics.results, &topics.maps, &topics.dead_letter],
+        4,
+    )
+    .await
+    .context("creating the demo topics")?;
 
     // Every demo run retrains from its own starting model: versions of earlier runs would not compare.
     let state = args.workdir.join("retrain-state");
@@ -183,7 +187,7 @@ async fn stream(
     };
     let settings = demo_settings(&kafka, &topics, model_path, threshold, retrain);
     settings.validate()?;
-    let pipeline = lineguard::pipeline::start(&settings).await?;
+    let pipeline = lineguard::service::pipeline::start(&settings).await?;
     if let Some(address) = pipeline.metrics_address() {
         println!("pipeline running; Prometheus metrics at http://{address}/metrics");
     }
@@ -198,7 +202,7 @@ async fn stream(
 
     let producer = super::produce::producer(&kafka)?;
     let key_prefix = format!("demo-{}", std::process::id());
-    let sending = lineguard::kafka::Sending {
+    let sending = lineguard::service::kafka::Sending {
         topic: &topics.frames,
         camera: "tray-camera",
         line: None,
@@ -210,16 +214,17 @@ async fn stream(
     let mut paths: HashMap<String, PathBuf> = HashMap::new();
     let producing = async {
         let mut sent_keys = Vec::new();
-        let count =
-            lineguard::kafka::send_files(&producer, &frames, &sending, 0, |key| sent_keys.push(key.to_string()))
-                .await?;
+        let count = lineguard::service::kafka::send_files(&producer, &frames, &sending, 0, |key| {
+            sent_keys.push(key.to_string())
+        })
+        .await?;
         // Three broken messages, as cameras and networks produce them: each must reach the dead-letter
         // topic with its reason while the line keeps going.
         let truncated = std::fs::read(&frames[0]).map(|b| b[..b.len() / 3].to_vec())?;
         let captured = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis().to_string();
-        let good_headers = lineguard::kafka::to_owned_headers([
-            (lineguard::frame::HEADER_CAMERA, b"tray-camera".as_slice()),
-            (lineguard::frame::HEADER_CAPTURED_AT, captured.as_bytes()),
+        let good_headers = lineguard::service::kafka::to_owned_headers([
+            (lineguard::service::frame::HEADER_CAMERA, b"tray-camera".as_slice()),
+            (lineguard::service::frame::HEADER_CAPTURED_AT, captured.as_bytes()),
         ]);
         let broken: [(&str, &[u8], bool); 3] =
             [("truncated-png", &truncated, true), ("empty", &[], true), ("no-headers", &truncated, false)];
@@ -291,7 +296,7 @@ fn demo_settings(
     };
     Settings {
         kafka: kafka.clone(),
-        metrics: lineguard::settings::MetricsSettings { listen: "127.0.0.1:0".into() },
+        metrics: lineguard::service::settings::MetricsSettings { listen: "127.0.0.1:0".into() },
         shutdown: Default::default(),
         lines: BTreeMap::from([("demo".to_string(), line)]),
     }
@@ -303,7 +308,7 @@ fn watch_outputs(brokers: &str, topics: &Topics) -> anyhow::Result<StreamConsume
         .set("group.id", format!("lineguard-demo-watch-{}", std::process::id()))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.message.max.bytes", lineguard::kafka::MAX_MESSAGE_BYTES.to_string())
+        .set("fetch.message.max.bytes", lineguard::service::kafka::MAX_MESSAGE_BYTES.to_string())
         .create()?;
     consumer.subscribe(&[&topics.results, &topics.maps, &topics.dead_letter])?;
     Ok(consumer)
@@ -425,7 +430,7 @@ impl Tally {
     fn write_pictures(&self, paths: &HashMap<String, PathBuf>, folder: &Path) {
         for (key, (split, flagged, score)) in &self.results {
             let (Some(map), Some(path), true) = (self.maps.get(key), paths.get(key), *flagged) else { continue };
-            let (Ok(original), Ok(map)) = (lineguard::preprocess::load_image(path), image::load_from_memory(map))
+            let (Ok(original), Ok(map)) = (lineguard::data::preprocess::load_image(path), image::load_from_memory(map))
             else {
                 continue;
             };

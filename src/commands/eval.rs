@@ -1,12 +1,12 @@
 use std::path::Path;
 
 use anyhow::Context;
-use lineguard::dataset::LocoDataset;
+use lineguard::data::loco::LocoDataset;
 use lineguard::eval::{self, EvalOptions, EvalReport};
 use lineguard::model::EfficientAd;
 
+use super::cli::EvalArgs;
 use super::Progress;
-use crate::cli::EvalArgs;
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let device = lineguard::torch::select_device(args.cpu);
@@ -43,7 +43,7 @@ pub fn evaluate(
                 split.folder().replace('/', "_"),
                 path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
             );
-            let picture = lineguard::heatmap::side_by_side(&scored.image, &scored.map, range);
+            let picture = lineguard::eval::heatmap::side_by_side(&scored.image, &scored.map, range);
             if let Err(e) = picture.save(dir.join(&name)) {
                 write_error = Some(anyhow::anyhow!("writing heatmap {}: {e}", dir.join(name).display()));
             }

@@ -2,6 +2,7 @@
 
 mod bench_quality;
 mod broker;
+pub mod cli;
 mod demo;
 mod eval;
 mod model;
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{Cli, Command};
+use cli::{Cli, Command};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {

@@ -3,11 +3,11 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use lineguard::retrain::gate::GateReport;
-use lineguard::retrain::store::VersionStore;
-use lineguard::settings::{RetrainSettings, Settings};
+use lineguard::service::retrain::gate::GateReport;
+use lineguard::service::retrain::store::VersionStore;
+use lineguard::service::settings::{RetrainSettings, Settings};
 
-use crate::cli::{ModelAction, ModelArgs, ModelLineArgs};
+use super::cli::{ModelAction, ModelArgs, ModelLineArgs};
 
 pub fn run(args: &ModelArgs) -> anyhow::Result<ExitCode> {
     match &args.action {
@@ -32,7 +32,7 @@ pub fn run(args: &ModelArgs) -> anyhow::Result<ExitCode> {
             let producer = super::produce::producer(&settings.kafka)?;
             let runtime = super::runtime()?;
             let manifest = runtime
-                .block_on(lineguard::retrain::models_topic::publish(
+                .block_on(lineguard::service::retrain::models_topic::publish(
                     &producer,
                     &retrain.models_topic,
                     line,

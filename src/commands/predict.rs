@@ -3,12 +3,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use lineguard::dataset;
+use lineguard::data::loco;
 use lineguard::eval::score_image;
 use lineguard::model::EfficientAd;
 use serde::Serialize;
 
-use crate::cli::PredictArgs;
+use super::cli::PredictArgs;
 
 #[derive(Serialize)]
 struct Prediction<'a> {
@@ -43,7 +43,7 @@ pub fn run(args: &PredictArgs) -> anyhow::Result<ExitCode> {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         // The index keeps pictures of same-named files from different folders apart.
         let heatmap = args.out.join(format!("{index:04}_{stem}.png"));
-        lineguard::heatmap::side_by_side(&scored.image, &scored.map, range)
+        lineguard::eval::heatmap::side_by_side(&scored.image, &scored.map, range)
             .save(&heatmap)
             .with_context(|| format!("writing {}", heatmap.display()))?;
         let anomalous = args.threshold.map(|t| scored.score > t);
@@ -73,7 +73,7 @@ pub fn expand(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            let found = dataset::list_images(input)?;
+            let found = loco::list_images(input)?;
             if found.is_empty() {
                 anyhow::bail!("folder {} holds no images (.png, .jpg, .jpeg)", input.display());
             }

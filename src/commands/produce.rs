@@ -4,11 +4,11 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use lineguard::kafka::{send_files, Sending};
-use lineguard::settings::KafkaSettings;
+use lineguard::service::kafka::{send_files, Sending};
+use lineguard::service::settings::KafkaSettings;
 use rdkafka::producer::FutureProducer;
 
-use crate::cli::ProduceArgs;
+use super::cli::ProduceArgs;
 
 pub fn run(args: &ProduceArgs) -> anyhow::Result<ExitCode> {
     let files = super::predict::expand(&args.inputs)?;
@@ -25,7 +25,7 @@ pub fn run(args: &ProduceArgs) -> anyhow::Result<ExitCode> {
     ensure_reachable(&kafka)?;
     runtime.block_on(async {
         if let Some(partitions) = args.create_partitions {
-            lineguard::kafka::ensure_topics(&kafka, &[&args.topic], partitions)
+            lineguard::service::kafka::ensure_topics(&kafka, &[&args.topic], partitions)
                 .await
                 .with_context(|| format!("creating topic {}", args.topic))?;
         }
@@ -50,11 +50,13 @@ pub fn kafka_settings(brokers: &str) -> KafkaSettings {
 /// five-minute delivery timeout.
 pub fn producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
     ensure_reachable(kafka)?;
-    lineguard::kafka::producer_config(kafka).create().with_context(|| format!("connecting to {}", kafka.brokers))
+    lineguard::service::kafka::producer_config(kafka)
+        .create()
+        .with_context(|| format!("connecting to {}", kafka.brokers))
 }
 
 pub fn ensure_reachable(kafka: &KafkaSettings) -> anyhow::Result<()> {
-    lineguard::kafka::check_reachable(kafka, std::time::Duration::from_secs(10))
+    lineguard::service::kafka::check_reachable(kafka, std::time::Duration::from_secs(10))
         .with_context(|| format!("cannot reach Kafka at {} (is the broker running? --brokers sets it)", kafka.brokers))
 }
 

@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use lineguard::settings::Settings;
+use lineguard::service::settings::Settings;
 
-use crate::cli::{RoleArg, RunArgs};
-use lineguard::pipeline::Role;
+use super::cli::{RoleArg, RunArgs};
+use lineguard::service::pipeline::Role;
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(&args.pipeline)?;
@@ -21,7 +21,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         RoleArg::Inference => Role::Inference,
         RoleArg::Trainer => Role::Trainer,
     };
-    runtime.block_on(lineguard::pipeline::run(settings, role, super::termination()))?;
+    runtime.block_on(lineguard::service::pipeline::run(settings, role, super::termination()))?;
     log::info!("stopped: every consumed frame was published and its offset committed");
     Ok(ExitCode::SUCCESS)
 }

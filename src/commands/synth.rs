@@ -1,10 +1,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use lineguard::synth::{self, SynthConfig};
+use lineguard::data::synth::{self, SynthConfig};
 
+use super::cli::SynthArgs;
 use super::Progress;
-use crate::cli::SynthArgs;
 
 pub fn run(args: &SynthArgs) -> anyhow::Result<ExitCode> {
     let defaults = SynthConfig::default();

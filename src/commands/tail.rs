@@ -9,9 +9,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::ClientConfig;
 
-use lineguard::sink::{ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MAP_FORMAT, HEADER_MAP_WIDTH};
+use lineguard::service::sink::{ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MAP_FORMAT, HEADER_MAP_WIDTH};
 
-use crate::cli::TailArgs;
+use super::cli::TailArgs;
 
 pub fn run(args: &TailArgs) -> anyhow::Result<ExitCode> {
     super::produce::ensure_reachable(&super::produce::kafka_settings(&args.kafka.brokers))?;
@@ -58,7 +58,7 @@ pub fn reader(brokers: &str, topic: &str, from_beginning: bool) -> anyhow::Resul
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", if from_beginning { "earliest" } else { "latest" })
-        .set("fetch.message.max.bytes", lineguard::kafka::MAX_MESSAGE_BYTES.to_string())
+        .set("fetch.message.max.bytes", lineguard::service::kafka::MAX_MESSAGE_BYTES.to_string())
         .create()
         .with_context(|| format!("connecting to {brokers}"))?;
     consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;

@@ -3,15 +3,15 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use lineguard::dataset;
+use lineguard::data::loco;
 use lineguard::model::backbone::{EfficientNetLite0, TAPS};
 use lineguard::model::distill::{DistillConfig, Distiller};
 use lineguard::model::pth;
 use lineguard::model::teacher::{self, PdnShape};
 use serde_json::json;
 
+use super::cli::{DistillTeacherArgs, ImportTeacherArgs};
 use super::{sibling, Progress, TimeBudget};
-use crate::cli::{DistillTeacherArgs, ImportTeacherArgs};
 
 pub fn import(args: &ImportTeacherArgs) -> anyhow::Result<()> {
     let state = pth::read_state_dict(&args.checkpoint)?;
@@ -51,7 +51,7 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
         ..DistillConfig::default()
     };
     config.validate().map_err(|problem| anyhow::anyhow!("invalid distillation settings: {problem}"))?;
-    let mut paths = dataset::list_images(&args.images)?;
+    let mut paths = loco::list_images(&args.images)?;
     if let Some(max) = args.max_images {
         paths.truncate(max);
     }
@@ -65,7 +65,7 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
         lineguard::torch::describe(device)
     );
     let normalised = super::train::load(&paths, side, "loading images")?;
-    let pixels = lineguard::preprocess::denormalise(&normalised).clamp(0.0, 1.0);
+    let pixels = lineguard::data::preprocess::denormalise(&normalised).clamp(0.0, 1.0);
     drop(normalised);
 
     let mut distiller = if args.resume {

@@ -2,14 +2,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use lineguard::dataset::{self, LocoDataset};
+use lineguard::data::loco::{self, LocoDataset};
 use lineguard::model::config::Recipe;
 use lineguard::model::train::{StepLosses, Trainer};
 use lineguard::model::EfficientAd;
 use tch::{Device, Tensor};
 
+use super::cli::{RecipeArgs, TrainArgs};
 use super::{sibling, Progress, TimeBudget};
-use crate::cli::{RecipeArgs, TrainArgs};
 
 /// Recipe from file and preset, then the command-line overrides, validated as a whole.
 pub fn recipe_from_args(args: &RecipeArgs) -> anyhow::Result<Recipe> {
@@ -115,7 +115,7 @@ pub fn train(
 
 pub(super) fn load(paths: &[PathBuf], side: u32, what: &str) -> anyhow::Result<Tensor> {
     let progress = std::sync::Mutex::new(Progress::new(paths.len() as u64, what));
-    let images = dataset::load_inputs(paths, side, &|| {
+    let images = loco::load_inputs(paths, side, &|| {
         if let Ok(mut p) = progress.lock() {
             p.inc();
         }

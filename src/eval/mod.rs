@@ -2,16 +2,17 @@
 //! 0.05), separately for logical and structural anomalies and their mean. A split without images is
 //! `None` (printed as null), not an error: our data has no structural anomalies for some categories.
 
+pub mod heatmap;
 pub mod metrics;
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::dataset::{LocoDataset, Split};
+use crate::data::loco::{LocoDataset, Split};
+use crate::data::preprocess;
 use crate::error::ImageError;
 use crate::model::EfficientAd;
-use crate::preprocess;
 use metrics::DefectRegion;
 
 #[derive(Debug, thiserror::Error)]

@@ -25,8 +25,8 @@ use super::losses::mse;
 use super::net::Pdn;
 use super::train::{AdamW, TrainError};
 use super::weights::TensorFile;
+use crate::data::preprocess;
 use crate::error::WeightsError;
-use crate::preprocess;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DistillConfig {

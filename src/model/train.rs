@@ -17,8 +17,8 @@ use super::losses::{dfsc_loss, hard_feature_loss, imagenet_penalty, mse, quantil
 use super::net::Pdn;
 use super::weights::{self, TensorFile};
 use super::{EfficientAd, MapQuantiles, ModelInfo};
+use crate::data::preprocess;
 use crate::error::WeightsError;
-use crate::preprocess;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -172,7 +172,7 @@ impl Trainer {
         }
         let natural_images = match &model.recipe.train.imagenet_penalty_dir {
             Some(dir) => {
-                let found = crate::dataset::list_images(dir).map_err(|e| TrainError::Data(e.to_string()))?;
+                let found = crate::data::loco::list_images(dir).map_err(|e| TrainError::Data(e.to_string()))?;
                 if found.is_empty() {
                     return Err(TrainError::Data(format!("imagenet_penalty_dir {} holds no images", dir.display())));
                 }

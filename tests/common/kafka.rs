@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lineguard::broker::LocalBroker;
+use lineguard::service::broker::LocalBroker;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
@@ -21,7 +21,8 @@ pub fn nisshi() -> PathBuf {
     if local.is_file() {
         return local;
     }
-    lineguard::broker::find_nisshi().expect("nisshi is missing: run scripts/setup.sh (it installs it into .tools/)")
+    lineguard::service::broker::find_nisshi()
+        .expect("nisshi is missing: run scripts/setup.sh (it installs it into .tools/)")
 }
 
 /// One broker, a scratch folder and unique topic names for one test.
@@ -42,12 +43,12 @@ impl Harness {
         self.broker.bootstrap()
     }
 
-    pub fn kafka(&self) -> lineguard::settings::KafkaSettings {
-        lineguard::settings::KafkaSettings::for_brokers(&self.brokers(), "test")
+    pub fn kafka(&self) -> lineguard::service::settings::KafkaSettings {
+        lineguard::service::settings::KafkaSettings::for_brokers(&self.brokers(), "test")
     }
 
     pub fn create_topics(&self, names: &[&str], partitions: i32) {
-        runtime().block_on(lineguard::kafka::ensure_topics(&self.kafka(), names, partitions)).unwrap();
+        runtime().block_on(lineguard::service::kafka::ensure_topics(&self.kafka(), names, partitions)).unwrap();
     }
 
     /// Starts `lineguard run`; its log goes to <file>.log in the scratch folder.

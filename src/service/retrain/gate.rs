@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::metrics::GateOutcome;
 use crate::model::EfficientAd;
+use crate::service::metrics::GateOutcome;
 
 /// What the gate measured of one model.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

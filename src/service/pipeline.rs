@@ -1,15 +1,5 @@
-//! Builds and runs the streaming topology from validated [`Settings`]: per product line,
-//!
-//! ```text
-//! Kafka ─► source ─(crossbeam, max_in_flight)─► preprocess pool ─(crossbeam, 2·max_batch)─► infer
-//!              ▲                                        │ rejected                            │ scored
-//!              │ offsets                                ▼                                     ▼
-//!              └──── ack tracker ◄──── sink ◄──(tokio mpsc, max_in_flight)───────────────────┘ ─► Kafka
-//! ```
-//!
-//! A line with `[lines.<name>.retrain]` also publishes confidently normal frames to its accepted topic,
-//! follows its models topic (a thread that hot-swaps every newly promoted model into `infer`), and, in
-//! the `all` and `trainer` roles, runs the line's trainer (see `retrain`).
+//! Builds and runs the streaming topology drawn in [`crate::service`] from validated [`Settings`], one
+//! set of stages per product line.
 //!
 //! Stopping (SIGTERM in `lineguard run`) follows the data: sources stop consuming, each stage ends when
 //! its input closes and is drained, the sink finishes publishing, sources commit and return. A line whose
@@ -28,14 +18,14 @@ use tch::Device;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::ack::OffsetTracker;
-use crate::infer::{Batching, ModelSwapper};
-use crate::metrics::{LineHealth, LineMetrics, Metrics};
 use crate::model::EfficientAd;
-use crate::preprocess::pool::PoolConfig;
-use crate::settings::{DeviceChoice, LineSettings, Settings};
-use crate::sink::SinkConfig;
-use crate::source::{Source, SourceContext};
+use crate::service::ack::OffsetTracker;
+use crate::service::infer::{Batching, ModelSwapper};
+use crate::service::metrics::{LineHealth, LineMetrics, Metrics};
+use crate::service::preprocess::PoolConfig;
+use crate::service::settings::{DeviceChoice, LineSettings, Settings};
+use crate::service::sink::SinkConfig;
+use crate::service::source::{Source, SourceContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -144,7 +134,7 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
             }
             if let (Some(retrain), true) = (&line.retrain, role != Role::Inference) {
                 let device = choose_device(name, line.device)?;
-                let stage = crate::retrain::trainer::TrainerStage {
+                let stage = crate::service::retrain::trainer::TrainerStage {
                     line: name.clone(),
                     settings: retrain.clone(),
                     threshold: line.threshold,
@@ -167,7 +157,7 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
                     Err(reason) => log::error!("{reason}; inference continues without retraining"),
                     Ok(()) => {}
                 };
-                let thread = crate::retrain::trainer::spawn(stage, stop.clone(), Box::new(on_exit))?;
+                let thread = crate::service::retrain::trainer::spawn(stage, stop.clone(), Box::new(on_exit))?;
                 trainers.push(Background { name: name.clone(), stop, thread });
             }
             Ok::<(), PipelineError>(())
@@ -201,7 +191,7 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
             .map_err(|source| PipelineError::Metrics { address: address.clone(), source })?;
         let bound = listener.local_addr().map_err(|source| PipelineError::Metrics { address, source })?;
         log::info!("metrics on http://{bound}/metrics (also /healthz, /readyz)");
-        (Some(bound), Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), health))))
+        (Some(bound), Some(tokio::spawn(crate::service::metrics::serve(listener, metrics.clone(), health))))
     };
     Ok(RunningPipeline {
         lines,
@@ -310,7 +300,7 @@ async fn start_line(
             }
             None => EfficientAd::load(&model_path, device),
         };
-        model.and_then(|model| crate::infer::check_servable(&model).map(|_| model))
+        model.and_then(|model| crate::service::infer::check_servable(&model).map(|_| model))
     })
     .await
     .map_err(|err| PipelineError::Stage { line: name.into(), reason: format!("loading the model panicked: {err}") })?
@@ -329,19 +319,22 @@ async fn start_line(
 
     let kafka = settings.kafka.clone();
     if let Ok(Err(err)) =
-        tokio::task::spawn_blocking(move || crate::kafka::check_reachable(&kafka, Duration::from_secs(10))).await
+        tokio::task::spawn_blocking(move || crate::service::kafka::check_reachable(&kafka, Duration::from_secs(10)))
+            .await
     {
         // Brokers restart and networks heal: keep trying (readiness stays false) rather than exit.
         log::warn!("line {name}: cannot reach Kafka at {} yet ({err}); retrying", settings.kafka.brokers);
     }
     let kafka_error = |what| move |source| PipelineError::Kafka { line: name.into(), what, source };
-    let producer: FutureProducer =
-        crate::kafka::producer_config(&settings.kafka).create().map_err(kafka_error("creating the producer"))?;
+    let producer: FutureProducer = crate::service::kafka::producer_config(&settings.kafka)
+        .create()
+        .map_err(kafka_error("creating the producer"))?;
     let tracker = OffsetTracker::new();
     let context = SourceContext { tracker: tracker.clone(), metrics: line_metrics.clone(), health };
-    let consumer: StreamConsumer<SourceContext> = crate::kafka::consumer_config(&settings.kafka, &line.group_id(name))
-        .create_with_context(context)
-        .map_err(kafka_error("creating the consumer"))?;
+    let consumer: StreamConsumer<SourceContext> =
+        crate::service::kafka::consumer_config(&settings.kafka, &line.group_id(name))
+            .create_with_context(context)
+            .map_err(kafka_error("creating the consumer"))?;
     let topics: Vec<&str> = line.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(kafka_error("subscribing to the input topics"))?;
 
@@ -356,14 +349,20 @@ async fn start_line(
         expected_size: line.expected_size,
         keep_payload: line.retrain.is_some(),
     };
-    let pool =
-        crate::preprocess::pool::spawn(pool_config, preprocess_queue, to_infer, to_sink.clone(), line_metrics.clone())?;
+    let pool = crate::service::preprocess::spawn(
+        pool_config,
+        preprocess_queue,
+        to_infer,
+        to_sink.clone(),
+        line_metrics.clone(),
+    )?;
     let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
-    let (infer, swapper) = crate::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone())?;
+    let (infer, swapper) =
+        crate::service::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone())?;
     let follower = match feed {
         Some(feed) => {
             let stop = Arc::new(AtomicBool::new(false));
-            let thread = crate::retrain::models_topic::follow(
+            let thread = crate::service::retrain::models_topic::follow(
                 name.to_string(),
                 feed,
                 swapper.clone(),
@@ -383,7 +382,7 @@ async fn start_line(
         dead_letter_topic: line.dead_letter_topic.clone(),
         threshold: line.threshold,
         map_format: line.map_format,
-        acceptance: line.retrain.as_ref().map(|retrain| crate::sink::Acceptance {
+        acceptance: line.retrain.as_ref().map(|retrain| crate::service::sink::Acceptance {
             topic: retrain.accepted_topic.clone(),
             below: retrain.accept_below,
         }),
@@ -391,7 +390,7 @@ async fn start_line(
     let (drained_tx, drained) = oneshot::channel();
     let sink_metrics = line_metrics.clone();
     tokio::spawn(async move {
-        crate::sink::run(sink_config, producer, sink_queue, sink_metrics).await;
+        crate::service::sink::run(sink_config, producer, sink_queue, sink_metrics).await;
         let _ = drained_tx.send(());
     });
 
@@ -435,15 +434,16 @@ async fn start_line(
 async fn follow_models_topic(
     settings: &Settings,
     name: &str,
-    retrain: &crate::settings::RetrainSettings,
-) -> (Option<crate::retrain::models_topic::ModelFeed>, Option<crate::retrain::models_topic::Published>) {
+    retrain: &crate::service::settings::RetrainSettings,
+) -> (Option<crate::service::retrain::models_topic::ModelFeed>, Option<crate::service::retrain::models_topic::Published>)
+{
     let kafka = &settings.kafka;
-    if let Err(err) = crate::retrain::ensure_topics(kafka, retrain).await {
+    if let Err(err) = crate::service::retrain::ensure_topics(kafka, retrain).await {
         log::warn!("line {name}: cannot create the retraining topics ({err}); they must exist");
     }
     let (kafka, topic, line) = (kafka.clone(), retrain.models_topic.clone(), name.to_string());
     let opened = tokio::task::spawn_blocking(move || {
-        let mut feed = crate::retrain::models_topic::ModelFeed::open(&kafka, &topic, &line)?;
+        let mut feed = crate::service::retrain::models_topic::ModelFeed::open(&kafka, &topic, &line)?;
         let newest = feed.catch_up(Duration::from_secs(30))?;
         Ok::<_, rdkafka::error::KafkaError>((feed, newest))
     })
@@ -452,7 +452,8 @@ async fn follow_models_topic(
         Ok(Ok((feed, newest))) => (Some(feed), newest),
         Ok(Err(err)) => {
             log::warn!("line {name}: cannot read the models topic yet ({err}); serving the configured model");
-            let feed = crate::retrain::models_topic::ModelFeed::open(&settings.kafka, &retrain.models_topic, name);
+            let feed =
+                crate::service::retrain::models_topic::ModelFeed::open(&settings.kafka, &retrain.models_topic, name);
             (feed.ok(), None)
         }
         Err(err) => {

@@ -13,8 +13,8 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
-use crate::frame::{HEADER_CAMERA, HEADER_CAPTURED_AT, HEADER_LINE};
-use crate::settings::KafkaSettings;
+use crate::service::frame::{HEADER_CAMERA, HEADER_CAPTURED_AT, HEADER_LINE};
+use crate::service::settings::KafkaSettings;
 
 /// Largest message our producers send (maps of big images, dead-lettered frames); topics need a
 /// `max.message.bytes` at least this large for such messages.

@@ -19,10 +19,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::frame::{CameraInfo, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings};
-use crate::kafka::{send_until_delivered, to_owned_headers};
-use crate::metrics::{LineMetrics, Output, Queue};
-use crate::settings::MapFormat;
+use crate::service::frame::{CameraInfo, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings};
+use crate::service::kafka::{send_until_delivered, to_owned_headers};
+use crate::service::metrics::{LineMetrics, Output, Queue};
+use crate::service::settings::MapFormat;
 
 pub const RESULT_SCHEMA: &str = "lineguard.result.v1";
 pub const HEADER_ERROR_REASON: &str = "lineguard_error_reason";
@@ -292,7 +292,7 @@ pub fn encode_map(map: &[f32], side: u32, range: (f32, f32), format: MapFormat) 
             let span = (high - low).max(1e-6);
             let picture = image::RgbImage::from_fn(side, side, |x, y| {
                 let v = map.get((y * side + x) as usize).copied().unwrap_or(0.0);
-                crate::heatmap::colour(((v - low) / span).clamp(0.0, 1.0))
+                crate::eval::heatmap::colour(((v - low) / span).clamp(0.0, 1.0))
             });
             let mut bytes = Vec::new();
             // Writing a PNG into memory only fails on allocation failure.

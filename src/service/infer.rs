@@ -16,9 +16,9 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 
 use crate::error::WeightsError;
-use crate::frame::{PreparedFrame, ScoredFrame, SinkItem};
-use crate::metrics::{LineMetrics, Queue};
 use crate::model::EfficientAd;
+use crate::service::frame::{PreparedFrame, ScoredFrame, SinkItem};
+use crate::service::metrics::{LineMetrics, Queue};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
@@ -277,9 +277,9 @@ mod tests {
         model
     }
 
-    fn prepared(tracker: &crate::ack::OffsetTracker, offset: i64) -> PreparedFrame {
-        use crate::frame::{CameraInfo, FrameMeta, SourcePosition, StageTimings};
-        let tp = crate::ack::TopicPartition { topic: "frames".into(), partition: 0 };
+    fn prepared(tracker: &crate::service::ack::OffsetTracker, offset: i64) -> PreparedFrame {
+        use crate::service::frame::{CameraInfo, FrameMeta, SourcePosition, StageTimings};
+        let tp = crate::service::ack::TopicPartition { topic: "frames".into(), partition: 0 };
         PreparedFrame {
             meta: FrameMeta {
                 frame_id: format!("f{offset}"),
@@ -300,10 +300,10 @@ mod tests {
 
     #[test]
     fn a_swapped_model_scores_from_the_next_batch_on() {
-        let tracker = crate::ack::OffsetTracker::new();
+        let tracker = crate::service::ack::OffsetTracker::new();
         let (to_infer, input) = crossbeam_channel::bounded(8);
         let (to_sink, mut output) = mpsc::channel(8);
-        let metrics = crate::metrics::Metrics::new().unwrap().line("l");
+        let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let batching = Batching { max_batch: 2, max_wait: Duration::from_millis(1) };
         let (stage, swapper) = spawn(tiny_model(1, 128), batching, input, to_sink, metrics).unwrap();
         let version = |item: SinkItem| match item {

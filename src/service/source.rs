@@ -2,7 +2,7 @@
 //! pool, and the only place that commits offsets.
 //!
 //! - **Backpressure**: a frame takes an in-flight permit before it is consumed and returns it when its
-//!   outputs are acknowledged (the permit rides in its [`Ack`](crate::ack::Ack)). With no permit left the
+//!   outputs are acknowledged (the permit rides in its [`Ack`](crate::service::ack::Ack)). With no permit left the
 //!   consumer pauses its partitions; memory is bounded by `max_in_flight` frames across all stages.
 //! - **Offsets**: auto-commit is off; every `commit_interval` the offsets that the tracker allows (never
 //!   past an unpublished frame) are committed, again before partitions are revoked, and once more after the
@@ -22,9 +22,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::ack::{OffsetTracker, TopicPartition};
-use crate::frame::{FrameMeta, RawFrame, SourcePosition, StageTimings};
-use crate::metrics::{LineHealth, LineMetrics};
+use crate::service::ack::{OffsetTracker, TopicPartition};
+use crate::service::frame::{FrameMeta, RawFrame, SourcePosition, StageTimings};
+use crate::service::metrics::{LineHealth, LineMetrics};
 
 /// Receives librdkafka's callbacks for this line's consumer.
 pub struct SourceContext {
@@ -251,7 +251,7 @@ fn to_frame(
         meta: FrameMeta {
             frame_id,
             line: line.to_string(),
-            headers: crate::kafka::from_headers(message.headers()),
+            headers: crate::service::kafka::from_headers(message.headers()),
             source,
             received_at: Instant::now(),
             timings: StageTimings::default(),
@@ -264,7 +264,7 @@ fn to_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::service::metrics::Metrics;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
     use rdkafka::ClientConfig;
@@ -287,7 +287,7 @@ mod tests {
         let line = metrics.line("test");
         let tracker = OffsetTracker::new();
         let health = Arc::new(LineHealth::default());
-        let kafka = crate::settings::KafkaSettings {
+        let kafka = crate::service::settings::KafkaSettings {
             brokers: cluster.bootstrap_servers(),
             client_id: "test".into(),
             consumer: Default::default(),
@@ -295,7 +295,7 @@ mod tests {
         };
         let context = SourceContext { tracker: tracker.clone(), metrics: line.clone(), health };
         let consumer: StreamConsumer<SourceContext> =
-            crate::kafka::consumer_config(&kafka, "group").create_with_context(context).unwrap();
+            crate::service::kafka::consumer_config(&kafka, "group").create_with_context(context).unwrap();
         consumer.subscribe(&["frames"]).unwrap();
         let (to_preprocess, frames) = crossbeam_channel::bounded(3);
         let source = Source {

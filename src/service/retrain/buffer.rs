@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use tch::Tensor;
 
 use super::RetrainError;
-use crate::metrics::CandidateOutcome;
+use crate::service::metrics::CandidateOutcome;
 
 const PARTS: [&str; 3] = ["recent", "held_out", "pinned"];
 
@@ -114,7 +114,7 @@ impl ReplayBuffer {
         if !self.pinned.is_empty() || count == 0 {
             return Ok(());
         }
-        let mut images = crate::dataset::list_images(folder).map_err(|e| RetrainError::Data(e.to_string()))?;
+        let mut images = crate::data::loco::list_images(folder).map_err(|e| RetrainError::Data(e.to_string()))?;
         if images.is_empty() {
             return Err(RetrainError::Data(format!("retrain.originals: {} holds no images", folder.display())));
         }
@@ -222,8 +222,8 @@ fn load_input(path: &Path, side: u32) -> Result<Tensor, RetrainError> {
 }
 
 fn decode_input(bytes: &[u8], origin: &str, side: u32) -> Result<Tensor, RetrainError> {
-    let image = crate::preprocess::decode(bytes, origin).map_err(|e| RetrainError::Data(e.to_string()))?;
-    Ok(crate::preprocess::to_input(&image, side))
+    let image = crate::data::preprocess::decode(bytes, origin).map_err(|e| RetrainError::Data(e.to_string()))?;
+    Ok(crate::data::preprocess::to_input(&image, side))
 }
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc;
 
-use crate::frame::{
+use crate::service::frame::{
     CameraInfo, PreparedFrame, RawFrame, RejectReason, RejectedFrame, SinkItem, HEADER_CAMERA, HEADER_CAPTURED_AT,
     HEADER_LINE,
 };
-use crate::metrics::{LineMetrics, Queue};
+use crate::service::metrics::{LineMetrics, Queue};
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -75,7 +75,8 @@ pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Bo
     let RawFrame { mut meta, payload, ack } = frame;
     meta.timings.queue = started.duration_since(meta.received_at).as_secs_f64();
     let checked = check_contract(config, &meta.headers, &payload, &meta.line).and_then(|camera| {
-        let image = super::decode(&payload, &meta.frame_id).map_err(|err| (RejectReason::Decode, err.to_string()))?;
+        let image = crate::data::preprocess::decode(&payload, &meta.frame_id)
+            .map_err(|err| (RejectReason::Decode, err.to_string()))?;
         if let Some([width, height]) = config.expected_size {
             if (image.width(), image.height()) != (width, height) {
                 return Err((
@@ -93,7 +94,7 @@ pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Bo
     match checked {
         Ok((camera, image)) => {
             let original_size = (image.width(), image.height());
-            let input = super::to_planar(&image, config.side);
+            let input = crate::data::preprocess::to_planar(&image, config.side);
             meta.timings.preprocess = started.elapsed().as_secs_f64();
             let payload = config.keep_payload.then_some(payload);
             Ok(PreparedFrame { meta, camera, input, original_size, prepared_at: Instant::now(), payload, ack })
@@ -150,8 +151,8 @@ fn check_contract(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ack::{OffsetTracker, TopicPartition};
-    use crate::frame::{FrameMeta, SourcePosition, StageTimings};
+    use crate::service::ack::{OffsetTracker, TopicPartition};
+    use crate::service::frame::{FrameMeta, SourcePosition, StageTimings};
 
     fn config() -> PoolConfig {
         PoolConfig { workers: 1, side: 32, max_frame_bytes: 100_000, expected_size: None, keep_payload: false }
@@ -233,7 +234,7 @@ mod tests {
         let (to_pool, pool_input) = crossbeam_channel::bounded(4);
         let (to_infer, infer_input) = crossbeam_channel::bounded(4);
         let (to_sink, mut sink_input) = mpsc::channel(4);
-        let metrics = crate::metrics::Metrics::new().unwrap().line("juice");
+        let metrics = crate::service::metrics::Metrics::new().unwrap().line("juice");
         let workers = spawn(PoolConfig { workers: 2, ..config() }, pool_input, to_infer, to_sink, metrics).unwrap();
         to_pool.send(frame(png(40, 40), GOOD_HEADERS)).unwrap();
         to_pool.send(frame(vec![], GOOD_HEADERS)).unwrap();

@@ -32,12 +32,12 @@ use super::gate::{self, GateReport, Tolerances};
 use super::models_topic::{self, ModelFeed, Published};
 use super::store::{VersionRecord, VersionStore};
 use super::RetrainError;
-use crate::infer::ModelSwapper;
-use crate::metrics::{CandidateOutcome, CandidateSource, GateOutcome, RetrainMetrics, WaitCause};
 use crate::model::config::TrainConfig;
 use crate::model::train::{TrainError, Trainer};
 use crate::model::EfficientAd;
-use crate::settings::{KafkaSettings, RetrainSettings};
+use crate::service::infer::ModelSwapper;
+use crate::service::metrics::{CandidateOutcome, CandidateSource, GateOutcome, RetrainMetrics, WaitCause};
+use crate::service::settings::{KafkaSettings, RetrainSettings};
 
 /// Everything a line's trainer needs.
 pub struct TrainerStage {
@@ -128,7 +128,7 @@ impl Running {
         let settings = &stage.settings;
         let dir = settings.line_dir(&stage.line);
         let store = VersionStore::open(&dir, settings.keep_versions)?;
-        let producer: FutureProducer = crate::kafka::producer_config(&stage.kafka).create()?;
+        let producer: FutureProducer = crate::service::kafka::producer_config(&stage.kafka).create()?;
         if let Err(err) = stage.runtime.block_on(super::ensure_topics(&stage.kafka, settings)) {
             log::warn!("line {}: cannot create the retraining topics ({err}); they must exist", stage.line);
         }
@@ -167,7 +167,7 @@ impl Running {
         let group = format!("lineguard-trainer-{}", stage.line);
         // Consumer statistics feed the inference lines' lag metrics; the trainer has no use for them.
         let quiet = |group: &str| {
-            let mut config = crate::kafka::consumer_config(&stage.kafka, group);
+            let mut config = crate::service::kafka::consumer_config(&stage.kafka, group);
             config.set("statistics.interval.ms", "0");
             config
         };
@@ -510,7 +510,7 @@ fn initial_model(
         Some(p) => EfficientAd::from_bytes(&p.model, Path::new("<models topic>"), stage.device)?,
         None => EfficientAd::load(&stage.configured_model, stage.device)?,
     };
-    crate::infer::check_servable(&model)?;
+    crate::service::infer::check_servable(&model)?;
     let record = VersionRecord {
         version: model.info.model_version,
         recorded_unix: crate::model::unix_seconds(),
@@ -568,11 +568,11 @@ fn fetch_marked_frame(fetcher: Option<&BaseConsumer>, frame_id: &str, payload: &
 }
 
 fn load_folder(folder: &Path, side: u32) -> Result<Tensor, RetrainError> {
-    let paths = crate::dataset::list_images(folder).map_err(|e| RetrainError::Data(e.to_string()))?;
+    let paths = crate::data::loco::list_images(folder).map_err(|e| RetrainError::Data(e.to_string()))?;
     if paths.is_empty() {
         return Err(RetrainError::Data(format!("retrain.anomalies: {} holds no images", folder.display())));
     }
-    crate::dataset::load_inputs(&paths, side, &|| {}).map_err(|e| RetrainError::Data(e.to_string()))
+    crate::data::loco::load_inputs(&paths, side, &|| {}).map_err(|e| RetrainError::Data(e.to_string()))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {

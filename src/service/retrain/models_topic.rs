@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::buffer::fnv64;
-use crate::infer::{ModelSwapper, SwapRefused};
 use crate::model::EfficientAd;
-use crate::settings::KafkaSettings;
+use crate::service::infer::{ModelSwapper, SwapRefused};
+use crate::service::settings::KafkaSettings;
 
 pub const CHUNK_BYTES: usize = 900 * 1024;
 pub const HEADER_PUBLICATION: &str = "lineguard_publication";
@@ -77,7 +77,7 @@ pub async fn publish(
     let chunks: Vec<&[u8]> = model.chunks(CHUNK_BYTES).collect();
     for (index, chunk) in chunks.iter().enumerate() {
         let index_text = index.to_string();
-        let headers = crate::kafka::to_owned_headers([
+        let headers = crate::service::kafka::to_owned_headers([
             (HEADER_PUBLICATION, publication.as_bytes()),
             (HEADER_CHUNK, index_text.as_bytes()),
         ]);
@@ -168,7 +168,7 @@ impl ModelFeed {
         let group = format!("lineguard-models-{line}-{}-{}", std::process::id(), rand::random::<u32>());
         // New models are rare: a fetch that waits long for data keeps the broker from re-serving the end of
         // a large topic several times a second (which costs a small broker whole cores).
-        let consumer: BaseConsumer = crate::kafka::consumer_config(kafka, &group)
+        let consumer: BaseConsumer = crate::service::kafka::consumer_config(kafka, &group)
             .set("statistics.interval.ms", "0")
             .set("fetch.wait.max.ms", "10000")
             .create()?;

@@ -32,7 +32,7 @@ use std::path::PathBuf;
 
 use crate::error::WeightsError;
 use crate::model::train::TrainError;
-use crate::settings::{KafkaSettings, RetrainSettings};
+use crate::service::settings::{KafkaSettings, RetrainSettings};
 
 /// Creates a line's retraining topics when missing: the candidate topics, and the models topic with one
 /// partition (publications must stay in order) and compaction (only the newest model needs keeping).
@@ -41,8 +41,9 @@ pub async fn ensure_topics(kafka: &KafkaSettings, retrain: &RetrainSettings) -> 
     if !retrain.feedback_topic.is_empty() {
         candidates.push(retrain.feedback_topic.as_str());
     }
-    crate::kafka::ensure_topics_with(kafka, &candidates, 1, &[]).await?;
-    crate::kafka::ensure_topics_with(kafka, &[&retrain.models_topic], 1, &[("cleanup.policy", "compact")]).await
+    crate::service::kafka::ensure_topics_with(kafka, &candidates, 1, &[]).await?;
+    crate::service::kafka::ensure_topics_with(kafka, &[&retrain.models_topic], 1, &[("cleanup.policy", "compact")])
+        .await
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@
 
 use std::time::Instant;
 
-use crate::ack::Ack;
+use crate::service::ack::Ack;
 
 pub const HEADER_CAMERA: &str = "camera_id";
 pub const HEADER_CAPTURED_AT: &str = "captured_at_ms";
@@ -80,7 +80,7 @@ pub struct CameraInfo {
 pub struct PreparedFrame {
     pub meta: FrameMeta,
     pub camera: CameraInfo,
-    /// Channel-major normalised pixels at the model's side (see `preprocess::to_planar`).
+    /// Channel-major normalised pixels at the model's side (see `data::preprocess::to_planar`).
     pub input: Vec<f32>,
     pub original_size: (u32, u32),
     pub prepared_at: Instant,

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
+use crate::data::preprocess;
 use crate::error::{DatasetError, ImageError};
-use crate::preprocess;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {

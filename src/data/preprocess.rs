@@ -1,8 +1,6 @@
 //! Decoding and normalising images into network inputs, shared by the offline commands and the streaming
-//! pipeline so that a frame is prepared identically for training and serving. [`pool`] is the pipeline
-//! stage: the CPU workers that validate, decode and normalise consumed frames.
-
-pub mod pool;
+//! pipeline so that a frame is prepared identically for training and serving. The service's stage that
+//! runs this on consumed frames is [`crate::service::preprocess`].
 
 use std::path::Path;
 

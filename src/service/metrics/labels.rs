@@ -1,0 +1,113 @@
+//! The label values of the metric families: fixed sets, so a series count stays bounded.
+
+/// Which stage a latency belongs to (`stage` label of `lineguard_stage_duration_seconds`).
+#[derive(Debug, Clone, Copy)]
+pub enum Stage {
+    Queue,
+    Preprocess,
+    BatchWait,
+    Inference,
+    Publish,
+}
+
+impl Stage {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Stage::Queue => "queue",
+            Stage::Preprocess => "preprocess",
+            Stage::BatchWait => "batch_wait",
+            Stage::Inference => "inference",
+            Stage::Publish => "publish",
+        }
+    }
+}
+
+/// The bounded queues between stages (`queue` label of `lineguard_queue_depth`).
+#[derive(Debug, Clone, Copy)]
+pub enum Queue {
+    Preprocess,
+    Inference,
+    Sink,
+}
+
+impl Queue {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Queue::Preprocess => "preprocess",
+            Queue::Inference => "inference",
+            Queue::Sink => "sink",
+        }
+    }
+}
+
+/// The outputs of a frame (`output` label of `lineguard_publish_errors_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum Output {
+    Results,
+    Maps,
+    DeadLetter,
+    Accepted,
+}
+
+/// Where a retraining candidate came from (`source` label of `lineguard_retrain_frames_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateSource {
+    /// Scored below the acceptance score by the serving model.
+    Auto,
+    /// Marked normal by an operator on the feedback topic.
+    Feedback,
+}
+
+/// What the replay buffer did with a candidate (`outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateOutcome {
+    Buffered,
+    HeldOut,
+    Duplicate,
+    /// Not an image of the line's kind (undecodable, empty): never trained on.
+    Invalid,
+}
+
+/// Why the trainer did not take a step (`cause` label of `lineguard_retrain_waits_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitCause {
+    RateLimit,
+    InferenceBusy,
+    TooFewFrames,
+    /// The step's loss was not finite; the update was skipped.
+    NonFiniteLoss,
+}
+
+/// A gate's decision (`outcome`/`reason` labels of `lineguard_model_candidates_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOutcome {
+    Promoted,
+    RejectedNonFinite,
+    RejectedFalsePositives,
+    RejectedRecall,
+    RejectedNoImprovement,
+}
+
+impl GateOutcome {
+    pub fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            GateOutcome::Promoted => ("promoted", "improved"),
+            GateOutcome::RejectedNonFinite => ("rejected", "non_finite_scores"),
+            GateOutcome::RejectedFalsePositives => ("rejected", "false_positive_rate"),
+            GateOutcome::RejectedRecall => ("rejected", "recall"),
+            GateOutcome::RejectedNoImprovement => ("rejected", "no_improvement"),
+        }
+    }
+}
+
+impl Output {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Output::Results => "results",
+            Output::Maps => "maps",
+            Output::DeadLetter => "dead_letter",
+            Output::Accepted => "accepted",
+        }
+    }
+}

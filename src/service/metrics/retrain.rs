@@ -1,0 +1,113 @@
+//! The events of one line's trainer, and the totals the demo prints.
+
+use std::sync::Arc;
+
+use super::{CandidateOutcome, CandidateSource, GateOutcome, Metrics, WaitCause};
+
+impl Metrics {
+    /// Totals of a line's retraining so far, for progress lines (the demo's).
+    pub fn retrain_summary(&self, line: &str) -> RetrainSummary {
+        let gate = |outcome: GateOutcome| {
+            let (outcome, reason) = outcome.labels();
+            self.model_candidates.with_label_values(&[line, outcome, reason]).get()
+        };
+        let rejections = [
+            GateOutcome::RejectedNonFinite,
+            GateOutcome::RejectedFalsePositives,
+            GateOutcome::RejectedRecall,
+            GateOutcome::RejectedNoImprovement,
+        ];
+        RetrainSummary {
+            steps: self.retrain_steps.with_label_values(&[line]).get(),
+            buffered: self.replay_buffer.with_label_values(&[line, "recent"]).get() as u64,
+            promoted: gate(GateOutcome::Promoted),
+            rejected: rejections.into_iter().map(gate).sum(),
+            model_version: self.model_version.with_label_values(&[line]).get() as u64,
+        }
+    }
+
+    /// The trainer's event methods for one line.
+    pub fn retrain(self: &Arc<Self>, line: &str) -> RetrainMetrics {
+        RetrainMetrics { metrics: self.clone(), line: line.to_string() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetrainSummary {
+    pub steps: u64,
+    pub buffered: u64,
+    pub promoted: u64,
+    pub rejected: u64,
+    pub model_version: u64,
+}
+
+/// Events of a line's trainer.
+#[derive(Clone)]
+pub struct RetrainMetrics {
+    metrics: Arc<Metrics>,
+    line: String,
+}
+
+impl RetrainMetrics {
+    pub fn candidate(&self, source: CandidateSource, outcome: CandidateOutcome) {
+        let source = match source {
+            CandidateSource::Auto => "auto",
+            CandidateSource::Feedback => "feedback",
+        };
+        let outcome = match outcome {
+            CandidateOutcome::Buffered => "buffered",
+            CandidateOutcome::HeldOut => "held_out",
+            CandidateOutcome::Duplicate => "duplicate",
+            CandidateOutcome::Invalid => "invalid",
+        };
+        self.metrics.retrain_frames.with_label_values(&[self.line.as_str(), source, outcome]).inc();
+    }
+
+    pub fn step(&self, losses: &crate::model::train::StepLosses) {
+        self.metrics.retrain_steps.with_label_values(&[self.line.as_str()]).inc();
+        let terms = [
+            ("total", Some(losses.total)),
+            ("hard", Some(losses.hard)),
+            ("autoencoder", Some(losses.autoencoder)),
+            ("student_autoencoder", Some(losses.student_autoencoder)),
+            ("dfsc", losses.dfsc),
+        ];
+        for (term, value) in terms {
+            if let Some(value) = value {
+                self.metrics.retrain_loss.with_label_values(&[self.line.as_str(), term]).set(value);
+            }
+        }
+    }
+
+    pub fn waited(&self, cause: WaitCause) {
+        let cause = match cause {
+            WaitCause::RateLimit => "rate_limit",
+            WaitCause::InferenceBusy => "inference_busy",
+            WaitCause::TooFewFrames => "too_few_frames",
+            WaitCause::NonFiniteLoss => "non_finite_loss",
+        };
+        self.metrics.retrain_waits.with_label_values(&[self.line.as_str(), cause]).inc();
+    }
+
+    pub fn buffer(&self, recent: usize, held_out: usize, pinned: usize) {
+        for (part, count) in [("recent", recent), ("held_out", held_out), ("pinned", pinned)] {
+            self.metrics.replay_buffer.with_label_values(&[self.line.as_str(), part]).set(count as i64);
+        }
+    }
+
+    pub fn gate(&self, outcome: GateOutcome) {
+        let (outcome, reason) = outcome.labels();
+        self.metrics.model_candidates.with_label_values(&[self.line.as_str(), outcome, reason]).inc();
+    }
+
+    /// The trainer's current model (the version every replica follows).
+    pub fn current_model(&self, version: u64, created_unix: u64) {
+        let line = [self.line.as_str()];
+        self.metrics.model_version.with_label_values(&line).set(version as i64);
+        self.metrics.model_created.with_label_values(&line).set(created_unix as i64);
+        self.metrics
+            .model_age
+            .with_label_values(&line)
+            .set(crate::model::unix_seconds().saturating_sub(created_unix) as i64);
+    }
+}
