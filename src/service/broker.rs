@@ -20,6 +20,8 @@ pub enum BrokerError {
     Port(std::io::Error),
     #[error("the broker did not accept connections on {address} within {waited:?}{log_hint}")]
     NotReady { address: SocketAddr, waited: Duration, log_hint: String },
+    #[error("the broker exited before accepting connections on {address}{log_hint}")]
+    Exited { address: SocketAddr, log_hint: String },
 }
 
 /// A running broker process, killed when dropped.
@@ -58,10 +60,22 @@ impl LocalBroker {
     /// [`LocalBroker::start`] on a given loopback port (`lineguard broker`), or a free one.
     pub fn start_on(port: Option<u16>, binary: Option<&Path>, log: Option<&Path>) -> Result<LocalBroker, BrokerError> {
         let binary = binary.map(Path::to_path_buf).or_else(find_nisshi).ok_or(BrokerError::NotFound)?;
-        let port = match port {
-            Some(port) => port,
-            None => TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(BrokerError::Port)?.port(),
-        };
+        if let Some(port) = port {
+            return Self::spawn(port, &binary, log);
+        }
+        // A port found free can be taken before the broker binds it (tests start brokers in parallel, and
+        // outgoing connections draw from the same range): try a few fresh ones before giving up.
+        let mut attempt = 0;
+        loop {
+            let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(BrokerError::Port)?.port();
+            match Self::spawn(port, &binary, log) {
+                Err(BrokerError::Port(_) | BrokerError::Exited { .. }) if attempt < 4 => attempt += 1,
+                started => return started,
+            }
+        }
+    }
+
+    fn spawn(port: u16, binary: &Path, log: Option<&Path>) -> Result<LocalBroker, BrokerError> {
         if TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok() {
             return Err(BrokerError::Port(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
@@ -74,7 +88,7 @@ impl LocalBroker {
             log.and_then(|path| std::fs::OpenOptions::new().create(true).append(true).open(path).ok())
                 .map_or_else(Stdio::null, Stdio::from)
         };
-        let child = Command::new(&binary)
+        let child = Command::new(binary)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://nisshi/"])
             // Without it every new consumer group waits 3 s for more members.
@@ -86,7 +100,7 @@ impl LocalBroker {
             .stdout(output())
             .stderr(output())
             .spawn()
-            .map_err(|source| BrokerError::Spawn { binary: binary.clone(), source })?;
+            .map_err(|source| BrokerError::Spawn { binary: binary.to_path_buf(), source })?;
         let mut broker = LocalBroker { child, address };
         let started = Instant::now();
         let limit = Duration::from_secs(20);
@@ -95,7 +109,11 @@ impl LocalBroker {
             if exited || started.elapsed() > limit {
                 let log_hint = log.map(|p| format!(" (see {})", p.display())).unwrap_or_default();
                 broker.stop();
-                return Err(BrokerError::NotReady { address, waited: started.elapsed(), log_hint });
+                return Err(if exited {
+                    BrokerError::Exited { address, log_hint }
+                } else {
+                    BrokerError::NotReady { address, waited: started.elapsed(), log_hint }
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
