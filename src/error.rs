@@ -36,6 +36,8 @@ pub enum ImageError {
     Empty { origin: String },
     #[error("image {origin} is {width}x{height}: too small (at least {min}x{min} pixels)")]
     TooSmall { origin: String, width: u32, height: u32, min: u32 },
+    #[error("image {origin} declares {width}x{height} pixels: too large ({limit}); not decoded")]
+    TooLarge { origin: String, width: u32, height: u32, limit: String },
 }
 
 #[derive(Debug, thiserror::Error)]

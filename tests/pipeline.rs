@@ -179,6 +179,26 @@ fn every_frame_gets_exactly_one_result_and_a_decodable_map_on_two_lines() {
     assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
 }
 
+/// A valid PNG of `side`x`side` black 1-bit pixels: tiny on the wire (16384: under this test's 150 KB
+/// `max_frame_bytes`), 3 bytes per pixel decoded to RGB (16384: 800 MB).
+fn decompression_bomb_png(side: u32) -> Vec<u8> {
+    use std::io::Write;
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, side, side);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::One);
+    encoder.set_compression(png::Compression::High);
+    let mut writer = encoder.write_header().unwrap();
+    let mut stream = writer.stream_writer().unwrap();
+    let row = vec![0u8; side.div_ceil(8) as usize];
+    for _ in 0..side {
+        stream.write_all(&row).unwrap();
+    }
+    stream.finish().unwrap();
+    writer.finish().unwrap();
+    bytes
+}
+
 fn png_bytes(width: u32, height: u32) -> Vec<u8> {
     let mut bytes = Vec::new();
     image::RgbImage::from_pixel(width, height, image::Rgb([90, 90, 90]))
@@ -214,6 +234,7 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_the_line_keeps
         ("no-camera", good.clone(), vec![("captured_at_ms", now)], "missing_header"),
         ("bad-time", good.clone(), vec![("camera_id", "cam"), ("captured_at_ms", "yesterday")], "bad_header"),
         ("wrong-size", png_bytes(64, 64), headers.to_vec(), "wrong_size"),
+        ("bomb", decompression_bomb_png(16384), headers.to_vec(), "too_large"),
     ];
     let producer: ThreadedProducer<DefaultProducerContext> =
         ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();

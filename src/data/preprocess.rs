@@ -2,9 +2,10 @@
 //! pipeline so that a frame is prepared identically for training and serving. The service's stage that
 //! runs this on consumed frames is [`crate::service::preprocess`].
 
+use std::io::Cursor;
 use std::path::Path;
 
-use image::{imageops::FilterType, DynamicImage, RgbImage};
+use image::{imageops::FilterType, DynamicImage, ImageReader, RgbImage};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::ImageError;
@@ -15,13 +16,72 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// Smallest image we accept: below it a 4-px feature grid has nothing to say.
 pub const MIN_IMAGE_SIDE: u32 = 16;
 
-/// Decodes PNG or JPEG bytes; `origin` names the source in errors (a path, a Kafka key).
+/// Bounds on an image's declared size, checked against its header before any pixel is allocated: a
+/// small compressed file can declare gigapixels (a 16384x16384 16-bit PNG of zeros is 0.5 MB and took
+/// 4.4 GB to decode), so the byte limit on messages alone does not bound memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_pixels: u64,
+}
+
+impl DecodeLimits {
+    /// Bytes a decoder may allocate for an image within the limits: the widest pixel the formats we read
+    /// produce (16-bit RGBA, 8 bytes) plus the 8-bit RGB copy, with room for the decoders' own buffers.
+    fn max_alloc(&self) -> u64 {
+        self.max_pixels.saturating_mul(11).saturating_add(16 << 20)
+    }
+
+    /// Which limit `width`x`height` exceeds, if any, in the words of an error message.
+    pub fn exceeded(&self, width: u32, height: u32) -> Option<String> {
+        let pixels = width as u64 * height as u64;
+        if width > self.max_width {
+            Some(format!("width over {}", self.max_width))
+        } else if height > self.max_height {
+            Some(format!("height over {}", self.max_height))
+        } else if pixels > self.max_pixels {
+            Some(format!("{pixels} pixels, over {}", self.max_pixels))
+        } else {
+            None
+        }
+    }
+}
+
+impl Default for DecodeLimits {
+    /// 24 megapixels (a 6000x4000 camera) and sides up to 8192: at most about 260 MB per decode.
+    fn default() -> Self {
+        DecodeLimits { max_width: 8192, max_height: 8192, max_pixels: 24_000_000 }
+    }
+}
+
+/// Decodes PNG or JPEG bytes within the default [`DecodeLimits`]; `origin` names the source in errors (a
+/// path, a Kafka key).
 pub fn decode(bytes: &[u8], origin: &str) -> Result<RgbImage, ImageError> {
+    decode_within(bytes, origin, &DecodeLimits::default())
+}
+
+/// Decodes PNG or JPEG bytes, refusing from the header alone an image whose declared size exceeds
+/// `limits` ([`ImageError::TooLarge`]), before anything is allocated for its pixels.
+pub fn decode_within(bytes: &[u8], origin: &str, limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty { origin: origin.to_string() });
     }
-    let image =
-        image::load_from_memory(bytes).map_err(|source| ImageError::Decode { origin: origin.to_string(), source })?;
+    let decode_error = |source| ImageError::Decode { origin: origin.to_string(), source };
+    // Guessing the format reads a few magic bytes of an in-memory cursor: it cannot fail with I/O.
+    let reader = || ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(image::ImageError::IoError);
+    let (width, height) = reader().and_then(|header| header.into_dimensions()).map_err(decode_error)?;
+    if let Some(limit) = limits.exceeded(width, height) {
+        return Err(ImageError::TooLarge { origin: origin.to_string(), width, height, limit });
+    }
+    let mut reader = reader().map_err(decode_error)?;
+    // A second guard inside the decoders, should a format allocate more than its header suggests.
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_width);
+    decoder_limits.max_image_height = Some(limits.max_height);
+    decoder_limits.max_alloc = Some(limits.max_alloc());
+    reader.limits(decoder_limits);
+    let image = reader.decode().map_err(decode_error)?;
     let (width, height) = (image.width(), image.height());
     if width < MIN_IMAGE_SIDE || height < MIN_IMAGE_SIDE {
         return Err(ImageError::TooSmall { origin: origin.to_string(), width, height, min: MIN_IMAGE_SIDE });
@@ -124,6 +184,40 @@ mod tests {
         assert!(decode(&bytes[..bytes.len() / 2], "truncated").is_err());
         let tiny = png_bytes(&RgbImage::new(4, 4));
         assert!(decode(&tiny, "tiny").unwrap_err().to_string().contains("too small"));
+    }
+
+    #[test]
+    fn declared_size_over_the_limits_is_refused_before_decoding() {
+        let bytes = png_bytes(&RgbImage::new(64, 48));
+        let limits = |max_width, max_height, max_pixels| DecodeLimits { max_width, max_height, max_pixels };
+        assert!(decode_within(&bytes, "fits", &limits(64, 48, 64 * 48)).is_ok());
+        for (limits, words) in [
+            (limits(63, 1000, 1 << 20), "width over 63"),
+            (limits(1000, 47, 1 << 20), "height over 47"),
+            (limits(1000, 1000, 3000), "3072 pixels, over 3000"),
+        ] {
+            let err = decode_within(&bytes, "frame-7", &limits).unwrap_err();
+            assert!(matches!(err, ImageError::TooLarge { width: 64, height: 48, .. }), "{err:?}");
+            let message = err.to_string();
+            assert!(message.contains("frame-7") && message.contains(words), "{message}");
+        }
+    }
+
+    /// A JPEG header may declare up to 65535x65535 pixels whatever the file's size: the baseline
+    /// start-of-frame marker of a small real JPEG, rewritten to declare 60000x60000, must be refused by
+    /// its header, and the real image must still decode.
+    #[test]
+    fn a_jpeg_declaring_gigapixels_is_too_large() {
+        let mut out = std::io::Cursor::new(Vec::new());
+        RgbImage::new(32, 32).write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        let mut bytes = out.into_inner();
+        assert!(decode(&bytes, "real").is_ok());
+        let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("a baseline JPEG has SOF0");
+        // SOF0: marker, 2-byte length, precision, height, width.
+        bytes[sof + 5..sof + 7].copy_from_slice(&60000u16.to_be_bytes());
+        bytes[sof + 7..sof + 9].copy_from_slice(&60000u16.to_be_bytes());
+        let err = decode(&bytes, "bomb.jpg").unwrap_err();
+        assert!(matches!(err, ImageError::TooLarge { width: 60000, height: 60000, .. }), "{err:?}");
     }
 
     #[test]

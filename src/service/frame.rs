@@ -116,16 +116,19 @@ pub enum RejectReason {
     MissingHeader,
     BadHeader,
     Decode,
+    /// The image's header declares more pixels than the line's limits: refused before decoding.
+    TooLarge,
     WrongSize,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::Empty,
         RejectReason::Oversized,
         RejectReason::MissingHeader,
         RejectReason::BadHeader,
         RejectReason::Decode,
+        RejectReason::TooLarge,
         RejectReason::WrongSize,
     ];
 
@@ -136,6 +139,7 @@ impl RejectReason {
             RejectReason::MissingHeader => "missing_header",
             RejectReason::BadHeader => "bad_header",
             RejectReason::Decode => "decode",
+            RejectReason::TooLarge => "too_large",
             RejectReason::WrongSize => "wrong_size",
         }
     }

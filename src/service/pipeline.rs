@@ -347,6 +347,7 @@ async fn start_line(
         side,
         max_frame_bytes: line.max_frame_bytes,
         expected_size: line.expected_size,
+        decode_limits: line.decode_limits(),
         keep_payload: line.retrain.is_some(),
     };
     let pool = crate::service::preprocess::spawn(

@@ -9,6 +9,8 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc;
 
+use crate::data::preprocess::{decode_within, DecodeLimits};
+use crate::error::ImageError;
 use crate::service::frame::{
     CameraInfo, PreparedFrame, RawFrame, RejectReason, RejectedFrame, SinkItem, HEADER_CAMERA, HEADER_CAPTURED_AT,
     HEADER_LINE,
@@ -22,6 +24,7 @@ pub struct PoolConfig {
     pub side: u32,
     pub max_frame_bytes: usize,
     pub expected_size: Option<[u32; 2]>,
+    pub decode_limits: DecodeLimits,
     /// Keep the encoded image with the prepared frame (lines that retrain publish accepted frames).
     pub keep_payload: bool,
 }
@@ -75,8 +78,13 @@ pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Bo
     let RawFrame { mut meta, payload, ack } = frame;
     meta.timings.queue = started.duration_since(meta.received_at).as_secs_f64();
     let checked = check_contract(config, &meta.headers, &payload, &meta.line).and_then(|camera| {
-        let image = crate::data::preprocess::decode(&payload, &meta.frame_id)
-            .map_err(|err| (RejectReason::Decode, err.to_string()))?;
+        let image = decode_within(&payload, &meta.frame_id, &config.decode_limits).map_err(|err| {
+            let reason = match err {
+                ImageError::TooLarge { .. } => RejectReason::TooLarge,
+                _ => RejectReason::Decode,
+            };
+            (reason, err.to_string())
+        })?;
         if let Some([width, height]) = config.expected_size {
             if (image.width(), image.height()) != (width, height) {
                 return Err((
@@ -155,7 +163,14 @@ mod tests {
     use crate::service::frame::{FrameMeta, SourcePosition, StageTimings};
 
     fn config() -> PoolConfig {
-        PoolConfig { workers: 1, side: 32, max_frame_bytes: 100_000, expected_size: None, keep_payload: false }
+        PoolConfig {
+            workers: 1,
+            side: 32,
+            max_frame_bytes: 100_000,
+            expected_size: None,
+            decode_limits: DecodeLimits::default(),
+            keep_payload: false,
+        }
     }
 
     fn png(width: u32, height: u32) -> Vec<u8> {
@@ -227,6 +242,16 @@ mod tests {
         assert_eq!(reason, RejectReason::WrongSize);
         assert!(detail.contains("48x40"), "{detail}");
         assert!(prepare(&strict, frame(png(48, 48), GOOD_HEADERS)).is_ok());
+    }
+
+    #[test]
+    fn an_image_over_the_line_limits_is_too_large_not_a_decode_failure() {
+        let small =
+            PoolConfig { decode_limits: DecodeLimits { max_width: 64, max_height: 64, max_pixels: 2000 }, ..config() };
+        let (reason, detail) = reason(prepare(&small, frame(png(48, 48), GOOD_HEADERS)));
+        assert_eq!(reason, RejectReason::TooLarge);
+        assert!(detail.contains("48x48") && detail.contains("2304 pixels, over 2000"), "{detail}");
+        assert!(prepare(&small, frame(png(40, 40), GOOD_HEADERS)).is_ok());
     }
 
     #[test]

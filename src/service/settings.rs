@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::preprocess::{DecodeLimits, MIN_IMAGE_SIDE};
 use crate::error::ConfigError;
 
 /// The environment prefix of overrides.
@@ -142,6 +143,15 @@ pub struct LineSettings {
     /// When set, frames of another `[width, height]` go to the dead-letter topic (a camera misconfigured).
     #[serde(default)]
     pub expected_size: Option<[u32; 2]>,
+    /// Frames whose header declares a wider, taller or larger image go to the dead-letter topic as
+    /// `too_large` without being decoded: they bound each decoding worker's memory (about 11 bytes per
+    /// pixel of `max_image_pixels`), which `max_frame_bytes` cannot since compressed images can be tiny.
+    #[serde(default = "default_max_image_width")]
+    pub max_image_width: u32,
+    #[serde(default = "default_max_image_height")]
+    pub max_image_height: u32,
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
     /// Continuous retraining on accepted normal frames; absent = the model never changes by itself.
     #[serde(default)]
     pub retrain: Option<RetrainSettings>,
@@ -326,6 +336,15 @@ fn default_max_in_flight() -> usize {
 fn default_max_frame_bytes() -> usize {
     8 << 20
 }
+fn default_max_image_width() -> u32 {
+    DecodeLimits::default().max_width
+}
+fn default_max_image_height() -> u32 {
+    DecodeLimits::default().max_height
+}
+fn default_max_image_pixels() -> u64 {
+    DecodeLimits::default().max_pixels
+}
 
 impl Settings {
     /// Reads `path`, applies `LINEGUARD__…` overrides from the process environment, validates.
@@ -428,6 +447,20 @@ impl Settings {
             if let Some([w, h]) = line.expected_size {
                 if w == 0 || h == 0 {
                     problems.push(format!("{}: [{w}, {h}] has a zero side", key("expected_size")));
+                } else if let Some(limit) = line.decode_limits().exceeded(w, h) {
+                    problems
+                        .push(format!("{}: [{w}, {h}] is refused by the image limits ({limit})", key("expected_size")));
+                }
+            }
+            let least = MIN_IMAGE_SIDE as u64;
+            for (field, value, least) in [
+                ("max_image_width", line.max_image_width as u64, least),
+                ("max_image_height", line.max_image_height as u64, least),
+                ("max_image_pixels", line.max_image_pixels, least * least),
+            ] {
+                if value < least {
+                    problems
+                        .push(format!("{}: {value} (at least {least}, the smallest image a model reads)", key(field)));
                 }
             }
             if let Some(retrain) = &line.retrain {
@@ -488,6 +521,9 @@ impl LineSettings {
             max_in_flight: default_max_in_flight(),
             max_frame_bytes: default_max_frame_bytes(),
             expected_size: None,
+            max_image_width: default_max_image_width(),
+            max_image_height: default_max_image_height(),
+            max_image_pixels: default_max_image_pixels(),
             retrain: None,
         }
     }
@@ -499,6 +535,14 @@ impl LineSettings {
     /// The maps topic when maps are published at all.
     pub fn maps_output(&self) -> Option<&str> {
         (self.map_format != MapFormat::None && !self.maps_topic.is_empty()).then_some(self.maps_topic.as_str())
+    }
+
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_width: self.max_image_width,
+            max_height: self.max_image_height,
+            max_pixels: self.max_image_pixels,
+        }
     }
 
     pub fn max_batch_wait(&self) -> Duration {
