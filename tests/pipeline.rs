@@ -135,8 +135,9 @@ fn every_frame_gets_exactly_one_result_and_a_decodable_map_on_two_lines() {
             assert_eq!(result.frame_id, record.key);
             assert_eq!(result.camera.camera_id, "camera-1");
             assert_eq!((result.image_width, result.image_height), (128, 128));
-            assert!(result.score.is_finite());
-            assert_eq!(result.verdict == "anomalous", result.score > 0.5);
+            let score = result.score.expect("a finite model gives every frame a score");
+            assert!(score.is_finite());
+            assert_eq!(result.verdict == "anomalous", score > 0.5);
             assert!(result.timings_ms.in_pipeline >= result.timings_ms.inference);
         }
         let maps = read_topic(&harness.brokers(), &topics.maps, 12, Duration::from_secs(60));
@@ -152,7 +153,7 @@ fn every_frame_gets_exactly_one_result_and_a_decodable_map_on_two_lines() {
                 let score = results
                     .iter()
                     .find(|r| r.key == map.key)
-                    .map(|r| serde_json::from_slice::<ResultRecord>(&r.payload).unwrap().score);
+                    .and_then(|r| serde_json::from_slice::<ResultRecord>(&r.payload).unwrap().score);
                 let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 assert!(
                     (max - score.unwrap()).abs() <= 1e-2 * score.unwrap().abs().max(1.0),
@@ -261,6 +262,41 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_the_line_keeps
     let counts = count_by_key(&results);
     assert_eq!((keys_with_prefix(&counts, "before"), keys_with_prefix(&counts, "after")), (3, 3), "{counts:?}");
     assert_eq!(metric(port, "lineguard_frames_failed_total{line=\"line\",reason=\"decode\"}"), Some(2.0));
+    assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
+}
+
+/// A model whose output is NaN (its teacher statistics are NaN, as after a diverged training) must never
+/// call a frame normal nor let it become training data: every frame gets an error result, the failure is
+/// counted, no map is published, and readiness goes false.
+#[test]
+fn a_model_with_non_finite_output_gives_error_results_and_readiness_goes_false() {
+    let harness = Harness::new("nonfinite");
+    let topics = harness.topics("line", 1);
+    let port = free_port();
+    let broken = harness.dir.path().join("broken.safetensors");
+    let mut file = lineguard::model::weights::TensorFile::load(&fixture().model, tch::Device::Cpu).unwrap();
+    let nan = file.tensors["teacher_std"].full_like(f64::NAN);
+    file.tensors.insert("teacher_std".into(), nan);
+    file.save(&broken).unwrap();
+    let pipeline = harness.pipeline("broken.toml", port, &[("line", &topics, "")]);
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    std::fs::write(&pipeline, text.replace(path_str(&fixture().model), path_str(&broken))).unwrap();
+    let mut service = harness.run(&pipeline);
+    harness.produce(&topics.frames, &fixture().frames[..4], "n");
+
+    let results = read_topic(&harness.brokers(), &topics.results, 4, Duration::from_secs(120));
+    assert_eq!(count_by_key(&results).len(), 4, "every frame gets a result\n{}", service.log());
+    for record in &results {
+        let result: ResultRecord = serde_json::from_slice(&record.payload).unwrap();
+        assert_eq!((result.verdict.as_str(), result.score, result.map_topic), ("error", None, None), "{}", record.key);
+        let error = result.error.unwrap_or_default();
+        assert!(error.contains("non-finite"), "{error}");
+    }
+    let sample = |name: &str, label: &str| metric(port, &format!("{name}{{line=\"line\",{label}}}"));
+    assert_eq!(sample("lineguard_frames_failed_total", "reason=\"non_finite_output\""), Some(4.0));
+    assert_eq!(sample("lineguard_frames_scored_total", "verdict=\"normal\"").unwrap_or(0.0), 0.0);
+    assert!(http_get(port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 503")), "not ready");
+    assert!(read_topic(&harness.brokers(), &topics.maps, 1, Duration::from_secs(3)).is_empty(), "no maps");
     assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
 }
 

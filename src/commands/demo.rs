@@ -371,7 +371,8 @@ impl Tally {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(captured);
-            if self.results.insert(key, (split.to_string(), result.verdict == "anomalous", result.score)).is_none() {
+            let score = result.score.unwrap_or(f32::NAN);
+            if self.results.insert(key, (split.to_string(), result.verdict == "anomalous", score)).is_none() {
                 *self.versions.entry(result.model_version).or_default() += 1;
                 self.latencies_ms.push((now_ms - captured) as f64);
                 self.in_pipeline_ms.push(result.timings_ms.in_pipeline);

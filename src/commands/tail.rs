@@ -90,9 +90,13 @@ fn describe(message: &BorrowedMessage<'_>) -> (String, bool) {
     match serde_json::from_slice::<ResultRecord>(payload) {
         Ok(result) => (
             format!(
-                "  {:>8.4}  {:<9}  {:>5}  {:<12}  {:>8.1} ms  {}",
-                result.score,
-                if result.verdict == "anomalous" { "ANOMALY" } else { "ok" },
+                "  {:>8}  {:<9}  {:>5}  {:<12}  {:>8.1} ms  {}",
+                result.score.map_or_else(|| "-".to_string(), |score| format!("{score:.4}")),
+                match result.verdict.as_str() {
+                    "anomalous" => "ANOMALY",
+                    "normal" => "ok",
+                    _ => "ERROR",
+                },
                 result.model_version,
                 result.camera.camera_id,
                 result.timings_ms.in_pipeline,

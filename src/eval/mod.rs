@@ -27,6 +27,8 @@ pub enum EvalError {
     MissingGroundTruth { path: PathBuf, expected: PathBuf },
     #[error("the test set has no good images (test/good): AUROC and sPRO need them")]
     NoGoodImages,
+    #[error("{path}: the model's anomaly map holds {count} non-finite values (NaN or infinity); check the model")]
+    NonFiniteMap { path: PathBuf, count: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +98,11 @@ pub fn score_image(model: &EfficientAd, path: &Path) -> Result<ScoredImage, Eval
     let map = model.anomaly_maps(&input, image.height() as i64, image.width() as i64)?;
     let map: Vec<f32> =
         Vec::try_from(map.flatten(0, -1).to_device(tch::Device::Cpu)).map_err(crate::error::WeightsError::from)?;
+    let count = map.iter().filter(|value| !value.is_finite()).count();
+    if count > 0 {
+        // `f32::max` would skip NaN and score the image on what is left: no score beats a wrong one.
+        return Err(EvalError::NonFiniteMap { path: path.to_path_buf(), count });
+    }
     let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     Ok(ScoredImage { image, map, score })
 }

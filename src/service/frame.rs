@@ -94,8 +94,10 @@ pub struct ScoredFrame {
     pub meta: FrameMeta,
     pub camera: CameraInfo,
     pub original_size: (u32, u32),
-    /// Maximum of the anomaly map.
+    /// Maximum of the anomaly map; NaN when the map holds non-finite values.
     pub score: f32,
+    /// Non-finite (NaN or infinite) values in the map: a broken model, never a verdict.
+    pub non_finite: usize,
     /// Normalised anomaly map at the model's resolution, row-major `map_side`².
     pub map: Vec<f32>,
     pub map_side: u32,
@@ -108,7 +110,9 @@ pub struct ScoredFrame {
     pub ack: Ack,
 }
 
-/// Why a frame went to the dead-letter topic; the label of `lineguard_frames_failed_total`.
+/// Why a frame got no verdict; the label of `lineguard_frames_failed_total`. Every reason but
+/// `NonFiniteOutput` sends the frame to the dead-letter topic; that one is the model's fault, not the
+/// frame's, and gives the frame an error result instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
     Empty,
@@ -119,10 +123,12 @@ pub enum RejectReason {
     /// The image's header declares more pixels than the line's limits: refused before decoding.
     TooLarge,
     WrongSize,
+    /// The model's anomaly map held NaN or infinite values.
+    NonFiniteOutput,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::Empty,
         RejectReason::Oversized,
         RejectReason::MissingHeader,
@@ -130,6 +136,7 @@ impl RejectReason {
         RejectReason::Decode,
         RejectReason::TooLarge,
         RejectReason::WrongSize,
+        RejectReason::NonFiniteOutput,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +148,7 @@ impl RejectReason {
             RejectReason::Decode => "decode",
             RejectReason::TooLarge => "too_large",
             RejectReason::WrongSize => "wrong_size",
+            RejectReason::NonFiniteOutput => "non_finite_output",
         }
     }
 }

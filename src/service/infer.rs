@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::error::WeightsError;
 use crate::model::EfficientAd;
 use crate::service::frame::{PreparedFrame, ScoredFrame, SinkItem};
-use crate::service::metrics::{LineMetrics, Queue};
+use crate::service::metrics::{LineHealth, LineMetrics, Queue};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
@@ -95,6 +95,7 @@ pub fn spawn(
     input: Receiver<PreparedFrame>,
     to_sink: mpsc::Sender<SinkItem>,
     metrics: LineMetrics,
+    health: Arc<LineHealth>,
 ) -> std::io::Result<(JoinHandle<Result<(), String>>, ModelSwapper)> {
     let (sender, swaps) = crossbeam_channel::bounded(1);
     let queued = Arc::new(AtomicUsize::new(0));
@@ -147,6 +148,7 @@ pub fn spawn(
                         .unwrap_or_else(|| "unknown panic".into());
                     format!("inference failed: {message}")
                 })?;
+            report_output_health(&scored, &health, model.info.model_version);
             for frame in scored {
                 if to_sink.blocking_send(SinkItem::Scored(frame)).is_err() {
                     return Ok(());
@@ -156,6 +158,20 @@ pub fn spawn(
         Ok(())
     })?;
     Ok((handle, swapper))
+}
+
+/// A model whose every map in a batch is non-finite is broken (readiness goes false, so alerts and the
+/// orchestrator see it); one fully finite batch makes it healthy again. A single bad map among good ones
+/// is that frame's problem and only gives it an error result.
+fn report_output_health(scored: &[ScoredFrame], health: &LineHealth, version: u64) {
+    let broken = scored.iter().filter(|frame| frame.non_finite > 0).count();
+    if broken == scored.len() && broken > 0 {
+        if !health.model_output_broken.swap(true, Ordering::Relaxed) {
+            log::error!("model version {version} produces non-finite anomaly maps: frames get error results");
+        }
+    } else if broken == 0 && health.model_output_broken.swap(false, Ordering::Relaxed) {
+        log::info!("model version {version} produces finite anomaly maps again");
+    }
 }
 
 /// Blocks for a first item, then gathers more until `max_batch` items or `max_wait` after the first.
@@ -206,12 +222,15 @@ fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFram
             meta.timings.batch_wait = started.duration_since(prepared_at).as_secs_f64();
             meta.timings.inference = inference;
             let map = maps.get(index * cells..(index + 1) * cells).map(<[f32]>::to_vec).unwrap_or_default();
-            let score = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let non_finite = map.iter().filter(|value| !value.is_finite()).count();
+            // `f32::max` skips NaN: a map with a few NaN values would still get a finite, meaningless score.
+            let score = if non_finite > 0 { f32::NAN } else { map.iter().copied().fold(f32::NEG_INFINITY, f32::max) };
             ScoredFrame {
                 meta,
                 camera,
                 original_size,
                 score,
+                non_finite,
                 map,
                 map_side: side as u32,
                 display_range,
@@ -298,6 +317,42 @@ mod tests {
         }
     }
 
+    /// Before: `f32::max` skipped the NaN values and the frame was scored on the rest, `normal`.
+    #[test]
+    fn non_finite_maps_have_no_score_and_make_the_line_unready_until_a_good_model_serves() {
+        let tracker = crate::service::ack::OffsetTracker::new();
+        let (to_infer, input) = crossbeam_channel::bounded(8);
+        let (to_sink, mut output) = mpsc::channel(8);
+        let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
+        let health = Arc::new(LineHealth::default());
+        health.model_loaded.store(true, Ordering::Relaxed);
+        health.joined_group.store(true, Ordering::Relaxed);
+        let mut broken = tiny_model(1, 128);
+        broken.map_quantiles =
+            Some(crate::model::MapQuantiles { student_teacher: (f64::NAN, 1.0), autoencoder: (0.0, 1.0) });
+        let batching = Batching { max_batch: 1, max_wait: Duration::from_millis(1) };
+        let (stage, swapper) = spawn(broken, batching, input, to_sink, metrics, health.clone()).unwrap();
+        let scored = |item: Option<SinkItem>| match item {
+            Some(SinkItem::Scored(frame)) => frame,
+            other => panic!("expected a scored frame, got {other:?}"),
+        };
+        to_infer.send(prepared(&tracker, 0)).unwrap();
+        let frame = scored(output.blocking_recv());
+        // The padded border of the map stays finite (zeros), so `f32::max` alone would have scored it 0.
+        assert!(frame.non_finite > 0 && frame.non_finite < 128 * 128, "{}", frame.non_finite);
+        assert!(frame.score.is_nan(), "no score: {}", frame.score);
+        assert!(!health.ready(), "a model whose every map is non-finite makes the line unready");
+
+        swapper.swap(tiny_model(2, 128)).unwrap();
+        to_infer.send(prepared(&tracker, 1)).unwrap();
+        let frame = scored(output.blocking_recv());
+        assert_eq!((frame.non_finite, frame.model_version), (0, 2));
+        assert!(frame.score.is_finite());
+        assert!(health.ready(), "finite maps again");
+        drop(to_infer);
+        assert_eq!(stage.join().unwrap(), Ok(()));
+    }
+
     #[test]
     fn a_swapped_model_scores_from_the_next_batch_on() {
         let tracker = crate::service::ack::OffsetTracker::new();
@@ -305,7 +360,8 @@ mod tests {
         let (to_sink, mut output) = mpsc::channel(8);
         let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let batching = Batching { max_batch: 2, max_wait: Duration::from_millis(1) };
-        let (stage, swapper) = spawn(tiny_model(1, 128), batching, input, to_sink, metrics).unwrap();
+        let health = Arc::new(LineHealth::default());
+        let (stage, swapper) = spawn(tiny_model(1, 128), batching, input, to_sink, metrics, health).unwrap();
         let version = |item: SinkItem| match item {
             SinkItem::Scored(frame) => {
                 assert_eq!(frame.map.len(), 128 * 128);

@@ -330,7 +330,7 @@ async fn start_line(
         .create()
         .map_err(kafka_error("creating the producer"))?;
     let tracker = OffsetTracker::new();
-    let context = SourceContext { tracker: tracker.clone(), metrics: line_metrics.clone(), health };
+    let context = SourceContext { tracker: tracker.clone(), metrics: line_metrics.clone(), health: health.clone() };
     let consumer: StreamConsumer<SourceContext> =
         crate::service::kafka::consumer_config(&settings.kafka, &line.group_id(name))
             .create_with_context(context)
@@ -359,7 +359,7 @@ async fn start_line(
     )?;
     let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
     let (infer, swapper) =
-        crate::service::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone())?;
+        crate::service::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone(), health)?;
     let follower = match feed {
         Some(feed) => {
             let stop = Arc::new(AtomicBool::new(false));

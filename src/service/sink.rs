@@ -19,7 +19,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::service::frame::{CameraInfo, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings};
+use crate::service::frame::{
+    CameraInfo, RejectReason, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings,
+};
 use crate::service::kafka::{send_until_delivered, to_owned_headers};
 use crate::service::metrics::{LineMetrics, Output, Queue};
 use crate::service::settings::MapFormat;
@@ -63,10 +65,15 @@ pub struct ResultRecord {
     pub line: String,
     #[serde(flatten)]
     pub camera: CameraFields,
-    pub score: f32,
+    /// The maximum of the anomaly map; `null` when the model's output was not finite.
+    pub score: Option<f32>,
     pub threshold: f32,
-    /// `anomalous` when `score > threshold`, else `normal`.
+    /// `anomalous` when `score > threshold`, `normal` when not, `error` when the model gave no usable
+    /// score (see `error`): an error is never `normal` and never becomes training data.
     pub verdict: String,
+    /// Why the frame has no verdict, for `verdict = "error"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub model_version: u64,
     pub image_width: u32,
     pub image_height: u32,
@@ -161,6 +168,7 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
         camera,
         original_size,
         score,
+        non_finite,
         map,
         map_side,
         display_range,
@@ -169,20 +177,35 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
         payload,
         ack,
     } = frame;
-    let anomalous = score > config.threshold;
+    let judged = non_finite == 0;
+    let anomalous = judged && score > config.threshold;
+    let verdict = match (judged, anomalous) {
+        (false, _) => "error",
+        (true, true) => "anomalous",
+        (true, false) => "normal",
+    };
+    let error = (!judged).then(|| {
+        format!(
+            "the model's anomaly map holds {non_finite} non-finite values (NaN or infinity): no verdict; check \
+             the model (version {model_version})"
+        )
+    });
+    // No picture of a broken map.
+    let maps_topic = config.maps_topic.as_ref().filter(|_| judged);
     let CameraInfo { camera_id, line_id, captured_at_ms } = camera;
     let record = ResultRecord {
         schema: RESULT_SCHEMA.into(),
         frame_id: meta.frame_id.clone(),
         line: config.line.clone(),
         camera: CameraFields { camera_id, line_id, captured_at_ms },
-        score,
+        score: judged.then_some(score),
         threshold: config.threshold,
-        verdict: if anomalous { "anomalous" } else { "normal" }.into(),
+        verdict: verdict.into(),
+        error,
         model_version,
         image_width: original_size.0,
         image_height: original_size.1,
-        map_topic: config.maps_topic.clone(),
+        map_topic: maps_topic.cloned(),
         source: SourceFields {
             topic: meta.source.topic.clone(),
             partition: meta.source.partition,
@@ -201,7 +224,7 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
     });
     let accepted = async {
         let (Some(acceptance), Some(image)) = (&config.acceptance, &payload) else { return };
-        if score.is_nan() || score >= acceptance.below {
+        if !judged || score.is_nan() || score >= acceptance.below {
             return;
         }
         let (partition, offset, score_text) =
@@ -224,7 +247,7 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
     let result = async {
         tokio::join!(result, accepted);
     };
-    match &config.maps_topic {
+    match maps_topic {
         Some(maps_topic) => {
             let format = config.map_format;
             // PNG encoding is CPU work: keep it off the async runtime threads.
@@ -250,7 +273,11 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
         }
         None => result.await,
     }
-    metrics.frame_scored(score, anomalous, &meta.timings, started.elapsed());
+    if judged {
+        metrics.frame_scored(score, anomalous, &meta.timings, started.elapsed());
+    } else {
+        metrics.frame_rejected(RejectReason::NonFiniteOutput);
+    }
     metrics.frame_done(meta.received_at.elapsed(), capture_latency(captured_at_ms));
     ack.delivered();
 }

@@ -9,16 +9,20 @@ use tokio::net::TcpListener;
 
 use super::Metrics;
 
-/// Readiness of one line: a model is loaded and the consumer joined its group.
+/// Readiness of one line: a model is loaded, the consumer joined its group, and the model's output is
+/// not broken (non-finite maps for every frame of the last batch).
 #[derive(Debug, Default)]
 pub struct LineHealth {
     pub model_loaded: AtomicBool,
     pub joined_group: AtomicBool,
+    pub model_output_broken: AtomicBool,
 }
 
 impl LineHealth {
     pub fn ready(&self) -> bool {
-        self.model_loaded.load(Ordering::Relaxed) && self.joined_group.load(Ordering::Relaxed)
+        self.model_loaded.load(Ordering::Relaxed)
+            && self.joined_group.load(Ordering::Relaxed)
+            && !self.model_output_broken.load(Ordering::Relaxed)
     }
 }
 
