@@ -14,7 +14,7 @@ use common::kafka::{
 };
 use common::{lineguard_ok, path_str};
 use lineguard::service::sink::{
-    ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MAP_FORMAT, HEADER_SOURCE_OFFSET,
+    ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MAP_FORMAT, HEADER_PAYLOAD_OMITTED, HEADER_SOURCE_OFFSET,
 };
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
@@ -298,6 +298,84 @@ fn a_model_with_non_finite_output_gives_error_results_and_readiness_goes_false()
     assert!(http_get(port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 503")), "not ready");
     assert!(read_topic(&harness.brokers(), &topics.maps, 1, Duration::from_secs(3)).is_empty(), "no maps");
     assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
+}
+
+/// A bad message whose dead letter (with its payload) is larger than the dead-letter topic accepts must
+/// not stop the line: before, publishing retried forever, the offset never committed, and after
+/// `max_in_flight` such messages the line stood still. It goes without its payload instead.
+#[test]
+fn a_dead_letter_too_large_for_its_topic_goes_without_its_payload_and_the_line_keeps_going() {
+    let harness = Harness::new("bigdead");
+    let topics = harness.topics("line", 1);
+    let small_dead_letter = format!("{}.small-dead-letter", harness.name);
+    let limit = [("max.message.bytes", "65536")];
+    runtime()
+        .block_on(lineguard::service::kafka::ensure_topics_with(&harness.kafka(), &[&small_dead_letter], 1, &limit))
+        .unwrap();
+    let port = free_port();
+    let pipeline = harness.pipeline("bigdead.toml", port, &[("line", &topics, "")]);
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    std::fs::write(&pipeline, text.replace(&topics.dead_letter, &small_dead_letter)).unwrap();
+    let mut service = harness.run(&pipeline);
+
+    let headers = [("camera_id", "cam"), ("captured_at_ms", "1700000000000")];
+    let owned = lineguard::service::kafka::to_owned_headers(headers.iter().map(|(k, v)| (*k, v.as_bytes())));
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();
+    let garbage = vec![7u8; 200_000];
+    producer
+        .send(BaseRecord::<str, [u8]>::to(&topics.frames).key("big").payload(garbage.as_slice()).headers(owned))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    harness.produce(&topics.frames, &fixture().frames[..3], "after");
+
+    let dead = read_topic(&harness.brokers(), &small_dead_letter, 1, Duration::from_secs(120));
+    assert_eq!(dead.len(), 1, "the dead letter is published\n{}", service.log());
+    let record = &dead[0];
+    assert_eq!(record.key, "big");
+    assert_eq!(record.headers[HEADER_ERROR_REASON], b"decode");
+    assert_eq!(record.headers[HEADER_PAYLOAD_OMITTED], b"200000");
+    assert_eq!(record.headers[HEADER_SOURCE_OFFSET], b"0", "where the bytes can still be read");
+    assert!(record.payload.is_empty());
+    let results = read_topic(&harness.brokers(), &topics.results, 3, Duration::from_secs(120));
+    assert_eq!(keys_with_prefix(&count_by_key(&results), "after"), 3, "the line keeps going");
+    assert!(http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
+}
+
+/// A results topic that refuses every result (here: records over 200 bytes; in a plant: a missing ACL)
+/// is a fault no retry clears. The line must say so (`/healthz` 503, so Kubernetes restarts it and the
+/// operator reads why), commit nothing, and lose nothing: fixed, a restart scores every frame.
+#[test]
+fn a_results_topic_that_refuses_results_makes_the_line_unhealthy_and_commits_nothing() {
+    let harness = Harness::new("refused");
+    let topics = harness.topics("line", 1);
+    let tiny_results = format!("{}.tiny-results", harness.name);
+    let limit = [("max.message.bytes", "200")];
+    runtime()
+        .block_on(lineguard::service::kafka::ensure_topics_with(&harness.kafka(), &[&tiny_results], 1, &limit))
+        .unwrap();
+    let port = free_port();
+    let fixed = harness.pipeline("fixed.toml", port, &[("line", &topics, "max_in_flight = 4")]);
+    let broken = harness.dir.path().join("broken.toml");
+    std::fs::write(&broken, std::fs::read_to_string(&fixed).unwrap().replace(&topics.results, &tiny_results)).unwrap();
+    harness.produce(&topics.frames, &fixture().frames[..6], "r");
+
+    let mut first = harness.run(&broken);
+    wait_for("/healthz to report the refused line", Duration::from_secs(120), &[&first], || {
+        http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 503"))
+    });
+    assert!(first.log().contains("cannot succeed"), "the log says why\n{}", first.log());
+    assert!(read_topic(&harness.brokers(), &tiny_results, 1, Duration::from_secs(2)).is_empty());
+    let mut child = first.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut second = harness.run(&fixed);
+    let results = read_topic(&harness.brokers(), &topics.results, 6, Duration::from_secs(120));
+    assert_eq!(keys_with_prefix(&count_by_key(&results), "r"), 6, "nothing was committed, nothing lost");
+    assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
 }
 
 #[test]

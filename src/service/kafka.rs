@@ -93,8 +93,12 @@ pub async fn ensure_topics_with(
     let new_topics: Vec<NewTopic> = topics
         .iter()
         .map(|name| {
-            let topic =
-                NewTopic::new(name, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", &max_bytes);
+            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+            let topic = if configs.iter().any(|(key, _)| *key == "max.message.bytes") {
+                topic
+            } else {
+                topic.set("max.message.bytes", &max_bytes)
+            };
             configs.iter().fold(topic, |topic, (key, value)| topic.set(key, value))
         })
         .collect();
@@ -110,8 +114,53 @@ pub async fn ensure_topics_with(
     Ok(())
 }
 
-/// Publishes one record, retrying with backoff until the broker acknowledges it: the frame's offset must
-/// not be committed before, and giving up would lose it. `on_error` is called for every failed attempt.
+/// A publish error that retrying cannot clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permanent {
+    /// The record is larger than the producer's `message.max.bytes` or the topic's `max.message.bytes`:
+    /// a smaller record (a dead letter without its payload) may still pass.
+    TooLarge,
+    /// Authorisation, an invalid topic or record, a fatal producer: nothing passes until an operator acts.
+    Refused,
+}
+
+impl Permanent {
+    /// `None` for errors that clear by themselves (a broker restarting, a leader election, timeouts).
+    pub fn classify(err: &KafkaError) -> Option<Permanent> {
+        use RDKafkaErrorCode as Code;
+        match err.rdkafka_error_code()? {
+            Code::MessageSizeTooLarge | Code::InvalidMessageSize | Code::MessageBatchTooLarge => {
+                Some(Permanent::TooLarge)
+            }
+            Code::TopicAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+            | Code::TransactionalIdAuthorizationFailed
+            | Code::SaslAuthenticationFailed
+            | Code::Authentication
+            | Code::InvalidTopic
+            | Code::InvalidRecord
+            | Code::InvalidRequiredAcks
+            | Code::PolicyViolation
+            | Code::Fatal => Some(Permanent::Refused),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("publishing {key} to {topic} cannot succeed: {source}")]
+pub struct PublishError {
+    pub topic: String,
+    pub key: String,
+    pub kind: Permanent,
+    #[source]
+    pub source: KafkaError,
+}
+
+/// Publishes one record, retrying transient errors with backoff until the broker acknowledges it: the
+/// frame's offset must not be committed before, and giving up would lose it. An error that retrying
+/// cannot clear ([`Permanent`]) returns at once, for the caller to decide (a smaller record, skipping an
+/// optional output, or stopping the line visibly). `on_error` is called for every failed attempt.
 pub async fn send_until_delivered(
     producer: &FutureProducer,
     topic: &str,
@@ -119,14 +168,17 @@ pub async fn send_until_delivered(
     payload: &[u8],
     headers: &OwnedHeaders,
     mut on_error: impl FnMut(&KafkaError),
-) {
+) -> Result<(), PublishError> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers.clone());
         match producer.send(record, Timeout::After(Duration::from_secs(5))).await {
-            Ok(_) => return,
+            Ok(_) => return Ok(()),
             Err((err, _)) => {
                 on_error(&err);
+                if let Some(kind) = Permanent::classify(&err) {
+                    return Err(PublishError { topic: topic.into(), key: key.into(), kind, source: err });
+                }
                 log::warn!("publishing {key} to {topic} failed ({err}); retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -225,4 +277,30 @@ pub async fn send_files(
         }
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_that_retrying_cannot_clear_are_told_apart() {
+        let produce = |code| KafkaError::MessageProduction(code);
+        assert_eq!(Permanent::classify(&produce(RDKafkaErrorCode::MessageSizeTooLarge)), Some(Permanent::TooLarge));
+        assert_eq!(Permanent::classify(&produce(RDKafkaErrorCode::MessageBatchTooLarge)), Some(Permanent::TooLarge));
+        for refused in
+            [RDKafkaErrorCode::TopicAuthorizationFailed, RDKafkaErrorCode::InvalidTopic, RDKafkaErrorCode::Fatal]
+        {
+            assert_eq!(Permanent::classify(&produce(refused)), Some(Permanent::Refused), "{refused:?}");
+        }
+        for transient in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::QueueFull,
+        ] {
+            assert_eq!(Permanent::classify(&produce(transient)), None, "{transient:?}");
+        }
+        assert_eq!(Permanent::classify(&KafkaError::Canceled), None);
+    }
 }

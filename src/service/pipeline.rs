@@ -358,8 +358,14 @@ async fn start_line(
         line_metrics.clone(),
     )?;
     let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
-    let (infer, swapper) =
-        crate::service::infer::spawn(model, batching, infer_queue, to_sink.clone(), line_metrics.clone(), health)?;
+    let (infer, swapper) = crate::service::infer::spawn(
+        model,
+        batching,
+        infer_queue,
+        to_sink.clone(),
+        line_metrics.clone(),
+        health.clone(),
+    )?;
     let follower = match feed {
         Some(feed) => {
             let stop = Arc::new(AtomicBool::new(false));
@@ -390,8 +396,9 @@ async fn start_line(
     };
     let (drained_tx, drained) = oneshot::channel();
     let sink_metrics = line_metrics.clone();
+    let sink_health = health.clone();
     tokio::spawn(async move {
-        crate::service::sink::run(sink_config, producer, sink_queue, sink_metrics).await;
+        crate::service::sink::run(sink_config, producer, sink_queue, sink_metrics, sink_health).await;
         let _ = drained_tx.send(());
     });
 

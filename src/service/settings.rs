@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::preprocess::{DecodeLimits, MIN_IMAGE_SIDE};
 use crate::error::ConfigError;
 
+/// Room left for a record's headers and framing when a frame's bytes are republished.
+const HEADERS_ROOM: usize = 64 << 10;
+
 /// The environment prefix of overrides.
 pub const ENV_PREFIX: &str = "LINEGUARD";
 
@@ -403,6 +406,13 @@ impl Settings {
         if self.lines.is_empty() {
             problems.push("lines: no product line configured; add a [lines.<name>] table".into());
         }
+        let producer_limit = match self.kafka.producer.get("message.max.bytes") {
+            None => Some(crate::service::kafka::MAX_MESSAGE_BYTES),
+            Some(text) => text.trim().parse::<usize>().ok().or_else(|| {
+                problems.push(format!("kafka.producer.\"message.max.bytes\": {text:?} is not a number of bytes"));
+                None
+            }),
+        };
         let mut groups = BTreeMap::new();
         for (name, line) in &self.lines {
             let key = |field: &str| format!("lines.{name}.{field}");
@@ -465,6 +475,16 @@ impl Settings {
             }
             if let Some(retrain) = &line.retrain {
                 retrain.problems(line, &key, &mut problems);
+                // An accepted frame is republished whole: a frame the line takes must fit what its
+                // producer sends, or it could never be published (dead letters shed their payload instead).
+                if let Some(limit) = producer_limit.filter(|limit| line.max_frame_bytes + HEADERS_ROOM > *limit) {
+                    problems.push(format!(
+                        "{}: {} bytes and their headers do not fit the producer's message.max.bytes ({limit}): \
+                         accepted frames could not be published; lower it or raise kafka.producer.\"message.max.bytes\"",
+                        key("max_frame_bytes"),
+                        line.max_frame_bytes
+                    ));
+                }
             }
             let group = line.group_id(name);
             if let Some(other) = groups.insert(group.clone(), name.clone()) {
@@ -645,6 +665,23 @@ threshold = 0.4
         }
         let missing = parse(&format!("{MINIMAL}[lines.juice.retrain]\n"), &[]).unwrap_err().to_string();
         assert!(missing.contains("retrain.accept_below: required"), "{missing}");
+    }
+
+    #[test]
+    fn limits_that_could_never_publish_or_decode_are_refused_at_start() {
+        let retrain = "[lines.juice.retrain]\naccept_below = 0.3\n";
+        let small_producer = "[kafka.producer]\n\"message.max.bytes\" = \"1000000\"\n";
+        let err = parse(&format!("{MINIMAL}{retrain}{small_producer}"), &[]).unwrap_err().to_string();
+        assert!(err.contains("lines.juice.max_frame_bytes: 8388608 bytes and their headers do not fit"), "{err}");
+        let fits = format!("{MINIMAL}max_frame_bytes = 900000\n{retrain}{small_producer}");
+        assert!(parse(&fits, &[]).is_ok(), "a frame that fits with room for headers");
+        assert!(parse(&format!("{MINIMAL}{small_producer}"), &[]).is_ok(), "dead letters shed their payload");
+
+        let err = parse(&format!("{MINIMAL}max_image_pixels = 100\nexpected_size = [2000, 1000]\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lines.juice.max_image_pixels: 100 (at least 256"), "{err}");
+        assert!(err.contains("lines.juice.expected_size: [2000, 1000] is refused by the image limits"), "{err}");
     }
 
     #[test]

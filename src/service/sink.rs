@@ -11,6 +11,7 @@
 //! Records are keyed by frame id, so a frame processed twice (after a crash or a rebalance, the price of
 //! at-least-once without transactions) produces the same key twice and consumers can keep the last.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,8 +23,8 @@ use tokio::task::JoinSet;
 use crate::service::frame::{
     CameraInfo, RejectReason, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings,
 };
-use crate::service::kafka::{send_until_delivered, to_owned_headers};
-use crate::service::metrics::{LineMetrics, Output, Queue};
+use crate::service::kafka::{send_until_delivered, to_owned_headers, Permanent, PublishError};
+use crate::service::metrics::{LineHealth, LineMetrics, Output, Queue};
 use crate::service::settings::MapFormat;
 
 pub const RESULT_SCHEMA: &str = "lineguard.result.v1";
@@ -32,6 +33,8 @@ pub const HEADER_ERROR: &str = "lineguard_error";
 pub const HEADER_SOURCE_TOPIC: &str = "lineguard_source_topic";
 pub const HEADER_SOURCE_PARTITION: &str = "lineguard_source_partition";
 pub const HEADER_SOURCE_OFFSET: &str = "lineguard_source_offset";
+/// On a dead letter sent without its payload (too large for the topic): the payload's size in bytes.
+pub const HEADER_PAYLOAD_OMITTED: &str = "lineguard_payload_omitted";
 pub const HEADER_MAP_FORMAT: &str = "lineguard_map_format";
 pub const HEADER_MAP_WIDTH: &str = "lineguard_map_width";
 pub const HEADER_MAP_HEIGHT: &str = "lineguard_map_height";
@@ -133,16 +136,17 @@ pub async fn run(
     producer: FutureProducer,
     mut input: mpsc::Receiver<SinkItem>,
     metrics: LineMetrics,
+    health: Arc<LineHealth>,
 ) {
     let config = Arc::new(config);
     let mut publishing = JoinSet::new();
     while let Some(item) = input.recv().await {
         metrics.queue_depth(Queue::Sink, input.len());
-        let (config, producer, metrics) = (config.clone(), producer.clone(), metrics.clone());
+        let (config, producer, metrics, health) = (config.clone(), producer.clone(), metrics.clone(), health.clone());
         publishing.spawn(async move {
             match item {
-                SinkItem::Scored(frame) => publish_scored(&config, &producer, frame, &metrics).await,
-                SinkItem::Rejected(frame) => publish_rejected(&config, &producer, frame, &metrics).await,
+                SinkItem::Scored(frame) => publish_scored(&config, &producer, frame, &metrics, &health).await,
+                SinkItem::Rejected(frame) => publish_rejected(&config, &producer, frame, &metrics, &health).await,
             }
         });
         // Reap finished publishes so the set does not grow with the stream.
@@ -161,7 +165,13 @@ fn report_panic(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: ScoredFrame, metrics: &LineMetrics) {
+async fn publish_scored(
+    config: &SinkConfig,
+    producer: &FutureProducer,
+    frame: ScoredFrame,
+    metrics: &LineMetrics,
+    health: &LineHealth,
+) {
     let started = Instant::now();
     let ScoredFrame {
         meta,
@@ -223,9 +233,9 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
         metrics.publish_failed(Output::Results)
     });
     let accepted = async {
-        let (Some(acceptance), Some(image)) = (&config.acceptance, &payload) else { return };
+        let (Some(acceptance), Some(image)) = (&config.acceptance, &payload) else { return Ok(()) };
         if !judged || score.is_nan() || score >= acceptance.below {
-            return;
+            return Ok(());
         }
         let (partition, offset, score_text) =
             (meta.source.partition.to_string(), meta.source.offset.to_string(), score.to_string());
@@ -241,37 +251,41 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
         send_until_delivered(producer, &acceptance.topic, key, image, &headers, |_| {
             metrics.publish_failed(Output::Accepted)
         })
-        .await;
+        .await?;
         metrics.frame_accepted();
+        Ok(())
     };
-    let result = async {
-        tokio::join!(result, accepted);
+    let map = async {
+        let Some(maps_topic) = maps_topic else { return Ok(()) };
+        let format = config.map_format;
+        // PNG encoding is CPU work: keep it off the async runtime threads.
+        let encoded = tokio::task::spawn_blocking(move || encode_map(&map, map_side, display_range, format)).await;
+        let (format_name, bytes) = match encoded {
+            Ok(encoded) => encoded,
+            // A panic while encoding is a bug, not the frame's fault: the result still goes out.
+            Err(err) => {
+                log::error!("encoding the map of {key} failed: {err}; no map for this frame");
+                return Ok(());
+            }
+        };
+        let side = map_side.to_string();
+        let map_headers = to_owned_headers([
+            (HEADER_MAP_FORMAT, format_name.as_bytes()),
+            (HEADER_MAP_WIDTH, side.as_bytes()),
+            (HEADER_MAP_HEIGHT, side.as_bytes()),
+            (HEADER_MODEL_VERSION, version.as_bytes()),
+        ]);
+        send_until_delivered(producer, maps_topic, key, &bytes, &map_headers, |_| metrics.publish_failed(Output::Maps))
+            .await
     };
-    match maps_topic {
-        Some(maps_topic) => {
-            let format = config.map_format;
-            // PNG encoding is CPU work: keep it off the async runtime threads.
-            let encoded = tokio::task::spawn_blocking(move || encode_map(&map, map_side, display_range, format)).await;
-            let (format_name, bytes) = match encoded {
-                Ok(encoded) => encoded,
-                Err(err) => {
-                    log::error!("encoding the map of {key} failed: {err}");
-                    return; // unacknowledged: consumed again after a restart
-                }
-            };
-            let side = map_side.to_string();
-            let map_headers = to_owned_headers([
-                (HEADER_MAP_FORMAT, format_name.as_bytes()),
-                (HEADER_MAP_WIDTH, side.as_bytes()),
-                (HEADER_MAP_HEIGHT, side.as_bytes()),
-                (HEADER_MODEL_VERSION, version.as_bytes()),
-            ]);
-            let map = send_until_delivered(producer, maps_topic, key, &bytes, &map_headers, |_| {
-                metrics.publish_failed(Output::Maps)
-            });
-            tokio::join!(result, map);
-        }
-        None => result.await,
+    let (result, accepted, map) = tokio::join!(result, accepted, map);
+    if let Err(err) = result {
+        // Without its result the frame must not be committed; the line cannot go on (see `refused`).
+        return refused(health, err);
+    }
+    // Maps and accepted frames are optional outputs: a permanent failure costs that output only.
+    for failed in [accepted, map].into_iter().filter_map(Result::err) {
+        log::error!("{failed}; the frame's result is published, this output is skipped");
     }
     if judged {
         metrics.frame_scored(score, anomalous, &meta.timings, started.elapsed());
@@ -282,10 +296,21 @@ async fn publish_scored(config: &SinkConfig, producer: &FutureProducer, frame: S
     ack.delivered();
 }
 
-async fn publish_rejected(config: &SinkConfig, producer: &FutureProducer, frame: RejectedFrame, metrics: &LineMetrics) {
+/// A dead letter holds the original payload when it fits; when the producer or the topic refuses the
+/// record as too large, it goes again without the payload, with `lineguard_payload_omitted` (the
+/// payload's size) and the source topic, partition and offset, where the bytes can still be read while
+/// the input topic retains them. So every dead letter is publishable and a large bad message cannot
+/// stop the line.
+async fn publish_rejected(
+    config: &SinkConfig,
+    producer: &FutureProducer,
+    frame: RejectedFrame,
+    metrics: &LineMetrics,
+    health: &LineHealth,
+) {
     let RejectedFrame { meta, payload, reason, detail, ack } = frame;
     let SourcePosition { topic, partition, offset } = &meta.source;
-    let (partition, offset) = (partition.to_string(), offset.to_string());
+    let (partition, offset, size) = (partition.to_string(), offset.to_string(), payload.len().to_string());
     let context = [
         (HEADER_ERROR_REASON, reason.as_str().as_bytes()),
         (HEADER_ERROR, detail.as_bytes()),
@@ -293,14 +318,39 @@ async fn publish_rejected(config: &SinkConfig, producer: &FutureProducer, frame:
         (HEADER_SOURCE_PARTITION, partition.as_bytes()),
         (HEADER_SOURCE_OFFSET, offset.as_bytes()),
     ];
-    let original = meta.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-    let headers = to_owned_headers(original.chain(context));
-    send_until_delivered(producer, &config.dead_letter_topic, &meta.frame_id, &payload, &headers, |_| {
-        metrics.publish_failed(Output::DeadLetter)
-    })
-    .await;
+    let original = || meta.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+    let headers = to_owned_headers(original().chain(context));
+    let mut published =
+        send_until_delivered(producer, &config.dead_letter_topic, &meta.frame_id, &payload, &headers, |_| {
+            metrics.publish_failed(Output::DeadLetter)
+        })
+        .await;
+    if let Err(PublishError { kind: Permanent::TooLarge, .. }) = &published {
+        log::warn!(
+            "the dead letter of {} is too large for {} with its {} payload bytes; publishing it without them",
+            meta.frame_id,
+            config.dead_letter_topic,
+            payload.len()
+        );
+        let headers = to_owned_headers(original().chain(context).chain([(HEADER_PAYLOAD_OMITTED, size.as_bytes())]));
+        published = send_until_delivered(producer, &config.dead_letter_topic, &meta.frame_id, &[], &headers, |_| {
+            metrics.publish_failed(Output::DeadLetter)
+        })
+        .await;
+    }
+    if let Err(err) = published {
+        return refused(health, err);
+    }
     metrics.frame_done(meta.received_at.elapsed(), None);
     ack.delivered();
+}
+
+/// A required output (a result, a dead letter) that no retry can publish: the frame stays uncommitted,
+/// so nothing is lost, and the line is marked broken, which turns `/healthz` to 503 so the orchestrator
+/// restarts the process and the operator sees why in its log (authorisation, a missing or invalid topic).
+fn refused(health: &LineHealth, err: PublishError) {
+    log::error!("{err}; the frame stays uncommitted and this line cannot make progress until that is fixed");
+    health.publish_refused.store(true, Ordering::Relaxed);
 }
 
 fn capture_latency(captured_at_ms: i64) -> Option<Duration> {

@@ -16,9 +16,17 @@ pub struct LineHealth {
     pub model_loaded: AtomicBool,
     pub joined_group: AtomicBool,
     pub model_output_broken: AtomicBool,
+    /// A required output (result, dead letter) was refused permanently: the line cannot progress, and
+    /// only an operator (or a restart with fixed settings) can help.
+    pub publish_refused: AtomicBool,
 }
 
 impl LineHealth {
+    /// Whether the line can still make progress by itself (`/healthz`); when not, a restart is due.
+    pub fn alive(&self) -> bool {
+        !self.publish_refused.load(Ordering::Relaxed)
+    }
+
     pub fn ready(&self) -> bool {
         self.model_loaded.load(Ordering::Relaxed)
             && self.joined_group.load(Ordering::Relaxed)
@@ -51,7 +59,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Vec<Arc
             let path = first_line.split_whitespace().nth(1).unwrap_or("");
             let (status, content_type, body) = match path {
                 "/metrics" => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/healthz" if health.iter().all(|line| line.alive()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/healthz" => ("503 Service Unavailable", "text/plain", "a line cannot progress\n".to_string()),
                 "/readyz" if health.iter().all(|line| line.ready()) => ("200 OK", "text/plain", "ready\n".to_string()),
                 "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
                 _ => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
