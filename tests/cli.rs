@@ -140,6 +140,43 @@ fn broken_pipeline_files_list_every_problem_with_its_key() {
     assert!(checked.contains("\"max_in_flight\": 64"), "{checked}");
 }
 
+/// Before: `run --check` printed `sasl.password`, and the environment override for credentials was
+/// rejected as an unknown key, so passwords ended up in the ConfigMap.
+#[test]
+fn credentials_come_from_the_environment_or_files_and_are_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "from-a-mounted-secret\n").unwrap();
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[kafka]\nbrokers = \"b:9092\"\n[kafka.producer]\n\"sasl.password\" = \"typed-in-the-file\"\n\
+             [kafka.secret_files]\n\"ssl.key.password\" = \"{}\"\n\
+             [lines.trays]\nmodel = \"m\"\ninput_topics = [\"f\"]\nthreshold = 0.5\n",
+            path_str(&password_file)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lineguard"))
+        .args(["run", "--pipeline", path_str(&pipeline), "--check"])
+        .env("LINEGUARD__KAFKA__SECRETS__SASL_PASSWORD", "from-the-environment")
+        .output()
+        .unwrap();
+    let (printed, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "the environment override is accepted: {err}");
+    for secret in ["typed-in-the-file", "from-a-mounted-secret", "from-the-environment"] {
+        assert!(!printed.contains(secret) && !err.contains(secret), "{secret} leaked:\n{printed}{err}");
+    }
+    assert!(printed.contains("\"sasl_password\": \"<redacted>\""), "{printed}");
+    assert!(printed.contains("\"sasl.password\": \"<redacted>\""), "{printed}");
+
+    std::fs::remove_file(&password_file).unwrap();
+    let out = lineguard(&["run", "--pipeline", path_str(&pipeline), "--check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("kafka.secret_files.ssl.key.password: cannot read"), "{}", stderr(&out));
+}
+
 #[test]
 fn a_missing_model_stops_the_service_with_the_path() {
     let dir = tempfile::tempdir().unwrap();

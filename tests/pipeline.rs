@@ -70,12 +70,7 @@ impl LineHarness for Harness {
         let t = |kind: &str| format!("{}.{line}.{kind}", self.name);
         let topics =
             Topics { frames: t("frames"), results: t("results"), maps: t("maps"), dead_letter: t("dead-letter") };
-        let kafka = lineguard::service::settings::KafkaSettings {
-            brokers: self.brokers(),
-            client_id: "test".into(),
-            consumer: Default::default(),
-            producer: Default::default(),
-        };
+        let kafka = lineguard::service::settings::KafkaSettings::for_brokers(&self.brokers(), "test");
         let names = [&topics.frames, &topics.results, &topics.maps, &topics.dead_letter];
         let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
         runtime().block_on(lineguard::service::kafka::ensure_topics(&kafka, &names, partitions)).unwrap();

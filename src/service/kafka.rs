@@ -34,6 +34,14 @@ pub fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
     for (key, value) in &kafka.producer {
         config.set(key, value);
     }
+    with_secrets(config, kafka)
+}
+
+/// The credentials of `kafka.secrets` go to every client, last.
+fn with_secrets(mut config: ClientConfig, kafka: &KafkaSettings) -> ClientConfig {
+    for (property, value) in kafka.secret_properties() {
+        config.set(property, value);
+    }
     config
 }
 
@@ -52,7 +60,7 @@ pub fn consumer_config(kafka: &KafkaSettings, group_id: &str) -> ClientConfig {
     for (key, value) in &kafka.consumer {
         config.set(key, value);
     }
-    config
+    with_secrets(config, kafka)
 }
 
 pub fn to_owned_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {
@@ -87,8 +95,8 @@ pub async fn ensure_topics_with(
     partitions: i32,
     configs: &[(&str, &str)],
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &kafka.brokers).create()?;
+    // The producer's settings: a secured cluster needs the same protocol and credentials for admin calls.
+    let admin: AdminClient<DefaultClientContext> = producer_config(kafka).create()?;
     let max_bytes = MAX_MESSAGE_BYTES.to_string();
     let new_topics: Vec<NewTopic> = topics
         .iter()
@@ -282,6 +290,19 @@ pub async fn send_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_reach_every_client_under_their_property_names() {
+        let mut kafka = KafkaSettings::for_brokers("b:9092", "test");
+        kafka.secrets.insert("sasl_password".into(), crate::service::settings::Secret::new("hunter2"));
+        kafka.consumer.insert("security.protocol".into(), "SASL_SSL".into());
+        assert_eq!(producer_config(&kafka).get("sasl.password"), Some("hunter2"));
+        let consumer = consumer_config(&kafka, "group");
+        assert_eq!(
+            (consumer.get("sasl.password"), consumer.get("security.protocol")),
+            (Some("hunter2"), Some("SASL_SSL"))
+        );
+    }
 
     #[test]
     fn errors_that_retrying_cannot_clear_are_told_apart() {

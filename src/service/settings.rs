@@ -41,12 +41,98 @@ pub struct KafkaSettings {
     pub brokers: String,
     #[serde(default = "default_client_id")]
     pub client_id: String,
-    /// Extra librdkafka properties for consumers (e.g. `security.protocol`), applied last.
-    #[serde(default)]
+    /// Extra librdkafka properties for consumers (e.g. `security.protocol`). Values of keys that look like
+    /// credentials are redacted when settings are printed; keep credentials in `secrets` anyway.
+    #[serde(default, serialize_with = "redact_credentials")]
     pub consumer: BTreeMap<String, String>,
-    /// Extra librdkafka properties for producers, applied last.
-    #[serde(default)]
+    /// Extra librdkafka properties for producers.
+    #[serde(default, serialize_with = "redact_credentials")]
     pub producer: BTreeMap<String, String>,
+    /// librdkafka properties whose values are secrets (`sasl.password`, `ssl.key.password`, …), for every
+    /// client (consumers, producers, admin), applied last. Meant to come from a Kubernetes Secret through
+    /// the environment, where underscores stand for the dots of the property name:
+    /// `LINEGUARD__KAFKA__SECRETS__SASL_PASSWORD`. Never printed or logged.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Secret>,
+    /// The same from files (a mounted Secret): property → path, read at start; one trailing newline is
+    /// dropped. A property in both takes the file's value.
+    #[serde(default)]
+    pub secret_files: BTreeMap<String, PathBuf>,
+}
+
+/// A credential: its value is never printed (`Debug` and serialisation show `<redacted>`), only handed
+/// to the Kafka client.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+pub const REDACTED: &str = "<redacted>";
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(REDACTED)
+    }
+}
+
+/// Whether a librdkafka property holds a credential (passwords, secrets, private keys, tokens).
+pub fn is_credential(property: &str) -> bool {
+    let property = property.to_ascii_lowercase();
+    ["password", "secret", "jaas", "token", "key.pem", "oauthbearer.config"].iter().any(|word| property.contains(word))
+}
+
+fn redact_credentials<S: serde::Serializer>(map: &BTreeMap<String, String>, serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut out = serializer.serialize_map(Some(map.len()))?;
+    for (key, value) in map {
+        out.serialize_entry(key, if is_credential(key) { REDACTED } else { value })?;
+    }
+    out.end()
+}
+
+impl KafkaSettings {
+    /// The secret properties under their librdkafka names (`sasl_password` from the environment becomes
+    /// `sasl.password`).
+    pub fn secret_properties(&self) -> impl Iterator<Item = (String, &str)> {
+        self.secrets.iter().map(|(key, value)| (key.replace('_', "."), value.expose()))
+    }
+
+    /// Reads `secret_files` into `secrets`; every unreadable file is named.
+    fn read_secret_files(&mut self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        for (property, path) in &self.secret_files {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+                    self.secrets.insert(property.clone(), Secret::new(value));
+                }
+                // The error names the file, never its content.
+                Err(err) => {
+                    problems.push(format!("kafka.secret_files.{property}: cannot read {}: {err}", path.display()))
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -381,13 +467,14 @@ impl Settings {
                 environment = environment.with_list_parse_key(key);
             }
         }
-        let settings: Settings = config::Config::builder()
+        let mut settings: Settings = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(environment.source(Some(overrides)))
             .build()
             .and_then(|merged| merged.try_deserialize())
             .map_err(parse_error)?;
         settings.validate()?;
+        settings.kafka.read_secret_files().map_err(|problems| ConfigError::Invalid { problems })?;
         Ok(settings)
     }
 
@@ -518,6 +605,8 @@ impl KafkaSettings {
             client_id: client_id.to_string(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            secret_files: BTreeMap::new(),
         }
     }
 }
@@ -610,6 +699,15 @@ threshold = 0.4
         assert_eq!(line.group_id("juice"), "lineguard-juice");
         assert_eq!((line.max_batch, line.max_batch_wait_ms, line.max_in_flight), (8, 20, 64));
         assert_eq!(settings.metrics.listen, "0.0.0.0:9464");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_and_serialisation() {
+        let settings = parse(MINIMAL, &[("LINEGUARD__KAFKA__SECRETS__SASL_PASSWORD", "hunter2")]).unwrap();
+        assert_eq!(settings.kafka.secret_properties().collect::<Vec<_>>(), vec![("sasl.password".into(), "hunter2")]);
+        let printed = format!("{settings:?}{}", serde_json::to_string(&settings).unwrap());
+        assert!(!printed.contains("hunter2") && printed.contains(REDACTED), "{printed}");
+        assert!(is_credential("sasl.password") && is_credential("ssl.key.pem") && !is_credential("security.protocol"));
     }
 
     #[test]

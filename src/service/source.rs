@@ -287,12 +287,7 @@ mod tests {
         let line = metrics.line("test");
         let tracker = OffsetTracker::new();
         let health = Arc::new(LineHealth::default());
-        let kafka = crate::service::settings::KafkaSettings {
-            brokers: cluster.bootstrap_servers(),
-            client_id: "test".into(),
-            consumer: Default::default(),
-            producer: Default::default(),
-        };
+        let kafka = crate::service::settings::KafkaSettings::for_brokers(&cluster.bootstrap_servers(), "test");
         let context = SourceContext { tracker: tracker.clone(), metrics: line.clone(), health };
         let consumer: StreamConsumer<SourceContext> =
             crate::service::kafka::consumer_config(&kafka, "group").create_with_context(context).unwrap();
