@@ -72,7 +72,7 @@ async fn stream(brokers: &str, model: &Path, frames: &[PathBuf], round: usize, r
     };
     let settings = Settings {
         kafka: kafka.clone(),
-        metrics: MetricsSettings { listen: String::new() },
+        metrics: MetricsSettings { listen: String::new(), ..Default::default() },
         shutdown: Default::default(),
         lines: BTreeMap::from([("bench".to_string(), line)]),
     };

@@ -373,6 +373,59 @@ fn a_results_topic_that_refuses_results_makes_the_line_unhealthy_and_commits_not
     assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
 }
 
+/// Frames that can never be published (the broker is gone for good) must not leave `/healthz` green:
+/// the oldest unacknowledged frame ages past `metrics.stalled_after_secs` and the line reports it.
+#[test]
+fn a_line_whose_broker_disappears_reports_stalled_progress() {
+    let mut harness = Harness::new("stalled");
+    let topics = harness.topics("line", 1);
+    let port = free_port();
+    let pipeline = harness.pipeline("stalled.toml", port, &[("line", &topics, "")]);
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    let listen = format!("listen = \"127.0.0.1:{port}\"\n");
+    std::fs::write(&pipeline, text.replace(&listen, &format!("{listen}stalled_after_secs = 3\n"))).unwrap();
+    harness.produce(&topics.frames, &fixture().frames, "s");
+    let mut service = harness.run(&pipeline);
+    let received = || metric(port, "lineguard_frames_received_total{line=\"line\"}").unwrap_or(0.0);
+    wait_for("the first frames", Duration::from_secs(60), &[&service], || received() >= 1.0);
+    harness.broker.stop();
+    wait_for("/healthz to report the stuck line", Duration::from_secs(60), &[&service], || {
+        http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 503"))
+    });
+    let oldest = metric(port, "lineguard_oldest_unacknowledged_seconds{line=\"line\"}").unwrap_or(0.0);
+    assert!(oldest > 3.0, "oldest unacknowledged frame {oldest} s");
+    assert!(service.log().contains("the line is stuck"), "{}", service.log());
+    let mut child = service.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// An in-process trainer that dies (here: its state folder cannot be created) leaves inference running
+/// but must not leave `/healthz` green: before, only a log line said so.
+#[test]
+fn a_dead_trainer_is_reported_by_healthz_while_inference_goes_on() {
+    let harness = Harness::new("deadtrainer");
+    let topics = harness.topics("line", 1);
+    let port = free_port();
+    let retrain = format!(
+        "[lines.line.retrain]\naccept_below = 0.3\naccepted_topic = \"{0}.accepted\"\nmodels_topic = \"{0}.models\"\n\
+         state_dir = \"/dev/null/state\"\n",
+        harness.name
+    );
+    let pipeline = harness.pipeline("deadtrainer.toml", port, &[("line", &topics, &retrain)]);
+    let mut service = harness.run(&pipeline);
+    wait_for("/healthz to report the dead trainer", Duration::from_secs(60), &[&service], || {
+        http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 503"))
+    });
+    harness.produce(&topics.frames, &fixture().frames[..2], "t");
+    let results = read_topic(&harness.brokers(), &topics.results, 2, Duration::from_secs(120));
+    assert_eq!(count_by_key(&results).len(), 2, "inference goes on\n{}", service.log());
+    assert!(service.log().contains("inference continues without retraining"), "{}", service.log());
+    // The drain completes, and the exit status still names the stage that failed.
+    assert_eq!(service.terminate(Duration::from_secs(60)).code(), Some(2), "{}", service.log());
+    assert!(service.log().contains("drained") && service.log().contains("error: line line"), "{}", service.log());
+}
+
 #[test]
 fn two_instances_in_one_group_split_the_partitions_and_score_every_frame() {
     let harness = Harness::new("group");

@@ -296,7 +296,7 @@ fn demo_settings(
     };
     Settings {
         kafka: kafka.clone(),
-        metrics: lineguard::service::settings::MetricsSettings { listen: "127.0.0.1:0".into() },
+        metrics: lineguard::service::settings::MetricsSettings { listen: "127.0.0.1:0".into(), ..Default::default() },
         shutdown: Default::default(),
         lines: BTreeMap::from([("demo".to_string(), line)]),
     }

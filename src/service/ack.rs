@@ -11,8 +11,9 @@
 //! The `Ack` also holds the frame's in-flight permit: the source may only consume while permits are left,
 //! which bounds memory across all stages (see `source`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -27,7 +28,8 @@ struct PartitionState {
     /// Bumped on every assignment, so that acks of frames consumed under an earlier assignment of the
     /// same partition cannot move the offsets of the new one.
     generation: u64,
-    in_flight: BTreeSet<i64>,
+    /// Offsets consumed and not yet acknowledged, with when they were consumed.
+    in_flight: BTreeMap<i64, Instant>,
     /// One past the highest offset consumed in this generation.
     next_offset: Option<i64>,
     /// The last offset handed out for committing.
@@ -36,7 +38,7 @@ struct PartitionState {
 
 impl PartitionState {
     fn committable(&self) -> Option<i64> {
-        self.in_flight.first().copied().or(self.next_offset)
+        self.in_flight.keys().next().copied().or(self.next_offset)
     }
 }
 
@@ -86,7 +88,7 @@ impl OffsetTracker {
             generation: generations,
             ..PartitionState::default()
         });
-        state.in_flight.insert(offset);
+        state.in_flight.insert(offset, Instant::now());
         state.next_offset = Some(state.next_offset.map_or(offset + 1, |next| next.max(offset + 1)));
         Ack { tracker: self.clone(), tp, offset, generation: state.generation, _permit: permit }
     }
@@ -140,6 +142,14 @@ impl OffsetTracker {
     pub fn in_flight(&self) -> usize {
         self.lock().partitions.values().map(|s| s.in_flight.len()).sum()
     }
+
+    /// How long the oldest unacknowledged frame has been in flight: a line that makes progress keeps this
+    /// near its latency; a stuck one lets it grow without bound.
+    pub fn oldest_in_flight(&self) -> Option<Duration> {
+        let tracked = self.lock();
+        let oldest = tracked.partitions.values().flat_map(|state| state.in_flight.values()).min()?;
+        Some(oldest.elapsed())
+    }
 }
 
 /// The obligation to report that a frame's outputs are durably published.
@@ -188,6 +198,19 @@ mod tests {
         assert_eq!(tracker.take_committable(), vec![(tp(0), 15)]);
         assert_eq!(tracker.take_committable(), vec![], "nothing new to commit");
         assert_eq!(tracker.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_oldest_unacknowledged_frame_is_tracked_until_acknowledged() {
+        let tracker = OffsetTracker::new();
+        assert_eq!(tracker.oldest_in_flight(), None);
+        let first = tracker.register(tp(0), 1, None);
+        let second = tracker.register(tp(1), 7, None);
+        assert!(tracker.oldest_in_flight().is_some(), "two frames in flight");
+        first.delivered();
+        assert!(tracker.oldest_in_flight().is_some(), "one frame still in flight on another partition");
+        second.delivered();
+        assert_eq!(tracker.oldest_in_flight(), None);
     }
 
     #[test]

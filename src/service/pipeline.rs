@@ -125,10 +125,11 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
     for (name, line) in &settings.lines {
         let started = async {
             let mut swapper = None;
+            let line_health = Arc::new(LineHealth::default());
             if role != Role::Trainer {
-                let line_health = Arc::new(LineHealth::default());
                 health.push(line_health.clone());
-                let running = start_line(settings, name, line, metrics.clone(), line_health, ended_tx.clone()).await?;
+                let running =
+                    start_line(settings, name, line, metrics.clone(), line_health.clone(), ended_tx.clone()).await?;
                 swapper = Some(running.swapper.clone());
                 lines.push(running);
             }
@@ -147,14 +148,18 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
                 };
                 let stop = Arc::new(AtomicBool::new(false));
                 // A separate trainer process is its trainer: its failure ends the process so the
-                // orchestrator restarts it. In-process, inference goes on without retraining.
+                // orchestrator restarts it. In-process, inference goes on without retraining, and
+                // `/healthz` reports the dead stage so the orchestrator restarts the pod when it may.
                 let (ended, line_name) = (ended_tx.clone(), name.clone());
                 let on_exit = move |result: &Result<(), String>| match result {
                     Err(reason) if role == Role::Trainer => {
                         log::error!("{reason}");
                         let _ = ended.send(line_name);
                     }
-                    Err(reason) => log::error!("{reason}; inference continues without retraining"),
+                    Err(reason) => {
+                        log::error!("{reason}; inference continues without retraining, /healthz reports it");
+                        line_health.stage_dead.store(true, Ordering::Relaxed);
+                    }
                     Ok(()) => {}
                 };
                 let thread = crate::service::retrain::trainer::spawn(stage, stop.clone(), Box::new(on_exit))?;
@@ -404,14 +409,31 @@ async fn start_line(
 
     // Queue depths are reported by the stages that read them; nothing else may hold a queue end, or a
     // stage that stops would not be noticed by its neighbours.
+    // It is also the line's watchdog: a frame unacknowledged for longer than `stalled_after` means the
+    // line is stuck (a broker that never comes back, a hung stage) and turns `/healthz` to 503.
     let sampler = {
-        let (tracker, metrics) = (tracker.clone(), line_metrics.clone());
+        let (tracker, metrics, health) = (tracker.clone(), line_metrics.clone(), health.clone());
+        let (stalled_after, line_name) = (settings.metrics.stalled_after(), name.to_string());
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(Duration::from_millis(500));
             loop {
                 ticks.tick().await;
                 metrics.frames_in_flight(tracker.in_flight());
                 metrics.model_age_tick();
+                let oldest = tracker.oldest_in_flight();
+                metrics.oldest_unacknowledged(oldest);
+                let stalled = oldest.is_some_and(|age| age > stalled_after);
+                if stalled != health.stalled.swap(stalled, Ordering::Relaxed) {
+                    match stalled {
+                        true => log::error!(
+                            "line {line_name}: a frame has waited {:.0}s for its outputs (metrics.stalled_after_secs \
+                             = {}); the line is stuck, /healthz reports it",
+                            oldest.unwrap_or_default().as_secs_f64(),
+                            stalled_after.as_secs()
+                        ),
+                        false => log::info!("line {line_name}: progressing again"),
+                    }
+                }
             }
         })
     };

@@ -141,11 +141,21 @@ pub struct MetricsSettings {
     /// Address of the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`; empty disables it.
     #[serde(default = "default_metrics_listen")]
     pub listen: String,
+    /// `/healthz` turns 503 when a line's oldest unacknowledged frame is older than this: the line is stuck
+    /// (outputs cannot be published, a stage hangs) and a restart is due. Well above the worst latency.
+    #[serde(default = "default_stalled_after_secs")]
+    pub stalled_after_secs: u64,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
-        MetricsSettings { listen: default_metrics_listen() }
+        MetricsSettings { listen: default_metrics_listen(), stalled_after_secs: default_stalled_after_secs() }
+    }
+}
+
+impl MetricsSettings {
+    pub fn stalled_after(&self) -> Duration {
+        Duration::from_secs(self.stalled_after_secs)
     }
 }
 
@@ -389,6 +399,9 @@ impl RetrainSettings {
 fn default_client_id() -> String {
     "lineguard".into()
 }
+fn default_stalled_after_secs() -> u64 {
+    120
+}
 fn default_metrics_listen() -> String {
     "0.0.0.0:9464".into()
 }
@@ -486,6 +499,9 @@ impl Settings {
         }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             problems.push(format!("metrics.listen: {:?} is not an address like 0.0.0.0:9464", self.metrics.listen));
+        }
+        if self.metrics.stalled_after_secs == 0 {
+            problems.push("metrics.stalled_after_secs: must be > 0".into());
         }
         if self.shutdown.commit_interval_ms == 0 {
             problems.push("shutdown.commit_interval_ms: must be > 0".into());

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -163,6 +163,12 @@ impl Source {
                                 break;
                             }
                         }
+                    }
+                    // A fatal error (e.g. the consumer was fenced or its credentials revoked) never clears:
+                    // end the line, which stops the process, so the orchestrator starts a fresh one.
+                    Err(err) if err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
+                        log::error!("line {line}: fatal consumer error: {err}; the line stops");
+                        break;
                     }
                     Err(err) => {
                         log::warn!("line {line}: consumer error: {err}");

@@ -19,12 +19,18 @@ pub struct LineHealth {
     /// A required output (result, dead letter) was refused permanently: the line cannot progress, and
     /// only an operator (or a restart with fixed settings) can help.
     pub publish_refused: AtomicBool,
+    /// The oldest unacknowledged frame is older than `metrics.stalled_after_secs`.
+    pub stalled: AtomicBool,
+    /// A stage that cannot come back by itself ended (the line's in-process trainer).
+    pub stage_dead: AtomicBool,
 }
 
 impl LineHealth {
     /// Whether the line can still make progress by itself (`/healthz`); when not, a restart is due.
     pub fn alive(&self) -> bool {
         !self.publish_refused.load(Ordering::Relaxed)
+            && !self.stalled.load(Ordering::Relaxed)
+            && !self.stage_dead.load(Ordering::Relaxed)
     }
 
     pub fn ready(&self) -> bool {

@@ -117,6 +117,11 @@ impl LineMetrics {
         self.in_flight.set(count as i64);
     }
 
+    pub fn oldest_unacknowledged(&self, age: Option<Duration>) {
+        let seconds = age.map_or(0.0, |age| age.as_secs_f64());
+        self.metrics.oldest_unacknowledged.with_label_values(&[self.line.as_str()]).set(seconds);
+    }
+
     pub fn consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
         self.metrics.consumer_lag.with_label_values(&[self.line.as_str(), topic, &partition.to_string()]).set(lag);
     }

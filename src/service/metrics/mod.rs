@@ -55,6 +55,7 @@ pub struct Metrics {
     retrain_frames: IntCounterVec,
     retrain_steps: IntCounterVec,
     retrain_loss: GaugeVec,
+    oldest_unacknowledged: GaugeVec,
     retrain_waits: IntCounterVec,
     replay_buffer: IntGaugeVec,
     model_candidates: IntCounterVec,
@@ -208,6 +209,17 @@ impl Metrics {
                 &["line", "source", "outcome"],
             )?,
             retrain_steps: counter(r, "lineguard_retrain_steps_total", "Retraining steps taken.", &["line"])?,
+            oldest_unacknowledged: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "lineguard_oldest_unacknowledged_seconds",
+                        "Age of the oldest consumed frame whose outputs are not yet acknowledged (0 when none).",
+                    ),
+                    &["line"],
+                )?;
+                r.register(Box::new(metric.clone()))?;
+                metric
+            },
             retrain_loss: {
                 let metric = GaugeVec::new(
                     Opts::new("lineguard_retrain_loss", "Loss terms of the latest retraining step."),
