@@ -4,8 +4,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::http::{header, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use super::Metrics;
 
@@ -40,50 +45,155 @@ impl LineHealth {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped. A deliberately small HTTP/1.1
-/// responder: these three GETs are all Prometheus and Kubernetes probes send.
+/// Bounds on the endpoint's clients. Prometheus and the kubelet send a few small GETs; anything else (a
+/// port scan, a client that never finishes its request or never reads the answer) must not hold memory or
+/// tasks for long.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointLimits {
+    /// Connections served at once; more wait in the kernel's accept backlog.
+    pub max_connections: usize,
+    /// Time for a client to send its request headers.
+    pub header_timeout: Duration,
+    /// Time for a whole connection, the response's writing included.
+    pub connection_timeout: Duration,
+}
+
+impl Default for EndpointLimits {
+    fn default() -> Self {
+        EndpointLimits {
+            max_connections: 32,
+            header_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` with the default limits until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Vec<Arc<LineHealth>>) {
-    let health = Arc::new(health);
+    serve_with(listener, metrics, health, EndpointLimits::default()).await
+}
+
+/// [`serve`] with explicit limits: routing by axum, HTTP/1.1 by hyper (one request per connection).
+pub async fn serve_with(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Vec<Arc<LineHealth>>,
+    limits: EndpointLimits,
+) {
+    let app = router(metrics, Arc::new(health));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let (mut stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
+        // A slot before accepting: excess connections wait in the backlog, not in our memory.
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(err) => {
                 log::warn!("metrics endpoint: accept failed: {err}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let metrics = metrics.clone();
-        let health = health.clone();
+        let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            let mut request = vec![0u8; 2048];
-            let read = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let first_line = String::from_utf8_lossy(&request[..read]).lines().next().unwrap_or_default().to_string();
-            let path = first_line.split_whitespace().nth(1).unwrap_or("");
-            let (status, content_type, body) = match path {
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-                "/healthz" if health.iter().all(|line| line.alive()) => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/healthz" => ("503 Service Unavailable", "text/plain", "a line cannot progress\n".to_string()),
-                "/readyz" if health.iter().all(|line| line.ready()) => ("200 OK", "text/plain", "ready\n".to_string()),
-                "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
-                _ => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(false);
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            // Errors here are the client's (a reset, a malformed request, a timeout): nothing to report.
+            let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
         });
     }
 }
 
+fn router(metrics: Arc<Metrics>, health: Arc<Vec<Arc<LineHealth>>>) -> Router {
+    let text = |status: StatusCode, body: &'static str| (status, [(header::CONTENT_TYPE, "text/plain")], body);
+    let alive = health.clone();
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render()) }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let up = alive.iter().all(|line| line.alive());
+                async move {
+                    match up {
+                        true => text(StatusCode::OK, "ok\n"),
+                        false => text(StatusCode::SERVICE_UNAVAILABLE, "a line cannot progress\n"),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = health.iter().all(|line| line.ready());
+                async move {
+                    match ready {
+                        true => text(StatusCode::OK, "ready\n"),
+                        false => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+                    }
+                }
+            }),
+        )
+        .fallback(move || async move { text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
+}
+
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    async fn get_from(address: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    /// Before: one task per connection without a cap, and no bound on writing the response.
+    #[tokio::test]
+    async fn a_client_that_never_sends_its_request_holds_a_slot_only_until_the_header_timeout() {
+        let limits = EndpointLimits {
+            max_connections: 1,
+            header_timeout: Duration::from_secs(2),
+            connection_timeout: Duration::from_secs(20),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_with(listener, Metrics::new().unwrap(), vec![], limits));
+        let mut idle = tokio::net::TcpStream::connect(address).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let request = tokio::spawn(get_from(address, "/healthz"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!request.is_finished(), "the only slot is held by the idle client");
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(30), idle.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the server cuts the idle client off");
+        assert!(request.await.unwrap().starts_with("HTTP/1.1 200"), "then the waiting request is served");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_when_a_line_cannot_progress() {
+        let health = Arc::new(LineHealth::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, Metrics::new().unwrap(), vec![health.clone()]));
+        assert!(get_from(address, "/healthz").await.starts_with("HTTP/1.1 200"));
+        for flag in [&health.stalled, &health.publish_refused, &health.stage_dead] {
+            flag.store(true, Ordering::Relaxed);
+            assert!(get_from(address, "/healthz").await.starts_with("HTTP/1.1 503"));
+            flag.store(false, Ordering::Relaxed);
+        }
+        server.abort();
+    }
 
     #[tokio::test]
     async fn endpoint_serves_metrics_and_readiness() {
@@ -93,13 +203,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, metrics, vec![health.clone()]));
-        let get = |path: &'static str| async move {
-            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-            stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.unwrap();
-            response
-        };
+        let get = |path: &'static str| get_from(address, path);
         assert!(get("/metrics").await.contains("lineguard_frames_received_total{line=\"juice\"} 1"));
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
