@@ -407,11 +407,7 @@ fn a_dead_trainer_is_reported_by_healthz_while_inference_goes_on() {
     let harness = Harness::new("deadtrainer");
     let topics = harness.topics("line", 1);
     let port = free_port();
-    let retrain = format!(
-        "[lines.line.retrain]\naccept_below = 0.3\naccepted_topic = \"{0}.accepted\"\nmodels_topic = \"{0}.models\"\n\
-         state_dir = \"/dev/null/state\"\n",
-        harness.name
-    );
+    let retrain = retrain_table(&harness, "/dev/null/state");
     let pipeline = harness.pipeline("deadtrainer.toml", port, &[("line", &topics, &retrain)]);
     let mut service = harness.run(&pipeline);
     wait_for("/healthz to report the dead trainer", Duration::from_secs(60), &[&service], || {
@@ -424,6 +420,58 @@ fn a_dead_trainer_is_reported_by_healthz_while_inference_goes_on() {
     // The drain completes, and the exit status still names the stage that failed.
     assert_eq!(service.terminate(Duration::from_secs(60)).code(), Some(2), "{}", service.log());
     assert!(service.log().contains("drained") && service.log().contains("error: line line"), "{}", service.log());
+}
+
+/// The `[lines.line.retrain]` table of these tests: accepted and models topics of their own.
+fn retrain_table(harness: &Harness, state_dir: &str) -> String {
+    format!(
+        "[lines.line.retrain]\naccept_below = 0.3\naccepted_topic = \"{0}.accepted\"\nmodels_topic = \"{0}.models\"\n\
+         state_dir = \"{state_dir}\"\n",
+        harness.name
+    )
+}
+
+/// Before: a models topic auto-created with several partitions stopped updates silently.
+#[test]
+fn a_models_topic_with_several_partitions_is_refused_at_start() {
+    let harness = Harness::new("layout");
+    let topics = harness.topics("line", 1);
+    let models = format!("{}.models", harness.name);
+    runtime().block_on(lineguard::service::kafka::ensure_topics(&harness.kafka(), &[&models], 3)).unwrap();
+    let state = harness.dir.path().join("state");
+    let pipeline =
+        harness.pipeline("layout.toml", free_port(), &[("line", &topics, &retrain_table(&harness, path_str(&state)))]);
+    let mut service = harness.run(&pipeline);
+    let status = service.wait_exit(Duration::from_secs(120));
+    assert!(!status.success());
+    assert!(service.log().contains("has 3 partitions: it needs exactly one"), "{}", service.log());
+}
+
+/// A publication that passes the topic's checks but does not load (here: unsigned garbage on a line
+/// without a key) must not keep the line down: the replica serves its configured model.
+#[test]
+fn a_replica_falls_back_to_its_configured_model_when_the_topic_s_model_does_not_load() {
+    let harness = Harness::new("fallback");
+    let topics = harness.topics("line", 1);
+    let models = format!("{}.models", harness.name);
+    harness.create_topics(&[&models], 1);
+    let producer = lineguard::service::kafka::producer_config(&harness.kafka()).create().unwrap();
+    let garbage = b"not a model file at all".to_vec();
+    let publish =
+        lineguard::service::retrain::models_topic::publish(&producer, &models, "line", &garbage, 5, "promoted", None);
+    runtime().block_on(publish).unwrap();
+    let state = harness.dir.path().join("state");
+    let port = free_port();
+    let retrain = retrain_table(&harness, path_str(&state));
+    let pipeline = harness.pipeline("fallback.toml", port, &[("line", &topics, &retrain)]);
+    let mut service = harness.run(&pipeline);
+    harness.produce(&topics.frames, &fixture().frames[..2], "f");
+    let results = read_topic(&harness.brokers(), &topics.results, 2, Duration::from_secs(120));
+    assert_eq!(count_by_key(&results).len(), 2, "the configured model serves\n{}", service.log());
+    assert!(service.log().contains("falling back to the configured"), "{}", service.log());
+    let mut child = service.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]

@@ -175,6 +175,8 @@ learning_rate = 0.0001
 steps_per_minute = 6000
 evaluate_every = 10
 keep_versions = 3
+# Every publication is signed and every replica checks it, rollback included.
+signing_key = "retrain-tests-signing-key-0123456789"
 {extra_retrain}
 "#,
             brokers = harness.brokers(),

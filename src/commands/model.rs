@@ -39,6 +39,7 @@ pub fn run(args: &ModelArgs) -> anyhow::Result<ExitCode> {
                     &bytes,
                     target,
                     "rollback",
+                    retrain.signing_key.as_ref(),
                 ))
                 .with_context(|| format!("publishing version {target} on {}", retrain.models_topic))?;
             println!(

@@ -173,6 +173,13 @@ impl Default for MapConfig {
     }
 }
 
+/// Largest input side a recipe may ask for (the paper: 256).
+pub const MAX_IMAGE_SIZE: i64 = 1024;
+/// Most teacher channels a recipe may ask for (EfficientAD-S: 384).
+pub const MAX_CHANNELS: i64 = 1024;
+/// Largest training batch a recipe may ask for (the paper: 1).
+pub const MAX_BATCH_SIZE: i64 = 256;
+
 /// Everything that defines how a model is built and trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -267,22 +274,24 @@ impl Recipe {
     /// Checks every key and reports all problems at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if self.image_size < 128 || self.image_size % 64 != 0 {
+        if self.image_size < 128 || self.image_size % 64 != 0 || self.image_size > MAX_IMAGE_SIZE {
             problems.push(format!(
-                "image_size = {}: must be a multiple of 64 and at least 128 (the autoencoder decodes \
+                "image_size = {}: must be a multiple of 64 from 128 to {MAX_IMAGE_SIZE} (the autoencoder decodes \
                  from a 1x1 code through sides H/64-1 .. H/2-1)",
                 self.image_size
             ));
         }
-        if self.channels <= 0 {
-            problems.push(format!("channels = {}: must be positive", self.channels));
+        // Upper bounds matter because model files carry their recipe: one crafted file must not make a
+        // replica allocate without bound when it builds the networks.
+        if self.channels <= 0 || self.channels > MAX_CHANNELS {
+            problems.push(format!("channels = {}: must be from 1 to {MAX_CHANNELS}", self.channels));
         }
         let t = &self.train;
         if t.steps == 0 {
             problems.push("train.steps = 0: must be at least 1".into());
         }
-        if t.batch_size < 1 {
-            problems.push(format!("train.batch_size = {}: must be at least 1", t.batch_size));
+        if t.batch_size < 1 || t.batch_size > MAX_BATCH_SIZE {
+            problems.push(format!("train.batch_size = {}: must be from 1 to {MAX_BATCH_SIZE}", t.batch_size));
         }
         if t.learning_rate.is_nan() || t.learning_rate <= 0.0 {
             problems.push(format!("train.learning_rate = {}: must be positive", t.learning_rate));

@@ -245,6 +245,8 @@ impl EfficientAd {
         let mut recipe: Recipe = file.metadata_json(path, "recipe")?;
         // The teacher's weights are inside the file: do not go looking for the original teacher file.
         recipe.teacher = None;
+        // The file's recipe decides how large the networks are: check it before building them.
+        recipe.validate().map_err(|err| WeightsError::Content { path: path.to_path_buf(), reason: err.to_string() })?;
         let info: ModelInfo = file.metadata_json(path, "info")?;
         let map_quantiles: Option<MapQuantiles> = file.metadata_json(path, "map_quantiles")?;
         let mut model = EfficientAd::new(recipe, device)?;
@@ -313,6 +315,22 @@ mod tests {
         let b = loaded.anomaly_maps(&x, 100, 60).unwrap();
         assert_eq!(a.size(), vec![2, 100, 60]);
         assert!(a.equal(&b));
+    }
+
+    /// A model file carries the recipe its networks are built from: a crafted one (here from the models
+    /// topic) must be refused before anything is allocated, not build a network of a billion channels.
+    #[test]
+    fn a_file_whose_recipe_asks_for_huge_networks_is_refused_before_building() {
+        let model = EfficientAd::new(small_recipe(), Device::Cpu).unwrap();
+        let mut file = model.to_tensor_file();
+        let huge = Recipe { channels: 1_000_000_000, image_size: 1 << 20, ..small_recipe() };
+        file.metadata.insert("recipe".into(), serde_json::to_string(&huge).unwrap());
+        let bytes = file.to_bytes(Path::new("crafted")).unwrap();
+        let err = match EfficientAd::from_bytes(&bytes, Path::new("<models topic>"), Device::Cpu) {
+            Ok(_) => panic!("a crafted recipe must not load"),
+            Err(err) => err.to_string(),
+        };
+        assert!(err.contains("channels = 1000000000") && err.contains("image_size = 1048576"), "{err}");
     }
 
     #[test]

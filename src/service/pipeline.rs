@@ -23,6 +23,7 @@ use crate::service::ack::OffsetTracker;
 use crate::service::infer::{Batching, ModelSwapper};
 use crate::service::metrics::{LineHealth, LineMetrics, Metrics};
 use crate::service::preprocess::PoolConfig;
+use crate::service::retrain::models_topic::{FeedError, ModelFeed, Published};
 use crate::service::settings::{DeviceChoice, LineSettings, Settings};
 use crate::service::sink::SinkConfig;
 use crate::service::source::{Source, SourceContext};
@@ -139,6 +140,7 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
                     line: name.clone(),
                     settings: retrain.clone(),
                     threshold: line.threshold,
+                    input_topics: line.input_topics.clone(),
                     kafka: settings.kafka.clone(),
                     configured_model: line.model.clone(),
                     device,
@@ -293,23 +295,33 @@ async fn start_line(
     // A line that retrains serves the newest published model, so a replica starting late serves what
     // the others serve; the configured file is the first version.
     let (feed, published) = match &line.retrain {
-        Some(retrain) => follow_models_topic(settings, name, retrain).await,
+        Some(retrain) => follow_models_topic(settings, name, retrain).await?,
         None => (None, None),
     };
     let model_path = line.model.clone();
-    let from_topic = published.is_some();
-    let model = tokio::task::spawn_blocking(move || {
-        let model = match published {
-            Some(published) => {
-                EfficientAd::from_bytes(&published.model, std::path::Path::new("<models topic>"), device)
+    let line_name = name.to_string();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let servable = |model: EfficientAd| crate::service::infer::check_servable(&model).map(|_| model);
+        // The topic's newest model comes first; one that does not load or cannot serve (a bad publication
+        // that passed the checks) must not keep the line down while the configured file can serve.
+        if let Some(published) = published {
+            let origin = std::path::Path::new("<models topic>");
+            match EfficientAd::from_bytes(&published.model, origin, device).and_then(servable) {
+                Ok(model) => return Ok((model, true)),
+                Err(err) => log::error!(
+                    "line {line_name}: model version {} from the models topic cannot serve ({err}); falling back \
+                     to the configured {}",
+                    published.manifest.model_version,
+                    model_path.display()
+                ),
             }
-            None => EfficientAd::load(&model_path, device),
-        };
-        model.and_then(|model| crate::service::infer::check_servable(&model).map(|_| model))
+        }
+        EfficientAd::load(&model_path, device).and_then(servable).map(|model| (model, false))
     })
     .await
-    .map_err(|err| PipelineError::Stage { line: name.into(), reason: format!("loading the model panicked: {err}") })?
-    .map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
+    .map_err(|err| PipelineError::Stage { line: name.into(), reason: format!("loading the model panicked: {err}") })?;
+    let (model, from_topic) =
+        loaded.map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
     log::info!(
         "line {name}: model {} version {} ({} px, {}) on {}",
         if from_topic { "from the models topic".to_string() } else { line.model.display().to_string() },
@@ -381,6 +393,7 @@ async fn start_line(
                 serving_version,
                 device,
                 stop.clone(),
+                health.clone(),
             )?;
             Some(Background { name: name.to_string(), stop, thread })
         }
@@ -465,30 +478,40 @@ async fn follow_models_topic(
     settings: &Settings,
     name: &str,
     retrain: &crate::service::settings::RetrainSettings,
-) -> (Option<crate::service::retrain::models_topic::ModelFeed>, Option<crate::service::retrain::models_topic::Published>)
-{
+) -> Result<(Option<ModelFeed>, Option<Published>), PipelineError> {
     let kafka = &settings.kafka;
     if let Err(err) = crate::service::retrain::ensure_topics(kafka, retrain).await {
         log::warn!("line {name}: cannot create the retraining topics ({err}); they must exist");
     }
+    if retrain.signing_key.is_none() {
+        log::warn!(
+            "line {name}: models from {} are taken unsigned (no retrain.signing_key): whoever can write to the \
+             topic can replace this replica's model",
+            retrain.models_topic
+        );
+    }
+    let key = retrain.signing_key.clone();
     let (kafka, topic, line) = (kafka.clone(), retrain.models_topic.clone(), name.to_string());
     let opened = tokio::task::spawn_blocking(move || {
-        let mut feed = crate::service::retrain::models_topic::ModelFeed::open(&kafka, &topic, &line)?;
+        let mut feed = ModelFeed::open(&kafka, &topic, &line, key.as_ref())?;
         let newest = feed.catch_up(Duration::from_secs(30))?;
-        Ok::<_, rdkafka::error::KafkaError>((feed, newest))
+        Ok::<_, FeedError>((feed, newest))
     })
     .await;
     match opened {
-        Ok(Ok((feed, newest))) => (Some(feed), newest),
+        Ok(Ok((feed, newest))) => Ok((Some(feed), newest)),
+        // A topic of several partitions would silently stop updates: refuse to start, saying why.
+        Ok(Err(err @ FeedError::Layout { .. })) => {
+            Err(PipelineError::Stage { line: name.into(), reason: err.to_string() })
+        }
         Ok(Err(err)) => {
             log::warn!("line {name}: cannot read the models topic yet ({err}); serving the configured model");
-            let feed =
-                crate::service::retrain::models_topic::ModelFeed::open(&settings.kafka, &retrain.models_topic, name);
-            (feed.ok(), None)
+            let feed = ModelFeed::open(&settings.kafka, &retrain.models_topic, name, retrain.signing_key.as_ref());
+            Ok((feed.ok(), None))
         }
         Err(err) => {
             log::warn!("line {name}: reading the models topic failed: {err}");
-            (None, None)
+            Ok((None, None))
         }
     }
 }

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::preprocess::{DecodeLimits, MIN_IMAGE_SIDE};
 use crate::error::ConfigError;
 
+/// A signing key shorter than this is refused: a guessable key signs nothing.
+pub const MIN_SIGNING_KEY_BYTES: usize = 16;
+
 /// Room left for a record's headers and framing when a frame's bytes are republished.
 const HEADERS_ROOM: usize = 64 << 10;
 
@@ -300,6 +303,23 @@ pub struct RetrainSettings {
     pub keep_versions: usize,
     /// CPU threads of the trainer's libtorch operations (inference keeps its own).
     pub threads: usize,
+    /// The key that signs models on the models topic (HMAC-SHA256): replicas serve only publications
+    /// signed with it, so writing to the topic is not enough to replace every replica's model. Give it
+    /// from a Kubernetes Secret: `LINEGUARD__LINES__<LINE>__RETRAIN__SIGNING_KEY`, or a file
+    /// (`signing_key_file`). Without a key, models are unsigned and a warning says so at start.
+    pub signing_key: Option<Secret>,
+    pub signing_key_file: Option<PathBuf>,
+}
+
+impl RetrainSettings {
+    /// Reads `signing_key_file` into `signing_key` (one trailing newline dropped).
+    fn read_signing_key_file(&mut self, line: &str) -> Result<(), String> {
+        let Some(path) = &self.signing_key_file else { return Ok(()) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("lines.{line}.retrain.signing_key_file: cannot read {}: {err}", path.display()))?;
+        self.signing_key = Some(Secret::new(text.strip_suffix('\n').unwrap_or(&text)));
+        Ok(())
+    }
 }
 
 impl Default for RetrainSettings {
@@ -325,6 +345,8 @@ impl Default for RetrainSettings {
             recall_tolerance: 0.0,
             keep_versions: 5,
             threads: 1,
+            signing_key: None,
+            signing_key_file: None,
         }
     }
 }
@@ -487,7 +509,23 @@ impl Settings {
             .and_then(|merged| merged.try_deserialize())
             .map_err(parse_error)?;
         settings.validate()?;
-        settings.kafka.read_secret_files().map_err(|problems| ConfigError::Invalid { problems })?;
+        let mut problems = settings.kafka.read_secret_files().err().unwrap_or_default();
+        for (name, line) in settings.lines.iter_mut() {
+            if let Some(retrain) = line.retrain.as_mut() {
+                if let Err(problem) = retrain.read_signing_key_file(name) {
+                    problems.push(problem);
+                }
+                if retrain.signing_key.as_ref().is_some_and(|key| key.expose().len() < MIN_SIGNING_KEY_BYTES) {
+                    problems.push(format!(
+                        "lines.{name}.retrain.signing_key: shorter than {MIN_SIGNING_KEY_BYTES} bytes; use a random \
+                         key (e.g. `openssl rand -hex 32`)"
+                    ));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { problems });
+        }
         Ok(settings)
     }
 

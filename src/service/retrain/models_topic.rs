@@ -9,6 +9,12 @@
 //!
 //! Followers read the topic from the beginning without a consumer group: a replica that starts late
 //! catches up to the newest complete publication before it serves, then keeps following.
+//!
+//! The topic is a way in for whoever can write to it, so a follower trusts nothing it reads: with a
+//! signing key (`retrain.signing_key`), a manifest carries an HMAC-SHA256 over the line, version,
+//! publication and the model's SHA-256, and unsigned or wrongly signed publications are ignored;
+//! reassembly holds at most [`MAX_MODEL_BYTES`]; the model file's recipe is validated before any network
+//! is built (see `EfficientAd::from_bytes`); and the topic must have exactly one partition.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,12 +30,19 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
 use super::buffer::fnv64;
 use crate::model::EfficientAd;
 use crate::service::infer::{ModelSwapper, SwapRefused};
-use crate::service::settings::KafkaSettings;
+use crate::service::metrics::LineHealth;
+use crate::service::settings::{KafkaSettings, Secret};
 
 pub const CHUNK_BYTES: usize = 900 * 1024;
+/// The largest model file a follower reassembles (an EfficientAD-S file is about 30 MB in f32): chunks
+/// beyond it, or a manifest declaring more, are dropped, so the topic cannot make a replica's memory grow.
+pub const MAX_MODEL_BYTES: usize = 256 << 20;
 pub const HEADER_PUBLICATION: &str = "lineguard_publication";
 pub const HEADER_CHUNK: &str = "lineguard_chunk";
 
@@ -47,6 +60,58 @@ pub struct Manifest {
     pub published_unix: u64,
     /// `initial`, `promoted` or `rollback`.
     pub origin: String,
+    /// SHA-256 of the whole model file, hex (what the signature covers).
+    #[serde(default)]
+    pub sha256: String,
+    /// HMAC-SHA256 (hex) with the line's signing key over [`Manifest::signed_text`]; absent when unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl Manifest {
+    /// What the signature covers: which line, which version, which publication, and the exact bytes.
+    fn signed_text(&self) -> String {
+        format!(
+            "lineguard-model\n{}\n{}\n{}\n{}\n{}",
+            self.line, self.model_version, self.publication, self.bytes, self.sha256
+        )
+    }
+
+    fn sign(&mut self, key: &Secret) {
+        let mut mac = hmac_for(key);
+        mac.update(self.signed_text().as_bytes());
+        self.signature = Some(hex(&mac.finalize().into_bytes()));
+    }
+
+    /// Whether the signature is the key's (compared in constant time).
+    fn signed_by(&self, key: &Secret) -> bool {
+        let Some(signature) = self.signature.as_deref().and_then(unhex) else { return false };
+        let mut mac = hmac_for(key);
+        mac.update(self.signed_text().as_bytes());
+        mac.verify_slice(&signature).is_ok()
+    }
+}
+
+fn hmac_for(key: &Secret) -> HmacSha256 {
+    // HMAC takes keys of any length.
+    <HmacSha256 as Mac>::new_from_slice(key.expose().as_bytes()).expect("HMAC accepts any key length")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// A complete publication: its manifest and the model file's bytes.
@@ -63,7 +128,8 @@ fn chunk_key(line: &str, index: usize) -> String {
     format!("{line}/chunk/{index}")
 }
 
-/// Publishes `model` (the bytes of a model file) as `version`; returns once the broker has every record.
+/// Publishes `model` (the bytes of a model file) as `version`, signed with `key` when given; returns once
+/// the broker has every record.
 pub async fn publish(
     producer: &FutureProducer,
     topic: &str,
@@ -71,6 +137,7 @@ pub async fn publish(
     model: &[u8],
     version: u64,
     origin: &str,
+    key: Option<&Secret>,
 ) -> Result<Manifest, rdkafka::error::KafkaError> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let publication = format!("v{version}-{}-{}", now.as_millis(), std::process::id());
@@ -85,7 +152,7 @@ pub async fn publish(
         let record = FutureRecord::to(topic).key(&key).payload(*chunk).headers(headers);
         producer.send(record, Timeout::After(Duration::from_secs(30))).await.map_err(|(err, _)| err)?;
     }
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         line: line.to_string(),
         model_version: version,
         publication,
@@ -94,7 +161,12 @@ pub async fn publish(
         checksum: format!("{:016x}", fnv64(model)),
         published_unix: now.as_secs(),
         origin: origin.to_string(),
+        sha256: sha256_hex(model),
+        signature: None,
     };
+    if let Some(key) = key {
+        manifest.sign(key);
+    }
     let json = serde_json::to_vec(&manifest).unwrap_or_default();
     let key = manifest_key(line);
     producer
@@ -107,13 +179,23 @@ pub async fn publish(
 /// Reassembles publications of one line from the records of the models topic, in topic order.
 pub struct Assembler {
     line: String,
+    /// Publications must carry this key's signature, when set.
+    key: Option<Secret>,
     /// Chunks by publication id, then index.
     pending: HashMap<String, BTreeMap<u32, Vec<u8>>>,
+    /// Bytes held in `pending`, at most `max_bytes`.
+    pending_bytes: usize,
+    max_bytes: usize,
 }
 
 impl Assembler {
-    pub fn new(line: &str) -> Assembler {
-        Assembler { line: line.to_string(), pending: HashMap::new() }
+    pub fn new(line: &str, key: Option<Secret>) -> Assembler {
+        Assembler::with_limit(line, key, MAX_MODEL_BYTES)
+    }
+
+    /// An assembler that holds at most `max_bytes` of chunks and assembles no larger model.
+    pub fn with_limit(line: &str, key: Option<Secret>, max_bytes: usize) -> Assembler {
+        Assembler { line: line.to_string(), key, pending: HashMap::new(), pending_bytes: 0, max_bytes }
     }
 
     /// Takes one record; returns the publication it completes, if any.
@@ -131,6 +213,15 @@ impl Assembler {
             let chunks = self.pending.remove(&manifest.publication).unwrap_or_default();
             // Anything older than this manifest can never complete any more.
             self.pending.clear();
+            self.pending_bytes = 0;
+            if manifest.bytes > self.max_bytes as u64 {
+                log::warn!(
+                    "models topic: publication {} declares {} bytes; ignored",
+                    manifest.publication,
+                    manifest.bytes
+                );
+                return None;
+            }
             if chunks.len() != manifest.chunks as usize || chunks.keys().copied().ne(0..manifest.chunks) {
                 log::warn!(
                     "models topic: publication {} of line {} is incomplete ({} of {} chunks; compacted away?)",
@@ -146,12 +237,58 @@ impl Assembler {
                 log::warn!("models topic: publication {} fails its checksum; ignored", manifest.publication);
                 return None;
             }
+            if let Some(key) = &self.key {
+                if manifest.sha256 != sha256_hex(&model) || !manifest.signed_by(key) {
+                    log::error!(
+                        "models topic: publication {} of line {} (version {}) is not signed with this line's \
+                         key; ignored (someone wrote to the topic who should not, or the keys differ)",
+                        manifest.publication,
+                        self.line,
+                        manifest.model_version
+                    );
+                    return None;
+                }
+            }
             return Some(Published { manifest, model });
         }
         let index: u32 = rest.strip_prefix("chunk/")?.parse().ok()?;
         let publication = String::from_utf8(publication?.to_vec()).ok()?;
-        self.pending.entry(publication).or_default().insert(index, payload.to_vec());
+        if self.pending_bytes + payload.len() > self.max_bytes {
+            log::warn!(
+                "models topic: more than {} bytes of chunks for line {} without a manifest; dropped",
+                self.max_bytes,
+                self.line
+            );
+            self.pending.clear();
+            self.pending_bytes = 0;
+            return None;
+        }
+        let chunks = self.pending.entry(publication).or_default();
+        self.pending_bytes += payload.len();
+        if let Some(replaced) = chunks.insert(index, payload.to_vec()) {
+            self.pending_bytes -= replaced.len();
+        }
         None
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error(transparent)]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(
+        "models topic {topic} has {partitions} partitions: it needs exactly one, which orders a publication's \
+         chunks before its manifest (was it auto-created? delete it and let lineguard create it)"
+    )]
+    Layout { topic: String, partitions: usize },
+}
+
+impl From<FeedError> for super::RetrainError {
+    fn from(err: FeedError) -> Self {
+        match err {
+            FeedError::Kafka(err) => super::RetrainError::Kafka(err),
+            layout => super::RetrainError::Data(layout.to_string()),
+        }
     }
 }
 
@@ -163,8 +300,14 @@ pub struct ModelFeed {
 }
 
 impl ModelFeed {
-    /// Reads `topic` from its beginning; no consumer group offsets are used or committed.
-    pub fn open(kafka: &KafkaSettings, topic: &str, line: &str) -> Result<ModelFeed, rdkafka::error::KafkaError> {
+    /// Reads `topic` from its beginning; no consumer group offsets are used or committed. Publications
+    /// must be signed with `key` when one is given.
+    pub fn open(
+        kafka: &KafkaSettings,
+        topic: &str,
+        line: &str,
+        key: Option<&Secret>,
+    ) -> Result<ModelFeed, rdkafka::error::KafkaError> {
         let group = format!("lineguard-models-{line}-{}-{}", std::process::id(), rand::random::<u32>());
         // New models are rare: a fetch that waits long for data keeps the broker from re-serving the end of
         // a large topic several times a second (which costs a small broker whole cores).
@@ -175,12 +318,18 @@ impl ModelFeed {
         let mut partitions = TopicPartitionList::new();
         partitions.add_partition_offset(topic, 0, Offset::Beginning)?;
         consumer.assign(&partitions)?;
-        Ok(ModelFeed { consumer, assembler: Assembler::new(line), topic: topic.to_string() })
+        Ok(ModelFeed { consumer, assembler: Assembler::new(line, key.cloned()), topic: topic.to_string() })
     }
 
-    /// Reads everything published so far and returns the newest complete publication.
-    pub fn catch_up(&mut self, timeout: Duration) -> Result<Option<Published>, rdkafka::error::KafkaError> {
+    /// Checks the topic's layout, reads everything published so far and returns the newest complete
+    /// publication.
+    pub fn catch_up(&mut self, timeout: Duration) -> Result<Option<Published>, FeedError> {
         let deadline = Instant::now() + timeout;
+        let metadata = self.consumer.fetch_metadata(Some(&self.topic), timeout)?;
+        let partitions = metadata.topics().first().map_or(0, |topic| topic.partitions().len());
+        if partitions > 1 {
+            return Err(FeedError::Layout { topic: self.topic.clone(), partitions });
+        }
         let (_, high) = self.consumer.fetch_watermarks(&self.topic, 0, timeout)?;
         let mut newest = None;
         let mut position = -1;
@@ -192,7 +341,7 @@ impl ModelFeed {
                         newest = Some(published);
                     }
                 }
-                Some(Err(err)) => return Err(err),
+                Some(Err(err)) => return Err(err.into()),
                 None => {}
             }
         }
@@ -228,52 +377,77 @@ impl ModelFeed {
 
 /// Runs a replica's follower until `stop`: every newer publication of the line is loaded onto `device`
 /// and handed to the inference stage, which swaps it in between batches. When several publications
-/// arrived meanwhile, only the newest is loaded. The thread ends only when stopped; its result type is
-/// the other stages'.
+/// arrived meanwhile, only the newest is loaded. The thread ends only when stopped, or on a panic, which
+/// marks the line's stage dead (`/healthz` 503, so the orchestrator restarts the replica) instead of
+/// leaving it silently on an old model; its result type is the other stages'.
 pub fn follow(
     line: String,
     mut feed: ModelFeed,
     swapper: ModelSwapper,
-    mut serving_version: u64,
+    serving_version: u64,
     device: Device,
     stop: Arc<AtomicBool>,
+    health: Arc<LineHealth>,
 ) -> std::io::Result<JoinHandle<Result<(), String>>> {
     std::thread::Builder::new().name(format!("models-{line}")).spawn(move || {
-        let mut pending: Option<EfficientAd> = None;
-        while !stop.load(Ordering::Relaxed) {
-            let mut newest = feed.poll(Duration::from_millis(200));
-            while let Some(next) = feed.poll(Duration::ZERO) {
-                newest = Some(next);
-            }
-            if let Some(Published { manifest, model }) = newest {
-                let differs = manifest.model_version != serving_version
-                    || pending.as_ref().is_some_and(|p| p.info.model_version != manifest.model_version);
-                if differs {
-                    match EfficientAd::from_bytes(&model, std::path::Path::new("<models topic>"), device) {
-                        Ok(model) => pending = Some(model),
-                        Err(err) => log::error!(
-                            "line {line}: model version {} from the models topic does not load: {err}",
-                            manifest.model_version
-                        ),
-                    }
-                }
-            }
-            if let Some(model) = pending.take() {
-                let version = model.info.model_version;
-                match swapper.try_swap(model) {
-                    Ok(()) => {
-                        log::info!("line {line}: model version {version} queued for the next batch");
-                        serving_version = version;
-                    }
-                    Err(SwapRefused { model: Some(model), .. }) => pending = Some(*model), // still pending
-                    Err(SwapRefused { error, .. }) => {
-                        log::error!("line {line}: cannot serve model version {version}: {error}")
-                    }
+        let followed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            follow_until_stopped(&line, &mut feed, &swapper, serving_version, device, &stop)
+        }));
+        followed.map_err(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            health.stage_dead.store(true, Ordering::Relaxed);
+            let reason = format!("the models follower of line {line} panicked ({message}); /healthz reports it");
+            log::error!("{reason}");
+            reason
+        })
+    })
+}
+
+fn follow_until_stopped(
+    line: &str,
+    feed: &mut ModelFeed,
+    swapper: &ModelSwapper,
+    mut serving_version: u64,
+    device: Device,
+    stop: &AtomicBool,
+) {
+    let mut pending: Option<EfficientAd> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut newest = feed.poll(Duration::from_millis(200));
+        while let Some(next) = feed.poll(Duration::ZERO) {
+            newest = Some(next);
+        }
+        if let Some(Published { manifest, model }) = newest {
+            let differs = manifest.model_version != serving_version
+                || pending.as_ref().is_some_and(|p| p.info.model_version != manifest.model_version);
+            if differs {
+                match EfficientAd::from_bytes(&model, std::path::Path::new("<models topic>"), device) {
+                    Ok(model) => pending = Some(model),
+                    Err(err) => log::error!(
+                        "line {line}: model version {} from the models topic does not load: {err}",
+                        manifest.model_version
+                    ),
                 }
             }
         }
-        Ok(())
-    })
+        if let Some(model) = pending.take() {
+            let version = model.info.model_version;
+            match swapper.try_swap(model) {
+                Ok(()) => {
+                    log::info!("line {line}: model version {version} queued for the next batch");
+                    serving_version = version;
+                }
+                Err(SwapRefused { model: Some(model), .. }) => pending = Some(*model), // still pending
+                Err(SwapRefused { error, .. }) => {
+                    log::error!("line {line}: cannot serve model version {version}: {error}")
+                }
+            }
+        }
+    }
 }
 
 fn take(assembler: &mut Assembler, message: &rdkafka::message::BorrowedMessage<'_>) -> Option<Published> {
@@ -302,9 +476,64 @@ mod tests {
             checksum: format!("{:016x}", fnv64(model)),
             published_unix: 0,
             origin: "promoted".into(),
+            sha256: sha256_hex(model),
+            signature: None,
         };
         out.push((manifest_key(line), None, serde_json::to_vec(&manifest).unwrap()));
         out
+    }
+
+    /// The records of a publication signed with `key`.
+    fn signed(
+        line: &str,
+        model: &[u8],
+        publication: &str,
+        version: u64,
+        key: &Secret,
+    ) -> Vec<(String, Option<String>, Vec<u8>)> {
+        let mut out = records(line, model, publication, version);
+        let last = out.last_mut().unwrap();
+        let mut manifest: Manifest = serde_json::from_slice(&last.2).unwrap();
+        manifest.sign(key);
+        last.2 = serde_json::to_vec(&manifest).unwrap();
+        out
+    }
+
+    /// Before: whoever could write to the topic replaced every replica's model.
+    #[test]
+    fn with_a_key_only_publications_signed_with_it_are_taken() {
+        let key = Secret::new("0123456789abcdef-line-key");
+        let mut assembler = Assembler::new("trays", Some(key.clone()));
+        assert_eq!(feed(&mut assembler, &signed("trays", b"good model", "p1", 1, &key)), vec![1]);
+        assert_eq!(feed(&mut assembler, &records("trays", b"unsigned", "p2", 2)), Vec::<u64>::new());
+        let other = Secret::new("another-key-of-enough-length");
+        assert_eq!(feed(&mut assembler, &signed("trays", b"wrong key", "p3", 3, &other)), Vec::<u64>::new());
+        // A signed manifest cannot be reused for other bytes, nor for another version.
+        let mut swapped = signed("trays", b"good model", "p4", 4, &key);
+        swapped[0].2 = b"evil model".to_vec();
+        let mut manifest: Manifest = serde_json::from_slice(&swapped[1].2).unwrap();
+        manifest.checksum = format!("{:016x}", fnv64(b"evil model"));
+        swapped[1].2 = serde_json::to_vec(&manifest).unwrap();
+        assert_eq!(feed(&mut assembler, &swapped), Vec::<u64>::new());
+        let mut bumped = signed("trays", b"good model", "p5", 5, &key);
+        let mut manifest: Manifest = serde_json::from_slice(&bumped[1].2).unwrap();
+        manifest.model_version = 99;
+        bumped[1].2 = serde_json::to_vec(&manifest).unwrap();
+        assert_eq!(feed(&mut assembler, &bumped), Vec::<u64>::new());
+        assert_eq!(feed(&mut assembler, &signed("trays", b"next model", "p6", 6, &key)), vec![6]);
+    }
+
+    #[test]
+    fn reassembly_holds_a_bounded_number_of_bytes() {
+        let mut assembler = Assembler::with_limit("trays", None, 100);
+        // Chunks of many publications that never get a manifest: dropped once they pass the limit.
+        for i in 0..50 {
+            assembler.offer(chunk_key("trays", 0).as_bytes(), Some(format!("junk{i}").as_bytes()), &[0u8; 30]);
+            assert!(assembler.pending_bytes <= 100, "{}", assembler.pending_bytes);
+        }
+        // A manifest declaring more than the limit is refused before anything is assembled.
+        assert_eq!(feed(&mut assembler, &records("trays", &[1u8; 150], "big", 7)), Vec::<u64>::new());
+        assert_eq!(feed(&mut assembler, &records("trays", &[1u8; 60], "fits", 8)), vec![8]);
     }
 
     fn feed(assembler: &mut Assembler, records: &[(String, Option<String>, Vec<u8>)]) -> Vec<u64> {
@@ -321,7 +550,7 @@ mod tests {
     #[test]
     fn chunked_publications_reassemble_per_line_and_reject_gaps() {
         let big: Vec<u8> = (0..(2 * CHUNK_BYTES + 10)).map(|i| (i % 251) as u8).collect();
-        let mut assembler = Assembler::new("trays");
+        let mut assembler = Assembler::new("trays", None);
         let mut all = records("trays", &big, "p1", 1);
         all.extend(records("bottles", b"other line", "q1", 9));
         all.extend(records("trays", b"small", "p2", 2));

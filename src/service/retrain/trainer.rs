@@ -45,6 +45,8 @@ pub struct TrainerStage {
     pub settings: RetrainSettings,
     /// The line's anomaly threshold: the gate counts false alarms and caught defects against it.
     pub threshold: f32,
+    /// The line's input topics: the only topics feedback may ask the trainer to read frames from.
+    pub input_topics: Vec<String>,
     pub kafka: KafkaSettings,
     /// The model file of the line's configuration: the first version when nothing was promoted yet.
     pub configured_model: PathBuf,
@@ -132,7 +134,16 @@ impl Running {
         if let Err(err) = stage.runtime.block_on(super::ensure_topics(&stage.kafka, settings)) {
             log::warn!("line {}: cannot create the retraining topics ({err}); they must exist", stage.line);
         }
-        let mut feed = ModelFeed::open(&stage.kafka, &settings.models_topic, &stage.line)?;
+        if settings.signing_key.is_none() {
+            log::warn!(
+                "line {}: models on {} are published unsigned (no retrain.signing_key): whoever can write to \
+                 the topic can replace every replica's model",
+                stage.line,
+                settings.models_topic
+            );
+        }
+        let mut feed =
+            ModelFeed::open(&stage.kafka, &settings.models_topic, &stage.line, settings.signing_key.as_ref())?;
         let published = feed.catch_up(Duration::from_secs(30))?;
         let current = initial_model(&stage, &store, published.as_ref())?;
         let publication = published
@@ -251,7 +262,8 @@ impl Running {
             let frame_id = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
             let payload = message.payload().unwrap_or_default();
             let (source, image) = if !feedback_topic.is_empty() && message.topic() == feedback_topic {
-                (CandidateSource::Feedback, fetch_marked_frame(self.fetcher.as_ref(), &frame_id, payload))
+                let location = marked_frame_location(&frame_id, payload, &self.stage.input_topics);
+                (CandidateSource::Feedback, location.and_then(|at| fetch_frame(self.fetcher.as_ref(), &frame_id, &at)))
             } else {
                 (CandidateSource::Auto, Some(payload.to_vec()))
             };
@@ -459,8 +471,16 @@ impl Running {
             .ok()
             .and_then(|records| records.into_iter().find(|r| r.version == version))
             .map_or_else(|| "promoted".to_string(), |r| r.origin);
-        let published =
-            self.stage.runtime.block_on(models_topic::publish(&self.producer, topic, line, &bytes, version, &origin));
+        let key = self.stage.settings.signing_key.as_ref();
+        let published = self.stage.runtime.block_on(models_topic::publish(
+            &self.producer,
+            topic,
+            line,
+            &bytes,
+            version,
+            &origin,
+            key,
+        ));
         match published {
             Ok(manifest) => {
                 log::info!(
@@ -523,9 +543,11 @@ fn initial_model(
     Ok(model)
 }
 
-/// The frame an operator marked normal, read back from its input topic; None (logged) when the record
-/// is not feedback we understand, the verdict is not `normal`, or the frame is no longer retained.
-fn fetch_marked_frame(fetcher: Option<&BaseConsumer>, frame_id: &str, payload: &[u8]) -> Option<Vec<u8>> {
+/// Where the frame an operator marked normal is; None (logged) when the record is not feedback we
+/// understand, the verdict is not `normal`, or it names a topic that is not one of the line's inputs (the
+/// trainer reads with the service's credentials: feedback must not make it read, and train on, anything
+/// else on the cluster).
+fn marked_frame_location(frame_id: &str, payload: &[u8], input_topics: &[String]) -> Option<FrameLocation> {
     let feedback: Feedback = match serde_json::from_slice(payload) {
         Ok(feedback) => feedback,
         Err(err) => {
@@ -537,8 +559,20 @@ fn fetch_marked_frame(fetcher: Option<&BaseConsumer>, frame_id: &str, payload: &
         log::info!("feedback for {frame_id}: verdict {:?} is not a training candidate", feedback.verdict);
         return None;
     }
+    if !input_topics.contains(&feedback.source.topic) {
+        log::warn!(
+            "feedback for {frame_id}: topic {:?} is not one of this line's input topics; ignored",
+            feedback.source.topic
+        );
+        return None;
+    }
+    Some(feedback.source)
+}
+
+/// The frame at `location`, read back from its input topic; None (logged) when it is no longer retained.
+fn fetch_frame(fetcher: Option<&BaseConsumer>, frame_id: &str, location: &FrameLocation) -> Option<Vec<u8>> {
     let fetcher = fetcher?;
-    let FrameLocation { topic, partition, offset } = &feedback.source;
+    let FrameLocation { topic, partition, offset } = location;
     let mut wanted = TopicPartitionList::new();
     wanted.add_partition_offset(topic, *partition, Offset::Offset(*offset)).ok()?;
     if let Err(err) = fetcher.assign(&wanted) {
@@ -600,9 +634,19 @@ mod tests {
             "source":{"topic":"frames","partition":2,"offset":41},"batch_size":4}"#;
         let feedback: Feedback = serde_json::from_str(record).unwrap();
         assert_eq!(feedback.source, FrameLocation { topic: "frames".into(), partition: 2, offset: 41 });
-        assert!(fetch_marked_frame(None, "f1", b"{}").is_none(), "not feedback");
-        let anomalous = br#"{"verdict":"anomalous","source":{"topic":"t","partition":0,"offset":1}}"#;
-        assert!(fetch_marked_frame(None, "f1", anomalous).is_none(), "only normal verdicts teach");
+        let inputs = ["frames".to_string()];
+        assert_eq!(marked_frame_location("f1", record.as_bytes(), &inputs), Some(feedback.source));
+        assert!(marked_frame_location("f1", b"{}", &inputs).is_none(), "not feedback");
+        let anomalous = br#"{"verdict":"anomalous","source":{"topic":"frames","partition":0,"offset":1}}"#;
+        assert!(marked_frame_location("f1", anomalous, &inputs).is_none(), "only normal verdicts teach");
+    }
+
+    /// Before: feedback could name any topic, and the trainer read it with the service's credentials.
+    #[test]
+    fn feedback_may_name_only_the_line_s_own_input_topics() {
+        let elsewhere = br#"{"verdict":"normal","source":{"topic":"payroll","partition":0,"offset":1}}"#;
+        assert!(marked_frame_location("f1", elsewhere, &["frames".to_string()]).is_none());
+        assert!(marked_frame_location("f1", elsewhere, &["frames".to_string(), "payroll".to_string()]).is_some());
     }
 
     #[test]
