@@ -13,6 +13,12 @@ use tch::{Kind, Tensor};
 
 use pickle::{StorageRef, StorageType, TensorRef, Value};
 
+/// The largest record of a zip checkpoint we read (the pickle or one storage): published teachers and
+/// backbones are tens of megabytes.
+const MAX_RECORD_BYTES: usize = 1 << 30;
+/// What the archive's declared size may make us reserve before reading.
+const RESERVE_AT_MOST: usize = 64 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PthError {
     #[error("cannot read checkpoint {path}")]
@@ -71,8 +77,18 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<StateDict, PthError> {
             Err(zip::result::ZipError::FileNotFound) => return Ok(None),
             Err(e) => return Err(format(format!("record {name}: {e}"))),
         };
-        let mut out = Vec::with_capacity(file.size() as usize);
-        file.read_to_end(&mut out).map_err(|e| format(format!("record {name}: {e}")))?;
+        // The declared size is the archive's word, not a fact: reserve little and read at most the cap (a
+        // small deflated record can expand to gigabytes).
+        let mut out = Vec::with_capacity((file.size() as usize).min(RESERVE_AT_MOST));
+        (&mut file)
+            .take(MAX_RECORD_BYTES as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| format(format!("record {name}: {e}")))?;
+        if out.len() > MAX_RECORD_BYTES {
+            return Err(format(format!(
+                "record {name} expands past {MAX_RECORD_BYTES} bytes; not a checkpoint we read"
+            )));
+        }
         Ok(Some(out))
     };
     if let Some(order) = read_record(&format!("{prefix}byteorder"))? {
@@ -173,9 +189,12 @@ fn read_legacy(path: &Path, bytes: &[u8]) -> Result<StateDict, PthError> {
         }
         .ok_or_else(|| format(format!("storage of tensor {name} is not in the file")))?;
         if let Some((_, offset, size)) = tensor.storage.view_of.take() {
-            let element = tensor.storage.dtype.element_size();
-            let range = (offset as usize * element)..((offset + size) as usize * element);
-            data = data.get(range).ok_or_else(|| format(format!("storage view of tensor {name} is out of range")))?;
+            let element = tensor.storage.dtype.element_size() as u64;
+            let bytes_at = |n: u64| n.checked_mul(element).and_then(|b| usize::try_from(b).ok());
+            let range = bytes_at(offset).zip(offset.checked_add(size).and_then(bytes_at));
+            data = range
+                .and_then(|(start, end)| data.get(start..end))
+                .ok_or_else(|| format(format!("storage view of tensor {name} is out of range")))?;
         }
         let built = build_tensor(path, &name, &tensor, data)?;
         tensors.push((name, built));
@@ -240,6 +259,15 @@ fn build_tensor(path: &Path, name: &str, tensor: &TensorRef, data: &[u8]) -> Res
         return Err(bad(format!("bad shape {:?} / stride {:?}", tensor.size, tensor.stride)));
     }
     let empty = tensor.size.contains(&0);
+    // Zero strides let a few stored elements declare a tensor of any size, which `contiguous` would then
+    // allocate: a saved weight never holds more elements than its storage.
+    let elements = tensor.size.iter().try_fold(1i64, |acc, &n| acc.checked_mul(n));
+    if elements.is_none_or(|elements| elements > numel.max(1)) {
+        return Err(bad(format!(
+            "shape {:?} declares more elements than its storage holds ({numel}); zero strides?",
+            tensor.size
+        )));
+    }
     // Saturating: a hostile file must not overflow its way past the bounds check.
     let last_index =
         tensor.size.iter().zip(&tensor.stride).fold(tensor.offset.min(i64::MAX as u64) as i64, |acc, (n, s)| {
@@ -271,4 +299,25 @@ fn build_tensor(path: &Path, name: &str, tensor: &TensorRef, data: &[u8]) -> Res
         .f_as_strided(tensor.size.as_slice(), tensor.stride.as_slice(), Some(tensor.offset as i64))
         .and_then(|t| t.f_contiguous())
         .map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before: the bounds check passed (every index is 0) and `contiguous` asked for 2^40 floats.
+    #[test]
+    fn zero_strides_cannot_declare_more_elements_than_the_storage_holds() {
+        let storage = StorageRef { dtype: StorageType::F32, key: "0".into(), numel: 1, view_of: None };
+        let tensor = |size: Vec<i64>, stride: Vec<i64>| TensorRef { storage: storage.clone(), offset: 0, size, stride };
+        let data = 1.5f32.to_le_bytes();
+        let err = build_tensor(Path::new("bomb.pth"), "w", &tensor(vec![1 << 20, 1 << 20], vec![0, 0]), &data)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more elements than its storage holds"), "{err}");
+        let overflow = tensor(vec![i64::MAX, 4], vec![0, 0]);
+        assert!(build_tensor(Path::new("bomb.pth"), "w", &overflow, &data).is_err());
+        let fine = build_tensor(Path::new("ok.pth"), "w", &tensor(vec![1, 1], vec![0, 0]), &data).unwrap();
+        assert_eq!(fine.size(), vec![1, 1]);
+    }
 }

@@ -106,16 +106,39 @@ pub enum PickleError {
 /// Reads one pickle from the start of `bytes`; returns the value and the number of bytes it used (the
 /// legacy format stores several pickles back to back).
 pub fn load(bytes: &[u8]) -> Result<(Value, usize), PickleError> {
-    Machine { bytes, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }.run()
+    let copy_budget = bytes.len().saturating_mul(COPY_BUDGET_PER_INPUT_BYTE).max(MIN_COPY_BUDGET);
+    let machine = Machine {
+        bytes,
+        pos: 0,
+        stack: Vec::new(),
+        depths: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        copy_budget,
+    };
+    machine.run()
 }
+
+/// Deepest nesting of containers accepted. State dicts nest a few levels; a hostile pickle can nest a
+/// million (two bytes per level), and dropping or walking such a value recursively overflows the stack.
+pub const MAX_DEPTH: u32 = 100;
+/// What values copied from the memo (or by DUP) may add up to, in nodes and bytes, per byte of input: a
+/// pickle that recalls a memoised list into a new list and memoises that, again and again, doubles its
+/// size with every few bytes.
+const COPY_BUDGET_PER_INPUT_BYTE: usize = 64;
+const MIN_COPY_BUDGET: usize = 1 << 20;
 
 struct Machine<'a> {
     bytes: &'a [u8],
     pos: usize,
     stack: Vec<Value>,
+    /// Nesting depth of each stack value (0 for scalars), kept beside `stack`.
+    depths: Vec<u32>,
     /// Stack heights at each MARK.
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
+    memo: HashMap<u32, (Value, u32)>,
+    /// Nodes and bytes that copies may still make.
+    copy_budget: usize,
 }
 
 impl Machine<'_> {
@@ -131,78 +154,78 @@ impl Machine<'_> {
                     self.take(8)?; // FRAME: a length hint only
                 }
                 b'.' => {
-                    let value = self.pop(at)?;
+                    let (value, _) = self.pop(at)?;
                     return Ok((value, self.pos));
                 }
                 b'(' => self.marks.push(self.stack.len()),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
+                b'N' => self.push(Value::None),
+                0x88 => self.push(Value::Bool(true)),
+                0x89 => self.push(Value::Bool(false)),
                 b'J' => {
                     let v = i32::from_le_bytes(self.array::<4>()?);
-                    self.stack.push(Value::Int(v.into()));
+                    self.push(Value::Int(v.into()));
                 }
                 b'K' => {
                     let v = self.take(1)?[0];
-                    self.stack.push(Value::Int(v.into()));
+                    self.push(Value::Int(v.into()));
                 }
                 b'M' => {
                     let v = u16::from_le_bytes(self.array::<2>()?);
-                    self.stack.push(Value::Int(v.into()));
+                    self.push(Value::Int(v.into()));
                 }
                 0x8a => {
                     let n = self.take(1)?[0] as usize;
                     let digits = self.take(n)?.to_vec();
-                    self.stack.push(long_value(digits));
+                    self.push(long_value(digits));
                 }
                 0x8b => {
                     let n = u32::from_le_bytes(self.array::<4>()?) as usize;
                     let digits = self.take(n)?.to_vec();
-                    self.stack.push(long_value(digits));
+                    self.push(long_value(digits));
                 }
                 b'G' => {
                     let v = f64::from_be_bytes(self.array::<8>()?);
-                    self.stack.push(Value::Float(v));
+                    self.push(Value::Float(v));
                 }
                 b'X' => {
                     let n = u32::from_le_bytes(self.array::<4>()?) as usize;
                     let s = self.utf8(n, at)?;
-                    self.stack.push(Value::Str(s));
+                    self.push(Value::Str(s));
                 }
                 0x8c => {
                     let n = self.take(1)?[0] as usize;
                     let s = self.utf8(n, at)?;
-                    self.stack.push(Value::Str(s));
+                    self.push(Value::Str(s));
                 }
                 0x8d => {
                     let n = u64::from_le_bytes(self.array::<8>()?) as usize;
                     let s = self.utf8(n, at)?;
-                    self.stack.push(Value::Str(s));
+                    self.push(Value::Str(s));
                 }
                 b'B' => {
                     let n = u32::from_le_bytes(self.array::<4>()?) as usize;
                     let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    self.push(Value::Bytes(b));
                 }
                 b'C' => {
                     let n = self.take(1)?[0] as usize;
                     let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    self.push(Value::Bytes(b));
                 }
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b')' => self.push(Value::Tuple(Vec::new())),
+                b']' => self.push(Value::List(Vec::new())),
+                b'}' => self.push(Value::Dict(Vec::new())),
                 b't' => {
-                    let items = self.pop_mark(at)?;
-                    self.stack.push(Value::Tuple(items));
+                    let (items, depth) = self.pop_mark(at)?;
+                    self.push_nested(Value::Tuple(items), depth, at)?;
                 }
                 b'l' => {
-                    let items = self.pop_mark(at)?;
-                    self.stack.push(Value::List(items));
+                    let (items, depth) = self.pop_mark(at)?;
+                    self.push_nested(Value::List(items), depth, at)?;
                 }
                 b'd' => {
-                    let items = self.pop_mark(at)?;
-                    self.stack.push(Value::Dict(pairs(items, at)?));
+                    let (items, depth) = self.pop_mark(at)?;
+                    self.push_nested(Value::Dict(pairs(items, at)?), depth, at)?;
                 }
                 0x85..=0x87 => {
                     let n = (opcode - 0x84) as usize;
@@ -210,62 +233,68 @@ impl Machine<'_> {
                         return Err(malformed(at, "tuple of more items than the stack holds"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
+                    let depth = self.depths.split_off(self.depths.len() - n).into_iter().max().unwrap_or(0);
+                    self.push_nested(Value::Tuple(items), depth, at)?;
                 }
                 b'a' => {
-                    let item = self.pop(at)?;
+                    let (item, depth) = self.pop(at)?;
                     match self.stack.last_mut() {
                         Some(Value::List(list)) => list.push(item),
                         _ => return Err(malformed(at, "APPEND to something that is not a list")),
                     }
+                    self.deepen_top(depth, at)?;
                 }
                 b'e' => {
-                    let items = self.pop_mark(at)?;
+                    let (items, depth) = self.pop_mark(at)?;
                     match self.stack.last_mut() {
                         Some(Value::List(list)) => list.extend(items),
                         _ => return Err(malformed(at, "APPENDS to something that is not a list")),
                     }
+                    self.deepen_top(depth, at)?;
                 }
                 b's' => {
-                    let value = self.pop(at)?;
-                    let key = self.pop(at)?;
+                    let (value, value_depth) = self.pop(at)?;
+                    let (key, key_depth) = self.pop(at)?;
                     match self.stack.last_mut() {
                         Some(Value::Dict(dict)) => dict.push((key, value)),
                         _ => return Err(malformed(at, "SETITEM on something that is not a dict")),
                     }
+                    self.deepen_top(value_depth.max(key_depth), at)?;
                 }
                 b'u' => {
-                    let items = pairs(self.pop_mark(at)?, at)?;
+                    let (items, depth) = self.pop_mark(at)?;
+                    let items = pairs(items, at)?;
                     match self.stack.last_mut() {
                         Some(Value::Dict(dict)) => dict.extend(items),
                         _ => return Err(malformed(at, "SETITEMS on something that is not a dict")),
                     }
+                    self.deepen_top(depth, at)?;
                 }
                 b'c' => {
                     let module = self.line(at)?;
                     let name = self.line(at)?;
-                    self.stack.push(Value::Global { module, name });
+                    self.push(Value::Global { module, name });
                 }
                 0x93 => {
-                    let name = self.pop(at)?;
-                    let module = self.pop(at)?;
+                    let (name, _) = self.pop(at)?;
+                    let (module, _) = self.pop(at)?;
                     match (module, name) {
-                        (Value::Str(module), Value::Str(name)) => self.stack.push(Value::Global { module, name }),
+                        (Value::Str(module), Value::Str(name)) => self.push(Value::Global { module, name }),
                         _ => return Err(malformed(at, "STACK_GLOBAL without two strings")),
                     }
                 }
                 b'R' | 0x81 => {
-                    let args = self.pop(at)?;
-                    let callable = self.pop(at)?;
-                    self.stack.push(call(callable, args, at)?);
+                    let (args, args_depth) = self.pop(at)?;
+                    let (callable, callable_depth) = self.pop(at)?;
+                    self.push_nested(call(callable, args, at)?, args_depth.max(callable_depth), at)?;
                 }
                 b'b' => {
                     // BUILD sets attributes (a state dict's `_metadata`); the tensors do not need them.
                     self.pop(at)?;
                 }
                 b'Q' => {
-                    let pid = self.pop(at)?;
-                    self.stack.push(persistent_load(pid, at)?);
+                    let (pid, depth) = self.pop(at)?;
+                    self.push_nested(persistent_load(pid, at)?, depth, at)?;
                 }
                 b'q' => {
                     let index = self.take(1)?[0] as u32;
@@ -291,8 +320,12 @@ impl Machine<'_> {
                     self.pop(at)?;
                 }
                 b'2' => {
-                    let top = self.stack.last().cloned().ok_or_else(|| malformed(at, "DUP on an empty stack"))?;
+                    let top = self.stack.last().ok_or_else(|| malformed(at, "DUP on an empty stack"))?;
+                    let depth = self.depths.last().copied().unwrap_or(0);
+                    charge_copy(&mut self.copy_budget, top, at)?;
+                    let top = top.clone();
                     self.stack.push(top);
+                    self.depths.push(depth);
                 }
                 _ => return Err(PickleError::Opcode { opcode, at }),
             }
@@ -327,29 +360,110 @@ impl Machine<'_> {
         Ok(text)
     }
 
-    fn pop(&mut self, at: usize) -> Result<Value, PickleError> {
-        self.stack.pop().ok_or_else(|| malformed(at, "pop from an empty stack"))
+    /// A scalar or an empty container.
+    fn push(&mut self, value: Value) {
+        self.stack.push(value);
+        self.depths.push(0);
     }
 
-    fn pop_mark(&mut self, at: usize) -> Result<Vec<Value>, PickleError> {
+    /// A value holding others whose deepest nesting is `inner`.
+    fn push_nested(&mut self, value: Value, inner: u32, at: usize) -> Result<(), PickleError> {
+        let depth = checked_depth(inner, at)?;
+        self.stack.push(value);
+        self.depths.push(depth);
+        Ok(())
+    }
+
+    /// The top container received values whose deepest nesting is `inner`.
+    fn deepen_top(&mut self, inner: u32, at: usize) -> Result<(), PickleError> {
+        let depth = checked_depth(inner, at)?;
+        if let Some(top) = self.depths.last_mut() {
+            *top = (*top).max(depth);
+        }
+        Ok(())
+    }
+
+    fn pop(&mut self, at: usize) -> Result<(Value, u32), PickleError> {
+        let value = self.stack.pop().ok_or_else(|| malformed(at, "pop from an empty stack"))?;
+        Ok((value, self.depths.pop().unwrap_or(0)))
+    }
+
+    /// The values above the last MARK and their deepest nesting.
+    fn pop_mark(&mut self, at: usize) -> Result<(Vec<Value>, u32), PickleError> {
         let height = self.marks.pop().ok_or_else(|| malformed(at, "no MARK to pop to"))?;
         if height > self.stack.len() {
             return Err(malformed(at, "MARK above the stack"));
         }
-        Ok(self.stack.split_off(height))
+        let depth = self.depths.split_off(height).into_iter().max().unwrap_or(0);
+        Ok((self.stack.split_off(height), depth))
     }
 
     fn memoize(&mut self, index: u32, at: usize) -> Result<(), PickleError> {
-        let top = self.stack.last().cloned().ok_or_else(|| malformed(at, "memoize an empty stack"))?;
-        self.memo.insert(index, top);
+        let top = self.stack.last().ok_or_else(|| malformed(at, "memoize an empty stack"))?;
+        charge_copy(&mut self.copy_budget, top, at)?;
+        let entry = (top.clone(), self.depths.last().copied().unwrap_or(0));
+        self.memo.insert(index, entry);
         Ok(())
     }
 
     fn recall(&mut self, index: u32, at: usize) -> Result<(), PickleError> {
-        let value = self.memo.get(&index).cloned().ok_or_else(|| malformed(at, &format!("memo {index} is unset")))?;
+        let (value, depth) = self.memo.get(&index).ok_or_else(|| malformed(at, &format!("memo {index} is unset")))?;
+        let depth = *depth;
+        charge_copy(&mut self.copy_budget, value, at)?;
+        let value = value.clone();
         self.stack.push(value);
+        self.depths.push(depth);
         Ok(())
     }
+}
+
+/// Copies cost their size, from a budget proportional to the input (see [`COPY_BUDGET_PER_INPUT_BYTE`]).
+fn charge_copy(budget: &mut usize, value: &Value, at: usize) -> Result<(), PickleError> {
+    let cost = weight_within(value, *budget)
+        .ok_or_else(|| malformed(at, "memo copies grow beyond any real checkpoint (a pickle bomb?)"))?;
+    *budget -= cost;
+    Ok(())
+}
+
+fn checked_depth(inner: u32, at: usize) -> Result<u32, PickleError> {
+    let depth = inner + 1;
+    if depth > MAX_DEPTH {
+        return Err(malformed(at, &format!("containers nested deeper than {MAX_DEPTH}")));
+    }
+    Ok(depth)
+}
+
+/// The size of `value` in nodes and bytes, or None once it exceeds `limit` (counted without recursion, so
+/// that the count stops early and no nesting overflows the stack).
+fn weight_within(value: &Value, limit: usize) -> Option<usize> {
+    let mut total = 0usize;
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        total += 1 + match value {
+            Value::BigInt(bytes) | Value::Bytes(bytes) => bytes.len(),
+            Value::Str(text) => text.len(),
+            Value::Global { module, name } => module.len() + name.len(),
+            Value::Tuple(items) | Value::List(items) => {
+                pending.extend(items);
+                0
+            }
+            Value::Dict(entries) => {
+                pending.extend(entries.iter().flat_map(|(key, value)| [key, value]));
+                0
+            }
+            Value::Object { callable, args } => {
+                pending.extend([&**callable, &**args]);
+                0
+            }
+            Value::Storage(storage) => storage.key.len(),
+            Value::Tensor(tensor) => tensor.storage.key.len() + 8 * (tensor.size.len() + tensor.stride.len()),
+            Value::None | Value::Bool(_) | Value::Int(_) | Value::Float(_) => 0,
+        };
+        if total > limit {
+            return None;
+        }
+    }
+    Some(total)
 }
 
 fn malformed(at: usize, reason: &str) -> PickleError {
@@ -481,6 +595,33 @@ mod tests {
         for end in 0..bytes.len() {
             assert!(load(&bytes[..end]).is_err(), "prefix of {end} bytes");
         }
+    }
+
+    /// Before: every memo recall deep-copied, so this 400-byte pickle (a list of the memoised list twice,
+    /// memoised again, sixty times) asked for 2^60 nodes.
+    #[test]
+    fn a_memo_bomb_is_refused_with_bounded_work() {
+        let mut bytes = b"\x80\x02]q\x00".to_vec();
+        for _ in 0..60 {
+            bytes.extend_from_slice(b"(h\x00h\x00lq\x00");
+        }
+        bytes.push(b'.');
+        let err = load(&bytes).unwrap_err().to_string();
+        assert!(err.contains("pickle bomb"), "{err}");
+    }
+
+    /// Before: a million nested tuples (one byte each) were built, and dropping them overflowed the stack.
+    #[test]
+    fn nesting_deeper_than_any_checkpoint_is_refused() {
+        let mut bytes = b"\x80\x02N".to_vec();
+        bytes.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        bytes.push(b'.');
+        let err = load(&bytes).unwrap_err().to_string();
+        assert!(err.contains(&format!("nested deeper than {MAX_DEPTH}")), "{err}");
+        let mut shallow = b"\x80\x02N".to_vec();
+        shallow.extend(std::iter::repeat_n(0x85u8, 50));
+        shallow.push(b'.');
+        assert!(load(&shallow).is_ok());
     }
 
     #[test]
