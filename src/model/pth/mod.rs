@@ -49,11 +49,16 @@ const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 
 pub fn read_state_dict(path: &Path) -> Result<StateDict, PthError> {
     let bytes = std::fs::read(path).map_err(|source| PthError::Read { path: path.to_path_buf(), source })?;
+    parse_state_dict(&bytes, path)
+}
+
+/// [`read_state_dict`] on bytes in memory; `path` names them in errors.
+pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<StateDict, PthError> {
     let format = |reason: String| PthError::Format { path: path.to_path_buf(), reason };
     if bytes.starts_with(ZIP_MAGIC) {
-        read_zip(path, &bytes)
+        read_zip(path, bytes)
     } else if bytes.first() == Some(&0x80) {
-        read_legacy(path, &bytes)
+        read_legacy(path, bytes)
     } else if bytes.len() > 262 && &bytes[257..262] == b"ustar" {
         Err(format("tar-format checkpoints (torch < 0.4) are not supported; re-save with a newer torch".into()))
     } else {

@@ -198,6 +198,11 @@ impl Assembler {
         Assembler { line: line.to_string(), key, pending: HashMap::new(), pending_bytes: 0, max_bytes }
     }
 
+    /// Bytes of chunks held while waiting for their manifest (at most the limit).
+    pub fn held_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
     /// Takes one record; returns the publication it completes, if any.
     pub fn offer(&mut self, key: &[u8], publication: Option<&[u8]>, payload: &[u8]) -> Option<Published> {
         let key = std::str::from_utf8(key).ok()?;
