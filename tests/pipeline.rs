@@ -474,6 +474,71 @@ fn a_replica_falls_back_to_its_configured_model_when_the_topic_s_model_does_not_
     child.wait().unwrap();
 }
 
+/// Fault injection over a long stream: the service is SIGKILLed at random points (no drain, no last
+/// commit) and restarted. At-least-once: no frame may end without a result, and each kill may repeat at
+/// most what was in flight or published since the last commit. The figures go to the test's output (and
+/// the README's reliability section). `FAULT_SEED` replays a run.
+#[test]
+fn sigkills_at_random_points_lose_no_frame_and_repeat_only_the_in_flight_window() {
+    use rand::{Rng, SeedableRng};
+    const FRAMES: usize = 2010;
+    const KILLS: usize = 4;
+    const MAX_IN_FLIGHT: usize = 16;
+    let seed = std::env::var("FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let harness = Harness::new("chaos");
+    let topics = harness.topics("line", 2);
+    let port = free_port();
+    let extra = format!("max_in_flight = {MAX_IN_FLIGHT}\nmap_format = \"none\"");
+    let pipeline = harness.pipeline("chaos.toml", port, &[("line", &topics, &extra)]);
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    std::fs::write(&pipeline, text.replace("[shutdown]\n", "[shutdown]\ncommit_interval_ms = 100\n")).unwrap();
+    let stream: Vec<PathBuf> = fixture().frames.iter().cycle().take(FRAMES).cloned().collect();
+    harness.produce(&topics.frames, &stream, "c");
+
+    let started = std::time::Instant::now();
+    let mut kill_points = Vec::new();
+    for kill in 0..KILLS {
+        let mut service = harness.run_with(&pipeline, &format!("log{kill}"), &[], &[]);
+        let point = rng.gen_range(20..FRAMES / (KILLS + 1)) as f64;
+        let scored = || {
+            ["normal", "anomalous"]
+                .iter()
+                .map(|verdict| {
+                    metric(port, &format!("lineguard_frames_scored_total{{line=\"line\",verdict=\"{verdict}\"}}"))
+                        .unwrap_or(0.0)
+                })
+                .sum::<f64>()
+        };
+        wait_for("frames to be scored before the kill", Duration::from_secs(180), &[&service], || scored() >= point);
+        let mut child = service.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kill_points.push(point as usize);
+    }
+    let mut last = harness.run_with(&pipeline, "log-last", &[], &[]);
+    let mut counts = std::collections::HashMap::new();
+    let mut records = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while counts.len() < FRAMES && std::time::Instant::now() < deadline {
+        let results = read_topic(&harness.brokers(), &topics.results, FRAMES, Duration::from_secs(30));
+        records = results.len();
+        counts = count_by_key(&results);
+    }
+    let missing = FRAMES - counts.len();
+    let duplicates = records - counts.len();
+    eprintln!(
+        "fault injection (seed {seed}): {FRAMES} frames, {KILLS} SIGKILLs after {kill_points:?} results, \
+         {missing} without a result, {duplicates} duplicates, {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(missing, 0, "at-least-once: every frame has a result (seed {seed})\n{}", last.log());
+    // Per kill: the frames in flight, plus those published after the last commit (at most one commit
+    // interval's worth, bounded here by the in-flight window again).
+    assert!(duplicates <= KILLS * 2 * MAX_IN_FLIGHT, "{duplicates} duplicates (seed {seed})");
+    assert!(last.terminate(Duration::from_secs(60)).success(), "{}", last.log());
+}
+
 #[test]
 fn two_instances_in_one_group_split_the_partitions_and_score_every_frame() {
     let harness = Harness::new("group");
