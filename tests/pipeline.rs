@@ -295,6 +295,15 @@ fn a_model_with_non_finite_output_gives_error_results_and_readiness_goes_false()
     assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
 }
 
+/// A topic of one partition that stores records of at most `bytes` (a Kafka topic's default is 1 MiB).
+fn topic_with_max_message_bytes(harness: &Harness, suffix: &str, bytes: usize) -> String {
+    let name = format!("{}.{suffix}", harness.name);
+    let limit = bytes.to_string();
+    let config = [("max.message.bytes", limit.as_str())];
+    runtime().block_on(lineguard::service::kafka::ensure_topics_with(&harness.kafka(), &[&name], 1, &config)).unwrap();
+    name
+}
+
 /// A bad message whose dead letter (with its payload) is larger than the dead-letter topic accepts must
 /// not stop the line: before, publishing retried forever, the offset never committed, and after
 /// `max_in_flight` such messages the line stood still. It goes without its payload instead.
@@ -302,11 +311,7 @@ fn a_model_with_non_finite_output_gives_error_results_and_readiness_goes_false()
 fn a_dead_letter_too_large_for_its_topic_goes_without_its_payload_and_the_line_keeps_going() {
     let harness = Harness::new("bigdead");
     let topics = harness.topics("line", 1);
-    let small_dead_letter = format!("{}.small-dead-letter", harness.name);
-    let limit = [("max.message.bytes", "65536")];
-    runtime()
-        .block_on(lineguard::service::kafka::ensure_topics_with(&harness.kafka(), &[&small_dead_letter], 1, &limit))
-        .unwrap();
+    let small_dead_letter = topic_with_max_message_bytes(&harness, "small-dead-letter", 65536);
     let port = free_port();
     let pipeline = harness.pipeline("bigdead.toml", port, &[("line", &topics, "")]);
     let text = std::fs::read_to_string(&pipeline).unwrap();
@@ -346,11 +351,7 @@ fn a_dead_letter_too_large_for_its_topic_goes_without_its_payload_and_the_line_k
 fn a_results_topic_that_refuses_results_makes_the_line_unhealthy_and_commits_nothing() {
     let harness = Harness::new("refused");
     let topics = harness.topics("line", 1);
-    let tiny_results = format!("{}.tiny-results", harness.name);
-    let limit = [("max.message.bytes", "200")];
-    runtime()
-        .block_on(lineguard::service::kafka::ensure_topics_with(&harness.kafka(), &[&tiny_results], 1, &limit))
-        .unwrap();
+    let tiny_results = topic_with_max_message_bytes(&harness, "tiny-results", 200);
     let port = free_port();
     let fixed = harness.pipeline("fixed.toml", port, &[("line", &topics, "max_in_flight = 4")]);
     let broken = harness.dir.path().join("broken.toml");
@@ -363,9 +364,7 @@ fn a_results_topic_that_refuses_results_makes_the_line_unhealthy_and_commits_not
     });
     assert!(first.log().contains("cannot succeed"), "the log says why\n{}", first.log());
     assert!(read_topic(&harness.brokers(), &tiny_results, 1, Duration::from_secs(2)).is_empty());
-    let mut child = first.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    first.kill();
 
     let mut second = harness.run(&fixed);
     let results = read_topic(&harness.brokers(), &topics.results, 6, Duration::from_secs(120));
@@ -395,9 +394,7 @@ fn a_line_whose_broker_disappears_reports_stalled_progress() {
     let oldest = metric(port, "lineguard_oldest_unacknowledged_seconds{line=\"line\"}").unwrap_or(0.0);
     assert!(oldest > 3.0, "oldest unacknowledged frame {oldest} s");
     assert!(service.log().contains("the line is stuck"), "{}", service.log());
-    let mut child = service.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    service.kill();
 }
 
 /// An in-process trainer that dies (here: its state folder cannot be created) leaves inference running
@@ -469,9 +466,7 @@ fn a_replica_falls_back_to_its_configured_model_when_the_topic_s_model_does_not_
     let results = read_topic(&harness.brokers(), &topics.results, 2, Duration::from_secs(120));
     assert_eq!(count_by_key(&results).len(), 2, "the configured model serves\n{}", service.log());
     assert!(service.log().contains("falling back to the configured"), "{}", service.log());
-    let mut child = service.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    service.kill();
 }
 
 /// Fault injection over a long stream: the service is SIGKILLed at random points (no drain, no last
@@ -511,9 +506,7 @@ fn sigkills_at_random_points_lose_no_frame_and_repeat_only_the_in_flight_window(
                 .sum::<f64>()
         };
         wait_for("frames to be scored before the kill", Duration::from_secs(180), &[&service], || scored() >= point);
-        let mut child = service.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        service.kill();
         kill_points.push(point as usize);
     }
     let mut last = harness.run_with(&pipeline, "log-last", &[], &[]);
@@ -620,9 +613,7 @@ fn a_killed_instance_loses_no_frame_its_successor_may_repeat_some() {
         metric(port, "lineguard_frames_received_total{line=\"line\"}").unwrap_or(0.0) >= 6.0
     });
     // SIGKILL: no drain, no last commit. Whatever was consumed after the last commit comes again.
-    let mut child = first.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    first.kill();
 
     let mut second = harness.run(&pipeline);
     let results = read_topic(&harness.brokers(), &topics.results, 20, Duration::from_secs(180));

@@ -140,14 +140,7 @@ pub fn spawn(
             }
             metrics.batch_run(batch.len());
             let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_batch(&model, batch)))
-                .map_err(|panic| {
-                    let message = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "unknown panic".into());
-                    format!("inference failed: {message}")
-                })?;
+                .map_err(|panic| format!("inference failed: {}", crate::service::panic_message(&*panic)))?;
             report_output_health(&scored, &health, model.info.model_version);
             for frame in scored {
                 if to_sink.blocking_send(SinkItem::Scored(frame)).is_err() {

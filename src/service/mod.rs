@@ -45,3 +45,12 @@ pub mod ack;
 // Wiring and shutdown; the background stage.
 pub mod pipeline;
 pub mod retrain;
+
+/// The message of a caught panic (stages catch their own so the line can say which one failed).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}

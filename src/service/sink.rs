@@ -6,7 +6,12 @@
 //! - scored frame below the retraining acceptance score (lines that retrain) → also the encoded image on
 //!   the accepted topic, keyed by frame id, for the line's trainer (see `retrain`);
 //! - rejected frame → the original bytes and headers on the dead-letter topic, plus `lineguard_error*`
-//!   headers saying why, keyed by the frame id (nothing is lost: the record can be fixed and replayed).
+//!   headers saying why, keyed by the frame id (nothing is lost: the record can be fixed and replayed);
+//!   without the bytes when the topic refuses them as too large (see `publish_rejected`).
+//!
+//! A publish error that no retry clears costs an optional output (map, accepted frame) only that output;
+//! for a required one (result, dead letter) the frame stays uncommitted and the line reports itself
+//! unable to progress (`/healthz`).
 //!
 //! Records are keyed by frame id, so a frame processed twice (after a crash or a rebalance, the price of
 //! at-least-once without transactions) produces the same key twice and consumers can keep the last.

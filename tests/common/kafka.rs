@@ -112,6 +112,13 @@ impl Service {
         }
     }
 
+    /// SIGKILL: no drain, no last commit (a crash).
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// SIGTERM, then the exit status (within `limit`).
     pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -61,9 +61,9 @@
 //!
 //! # Code
 //!
-//! [`raster`] holds the drawing primitives (geometry in units of the side, shapes, noise, the canvas),
-//! [`scene`] the normal tray and how an image is built from its seed and rendered, [`defects`] the
-//! edits that make a normal scene anomalous with their ground-truth shapes, and [`writer`] the files.
+//! `raster` holds the drawing primitives (geometry in units of the side, shapes, noise, the canvas),
+//! `scene` the normal tray and how an image is built from its seed and rendered, `defects` the
+//! edits that make a normal scene anomalous with their ground-truth shapes, and `writer` the files.
 
 mod defects;
 mod raster;

@@ -7,8 +7,8 @@
 //! Endpoints: `/metrics` (Prometheus text format), `/healthz` (the process serves requests), `/readyz`
 //! (every line has a model loaded and has joined its consumer group).
 //!
-//! [`labels`] holds the bounded label values, [`line`] the serving stages' events, [`retrain`] the
-//! trainer's, and [`endpoint`] the HTTP server with the health checks.
+//! `labels` holds the bounded label values, `line` the serving stages' events, `retrain` the
+//! trainer's, and `endpoint` the HTTP server with the health checks.
 
 mod endpoint;
 mod labels;

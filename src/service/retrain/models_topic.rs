@@ -63,7 +63,7 @@ pub struct Manifest {
     /// SHA-256 of the whole model file, hex (what the signature covers).
     #[serde(default)]
     pub sha256: String,
-    /// HMAC-SHA256 (hex) with the line's signing key over [`Manifest::signed_text`]; absent when unsigned.
+    /// HMAC-SHA256 (hex) with the line's signing key over `Manifest::signed_text`; absent when unsigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
 }
@@ -399,11 +399,7 @@ pub fn follow(
             follow_until_stopped(&line, &mut feed, &swapper, serving_version, device, &stop)
         }));
         followed.map_err(|panic| {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let message = crate::service::panic_message(&*panic);
             health.stage_dead.store(true, Ordering::Relaxed);
             let reason = format!("the models follower of line {line} panicked ({message}); /healthz reports it");
             log::error!("{reason}");
