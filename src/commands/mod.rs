@@ -1,4 +1,5 @@
 //! One function per subcommand. They own the user-facing side: progress bars, tables, files written.
+//! [`cli`] declares the arguments; [`run`] dispatches to the subcommand's file; the library does the work.
 
 mod bench_quality;
 mod broker;

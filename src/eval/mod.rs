@@ -1,6 +1,10 @@
 //! Evaluation on a MVTec LOCO test set: image AUROC and pixel AU-sPRO (up to a false-positive rate of
 //! 0.05), separately for logical and structural anomalies and their mean. A split without images is
 //! `None` (printed as null), not an error: our data has no structural anomalies for some categories.
+//!
+//! This module scores images with a model and gathers the report; [`metrics`] computes image AUROC and
+//! AU-sPRO from scores, maps and ground truth; [`heatmap`] draws maps over their images (`predict`, the
+//! demo).
 
 pub mod heatmap;
 pub mod metrics;
