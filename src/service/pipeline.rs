@@ -99,7 +99,13 @@ pub async fn run(settings: Settings, role: Role, shutdown: impl Future<Output = 
     } else {
         log::info!("shutdown requested: stopping consumption and draining");
     }
-    pipeline.shutdown().await
+    pipeline.shutdown().await?;
+    // A line that stopped by itself is a failure even when the rest drained cleanly: the exit status
+    // says so, for the orchestrator and for whoever reads it.
+    match failed {
+        Some(line) => Err(PipelineError::Stage { line, reason: "stopped unexpectedly (see the log)".into() }),
+        None => Ok(()),
+    }
 }
 
 /// Loads models, connects to Kafka and starts every line's stages (and trainers) and the metrics endpoint.
