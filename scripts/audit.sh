@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Checks Cargo.lock against the RustSec advisory database: any vulnerability, and any warning (an
+# unmaintained or unsound crate, a yanked version) not excepted with a reason in .cargo/audit.toml, fails.
+# These machines cannot fetch the database, so it reads the offline copy in ../shared/advisory-db (or
+# $ADVISORY_DB); where there is none it says so and skips, as the tests on real data do.
+# Elsewhere, with network: `cargo install cargo-audit --locked && cargo audit` (it fetches the database).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+db="${ADVISORY_DB:-../shared/advisory-db}"
+if [ ! -d "$db" ]; then
+    echo "[audit] NOTE: no advisory database at $db: the dependency audit was skipped" >&2
+    exit 0
+fi
+audit=.tools/bin/cargo-audit
+command -v "$audit" >/dev/null 2>&1 || audit=cargo-audit
+exec "$audit" audit --db "$db" --no-fetch --deny warnings
