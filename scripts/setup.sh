@@ -101,7 +101,7 @@ install_audit() {
     elif [ ! -d "$ADVISORY_DB" ]; then
         say "no advisory database at $ADVISORY_DB: cargo-audit not installed (see README, Tests)"
     else
-        say "installing cargo-audit ${CARGO_AUDIT_VERSION} into .tools/ (about 6 minutes on 2 cores, once) ..."
+        say "installing cargo-audit ${CARGO_AUDIT_VERSION} into .tools/ (about 5 minutes on 2 cores, once) ..."
         cargo install --quiet --root .tools --locked "cargo-audit@${CARGO_AUDIT_VERSION}"
         say "cargo-audit installed: $(.tools/bin/cargo-audit --version 2>&1 | head -1)"
     fi
