@@ -274,8 +274,7 @@ fn a_model_with_non_finite_output_gives_error_results_and_readiness_goes_false()
     file.tensors.insert("teacher_std".into(), nan);
     file.save(&broken).unwrap();
     let pipeline = harness.pipeline("broken.toml", port, &[("line", &topics, "")]);
-    let text = std::fs::read_to_string(&pipeline).unwrap();
-    std::fs::write(&pipeline, text.replace(path_str(&fixture().model), path_str(&broken))).unwrap();
+    edit_pipeline(&pipeline, &pipeline, path_str(&fixture().model), path_str(&broken));
     let mut service = harness.run(&pipeline);
     harness.produce(&topics.frames, &fixture().frames[..4], "n");
 
@@ -293,6 +292,13 @@ fn a_model_with_non_finite_output_gives_error_results_and_readiness_goes_false()
     assert!(http_get(port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 503")), "not ready");
     assert!(read_topic(&harness.brokers(), &topics.maps, 1, Duration::from_secs(3)).is_empty(), "no maps");
     assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
+}
+
+/// Writes to `to` the pipeline file `from` with `old` (which must be in it) replaced by `new`.
+fn edit_pipeline(from: &Path, to: &Path, old: &str, new: &str) {
+    let text = std::fs::read_to_string(from).unwrap();
+    assert!(text.contains(old), "{old:?} is not in {}:\n{text}", from.display());
+    std::fs::write(to, text.replace(old, new)).unwrap();
 }
 
 /// A topic of one partition that stores records of at most `bytes` (a Kafka topic's default is 1 MiB).
@@ -314,8 +320,7 @@ fn a_dead_letter_too_large_for_its_topic_goes_without_its_payload_and_the_line_k
     let small_dead_letter = topic_with_max_message_bytes(&harness, "small-dead-letter", 65536);
     let port = free_port();
     let pipeline = harness.pipeline("bigdead.toml", port, &[("line", &topics, "")]);
-    let text = std::fs::read_to_string(&pipeline).unwrap();
-    std::fs::write(&pipeline, text.replace(&topics.dead_letter, &small_dead_letter)).unwrap();
+    edit_pipeline(&pipeline, &pipeline, &topics.dead_letter, &small_dead_letter);
     let mut service = harness.run(&pipeline);
 
     let headers = [("camera_id", "cam"), ("captured_at_ms", "1700000000000")];
@@ -355,7 +360,7 @@ fn a_results_topic_that_refuses_results_makes_the_line_unhealthy_and_commits_not
     let port = free_port();
     let fixed = harness.pipeline("fixed.toml", port, &[("line", &topics, "max_in_flight = 4")]);
     let broken = harness.dir.path().join("broken.toml");
-    std::fs::write(&broken, std::fs::read_to_string(&fixed).unwrap().replace(&topics.results, &tiny_results)).unwrap();
+    edit_pipeline(&fixed, &broken, &topics.results, &tiny_results);
     harness.produce(&topics.frames, &fixture().frames[..6], "r");
 
     let mut first = harness.run(&broken);
@@ -380,9 +385,8 @@ fn a_line_whose_broker_disappears_reports_stalled_progress() {
     let topics = harness.topics("line", 1);
     let port = free_port();
     let pipeline = harness.pipeline("stalled.toml", port, &[("line", &topics, "")]);
-    let text = std::fs::read_to_string(&pipeline).unwrap();
     let listen = format!("listen = \"127.0.0.1:{port}\"\n");
-    std::fs::write(&pipeline, text.replace(&listen, &format!("{listen}stalled_after_secs = 3\n"))).unwrap();
+    edit_pipeline(&pipeline, &pipeline, &listen, &format!("{listen}stalled_after_secs = 3\n"));
     harness.produce(&topics.frames, &fixture().frames, "s");
     let mut service = harness.run(&pipeline);
     let received = || metric(port, "lineguard_frames_received_total{line=\"line\"}").unwrap_or(0.0);
@@ -486,8 +490,7 @@ fn sigkills_at_random_points_lose_no_frame_and_repeat_only_the_in_flight_window(
     let port = free_port();
     let extra = format!("max_in_flight = {MAX_IN_FLIGHT}\nmap_format = \"none\"");
     let pipeline = harness.pipeline("chaos.toml", port, &[("line", &topics, &extra)]);
-    let text = std::fs::read_to_string(&pipeline).unwrap();
-    std::fs::write(&pipeline, text.replace("[shutdown]\n", "[shutdown]\ncommit_interval_ms = 100\n")).unwrap();
+    edit_pipeline(&pipeline, &pipeline, "[shutdown]\n", "[shutdown]\ncommit_interval_ms = 100\n");
     let stream: Vec<PathBuf> = fixture().frames.iter().cycle().take(FRAMES).cloned().collect();
     harness.produce(&topics.frames, &stream, "c");
 

@@ -108,6 +108,14 @@ fn redact_credentials<S: serde::Serializer>(map: &BTreeMap<String, String>, seri
     out.end()
 }
 
+/// A secret from a file (a mounted Kubernetes Secret), without the one trailing newline (`\n` or `\r\n`)
+/// editors and `echo` add. The error names the file, never its content.
+fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    let value = text.strip_suffix('\n').map_or(text.as_str(), |line| line.strip_suffix('\r').unwrap_or(line));
+    Ok(Secret::new(value))
+}
+
 impl KafkaSettings {
     /// The secret properties under their librdkafka names (`sasl_password` from the environment becomes
     /// `sasl.password`).
@@ -119,15 +127,11 @@ impl KafkaSettings {
     fn read_secret_files(&mut self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         for (property, path) in &self.secret_files {
-            match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
-                    self.secrets.insert(property.clone(), Secret::new(value));
+            match read_secret_file(path) {
+                Ok(secret) => {
+                    self.secrets.insert(property.clone(), secret);
                 }
-                // The error names the file, never its content.
-                Err(err) => {
-                    problems.push(format!("kafka.secret_files.{property}: cannot read {}: {err}", path.display()))
-                }
+                Err(err) => problems.push(format!("kafka.secret_files.{property}: {err}")),
             }
         }
         if problems.is_empty() {
@@ -315,9 +319,8 @@ impl RetrainSettings {
     /// Reads `signing_key_file` into `signing_key` (one trailing newline dropped).
     fn read_signing_key_file(&mut self, line: &str) -> Result<(), String> {
         let Some(path) = &self.signing_key_file else { return Ok(()) };
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| format!("lines.{line}.retrain.signing_key_file: cannot read {}: {err}", path.display()))?;
-        self.signing_key = Some(Secret::new(text.strip_suffix('\n').unwrap_or(&text)));
+        let secret = read_secret_file(path).map_err(|err| format!("lines.{line}.retrain.signing_key_file: {err}"))?;
+        self.signing_key = Some(secret);
         Ok(())
     }
 }
@@ -753,6 +756,18 @@ threshold = 0.4
         assert_eq!(line.group_id("juice"), "lineguard-juice");
         assert_eq!((line.max_batch, line.max_batch_wait_ms, line.max_in_flight), (8, 20, 64));
         assert_eq!(settings.metrics.listen, "0.0.0.0:9464");
+    }
+
+    #[test]
+    fn secret_files_lose_one_trailing_newline_only() {
+        let dir = tempfile::tempdir().unwrap();
+        for (written, read) in [("key", "key"), ("key\n", "key"), ("key\r\n", "key"), ("key\n\n", "key\n")] {
+            let path = dir.path().join("secret");
+            std::fs::write(&path, written).unwrap();
+            assert_eq!(read_secret_file(&path).unwrap().expose(), read, "{written:?}");
+        }
+        let missing = read_secret_file(&dir.path().join("absent")).unwrap_err();
+        assert!(missing.starts_with("cannot read") && missing.contains("absent"), "{missing}");
     }
 
     #[test]

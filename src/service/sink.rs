@@ -239,7 +239,8 @@ async fn publish_scored(
     });
     let accepted = async {
         let (Some(acceptance), Some(image)) = (&config.acceptance, &payload) else { return Ok(()) };
-        if !judged || score.is_nan() || score >= acceptance.below {
+        // An unjudged frame's score is NaN: it never teaches the model.
+        if !judged || score >= acceptance.below {
             return Ok(());
         }
         let (partition, offset, score_text) =

@@ -106,8 +106,6 @@ pub async fn serve_with(
 }
 
 fn router(metrics: Arc<Metrics>, health: Arc<Vec<Arc<LineHealth>>>) -> Router {
-    let text = |status: StatusCode, body: &'static str| (status, [(header::CONTENT_TYPE, "text/plain")], body);
-    let alive = health.clone();
     Router::new()
         .route(
             "/metrics",
@@ -116,31 +114,31 @@ fn router(metrics: Arc<Metrics>, health: Arc<Vec<Arc<LineHealth>>>) -> Router {
                 async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render()) }
             }),
         )
-        .route(
-            "/healthz",
-            get(move || {
-                let up = alive.iter().all(|line| line.alive());
-                async move {
-                    match up {
-                        true => text(StatusCode::OK, "ok\n"),
-                        false => text(StatusCode::SERVICE_UNAVAILABLE, "a line cannot progress\n"),
-                    }
-                }
-            }),
-        )
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = health.iter().all(|line| line.ready());
-                async move {
-                    match ready {
-                        true => text(StatusCode::OK, "ready\n"),
-                        false => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-                    }
-                }
-            }),
-        )
-        .fallback(move || async move { text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
+        .route("/healthz", probe(health.clone(), LineHealth::alive, "ok\n", "a line cannot progress\n"))
+        .route("/readyz", probe(health, LineHealth::ready, "ready\n", "not ready\n"))
+        .fallback(|| async { text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
+}
+
+/// A probe: 200 with `up` when `check` holds for every line, else 503 with `down`.
+fn probe(
+    health: Arc<Vec<Arc<LineHealth>>>,
+    check: fn(&LineHealth) -> bool,
+    up: &'static str,
+    down: &'static str,
+) -> axum::routing::MethodRouter {
+    get(move || {
+        let passed = health.iter().all(|line| check(line));
+        async move {
+            match passed {
+                true => text(StatusCode::OK, up),
+                false => text(StatusCode::SERVICE_UNAVAILABLE, down),
+            }
+        }
+    })
+}
+
+fn text(status: StatusCode, body: &'static str) -> impl axum::response::IntoResponse {
+    (status, [(header::CONTENT_TYPE, "text/plain")], body)
 }
 
 #[cfg(test)]
