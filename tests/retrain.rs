@@ -17,6 +17,7 @@ use std::time::Duration;
 use common::kafka::{count_by_key, free_port, http_get, metric, read_topic, wait_for, Harness, Record, Service};
 use common::{lineguard_ok, path_str};
 use lineguard::model::EfficientAd;
+use lineguard::service::metrics::GateOutcome;
 use lineguard::service::retrain::gate::GateReport;
 use lineguard::service::sink::ResultRecord;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -380,17 +381,7 @@ fn poisoned_feedback_never_lowers_recall() {
     wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
     let initial_recall = recall(&f.model, &f.defects, f.threshold);
     assert!(initial_recall >= 0.8, "the fixture model catches the known defects: {initial_recall}");
-
-    // A normal stream with 5% defects, and a careless operator who marks every frame normal.
-    let mut stream: Vec<PathBuf> = f.good[..19].to_vec();
-    stream.insert(9, f.stained[0].clone());
-    harness.produce(&line.frames, &stream, "p1");
-    let first = wait_for_results(&harness, &line, ("p1-", 20, 20), &[&service]);
-    mark_normal(&harness, &line, &first);
-    // Then a batch of nothing but defects, all marked normal.
-    harness.produce(&line.frames, &f.stained[1..13], "p2");
-    let second = wait_for_results(&harness, &line, ("p2-", 12, 32), &[&service]);
-    mark_normal(&harness, &line, &second);
+    poison(&harness, &line, &service);
 
     wait_for("a recall rejection", Duration::from_secs(240), &[&service], || {
         line.gate_log().iter().any(|r| r.outcome == lineguard::service::metrics::GateOutcome::RejectedRecall)
@@ -407,4 +398,138 @@ fn poisoned_feedback_never_lowers_recall() {
     let rejected =
         metric(port, "lineguard_model_candidates_total{line=\"trays\",outcome=\"rejected\",reason=\"recall\"}");
     assert!(rejected.is_some_and(|n| n >= 1.0), "the rejection is counted");
+}
+
+/// A tmpfs mounted over a test's state folder, so that the trainer meets a real full or read-only disk
+/// (`ENOSPC`, `EROFS`); unmounted when dropped. None where mounting is not permitted.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "lineguard-test", path_str(at)])
+            .stderr(std::process::Stdio::null())
+            .status();
+        status.is_ok_and(|s| s.success()).then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    fn remount(&self, options: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{options}"), path_str(&self.0)])
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {options}");
+    }
+
+    fn used_bytes(&self) -> u64 {
+        // SAFETY: statvfs(3) fills the struct it is given; the path is a valid C string.
+        let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+        let path = std::ffi::CString::new(path_str(&self.0)).unwrap();
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut stats) }, 0);
+        (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").args(["-l", path_str(&self.0)]).status();
+    }
+}
+
+/// The state directory fills up, then turns read-only, while the trainer promotes: the version cannot be
+/// written, the replicas keep serving the last good model, nothing stops, and once the disk is writable
+/// again the next gate promotes. Before, the first failed write ended the trainer (and, through
+/// `/healthz`, restarted the pod into the same full disk).
+#[test]
+fn a_full_or_read_only_state_directory_costs_promotions_not_inspection() {
+    let f = fixture();
+    let harness = Harness::new("fulldisk");
+    let line = Line::new(&harness);
+    let Some(disk) = Tmpfs::mount(&line.state, "256m") else {
+        eprintln!("SKIPPED: this machine does not permit mounting a tmpfs (needs CAP_SYS_ADMIN)");
+        return;
+    };
+    let port = free_port();
+    let pipeline = line.pipeline(&harness, "all.toml", port, "");
+    let mut service = harness.run(&pipeline);
+    wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
+    wait_for("the trainer", Duration::from_secs(90), &[&service], || service.log().contains("trainer starts from"));
+    // Room for the frames the trainer buffers, not for another model (the fixture's is 13 MB).
+    let full = disk.used_bytes() + 4 * 1024 * 1024;
+    disk.remount(&format!("size={full}"));
+
+    harness.produce(&line.frames, &f.drifted[..12], "d1");
+    let drifted = wait_for_results(&harness, &line, ("d1-", 12, 12), &[&service]);
+    mark_normal(&harness, &line, drifted.iter().filter(|r| r.verdict == "anomalous"));
+    let version_errors =
+        || metric(port, "lineguard_retrain_state_write_errors_total{line=\"trays\",what=\"version\"}").unwrap_or(0.0);
+    wait_for("a promotion that the full disk refuses", Duration::from_secs(240), &[&service], || {
+        version_errors() >= 1.0
+    });
+    assert!(service.log().contains("cannot write the version"), "{}", service.log());
+    assert_eq!(model_version(port), Some(1.0), "the last good model serves");
+    assert_eq!(line.store().current().unwrap(), Some(1));
+
+    // Read-only now, with room again: still refused, still serving.
+    disk.remount("size=256m,ro");
+    let refused = version_errors();
+    wait_for("a promotion that the read-only disk refuses", Duration::from_secs(240), &[&service], || {
+        version_errors() > refused
+    });
+    harness.produce(&line.frames, &f.good[..4], "g1");
+    let scored = wait_for_results(&harness, &line, ("g1-", 4, 16), &[&service]);
+    assert!(scored.iter().all(|r| r.model_version == 1), "inspection goes on with version 1");
+    assert!(http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")), "a restart would not help");
+
+    // Writable again: the next gate promotes, and the line serves the new version.
+    disk.remount("rw");
+    wait_for("a promotion once the disk is writable", Duration::from_secs(240), &[&service], || {
+        model_version(port).is_some_and(|v| v >= 2.0)
+    });
+    assert!(line.store().current().unwrap().is_some_and(|v| v >= 2));
+    assert!(service.log().contains("can be written to the state directory again"), "{}", service.log());
+    let not_stored = line.gate_log().iter().filter(|r| r.outcome == GateOutcome::NotStored).count();
+    eprintln!("state directory full, then read-only: {not_stored} gate decisions not stored, then promoted");
+    assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
+}
+
+/// A normal stream with 5% defects, and a careless operator who marks every frame normal; then a batch
+/// of nothing but defects, all marked normal.
+fn poison(harness: &Harness, line: &Line, service: &Service) {
+    let f = fixture();
+    let mut stream: Vec<PathBuf> = f.good[..19].to_vec();
+    stream.insert(9, f.stained[0].clone());
+    harness.produce(&line.frames, &stream, "p1");
+    let first = wait_for_results(harness, line, ("p1-", 20, 20), &[service]);
+    mark_normal(harness, line, &first);
+    harness.produce(&line.frames, &f.stained[1..13], "p2");
+    let second = wait_for_results(harness, line, ("p2-", 12, 32), &[service]);
+    mark_normal(harness, line, &second);
+}
+
+/// The same poisoning on a line without a folder of known defects: the gate judges candidates on
+/// foreign objects it paints itself, and the known defects (never shown to the trainer) are still caught
+/// as well as before.
+#[test]
+fn poisoned_feedback_without_known_defects_never_lowers_recall() {
+    let f = fixture();
+    let harness = Harness::new("poison-synthetic");
+    let line = Line::new(&harness);
+    let port = free_port();
+    let pipeline = line.pipeline(&harness, "all.toml", port, "");
+    let service = harness.run(&pipeline);
+    wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
+    let initial_recall = recall(&f.model, &f.defects, f.threshold);
+    poison(&harness, &line, &service);
+    let gates = || line.gate_log().len();
+    wait_for("six gate decisions", Duration::from_secs(300), &[&service], || gates() >= 6);
+    for report in line.gate_log() {
+        eprintln!("{}", report.summary());
+    }
+    let store = line.store();
+    let current = store.model_path(store.current().unwrap().unwrap());
+    let final_recall = recall(&current, &f.defects, f.threshold);
+    eprintln!("recall on the known defects (never shown to the trainer): {initial_recall:.3} → {final_recall:.3}");
+    assert!(final_recall >= initial_recall, "recall {initial_recall} → {final_recall}");
 }

@@ -66,6 +66,8 @@ pub enum CandidateOutcome {
     Duplicate,
     /// Not an image of the line's kind (undecodable, empty): never trained on.
     Invalid,
+    /// The state directory could not take it (full, read-only): dropped, counted, training goes on.
+    NotStored,
 }
 
 /// Why the trainer did not take a step (`cause` label of `lineguard_retrain_waits_total`).
@@ -87,6 +89,9 @@ pub enum GateOutcome {
     RejectedFalsePositives,
     RejectedRecall,
     RejectedNoImprovement,
+    /// The gate promoted it but the version store could not write it (state directory full or
+    /// read-only): replicas keep the last good model and the next gate tries again.
+    NotStored,
 }
 
 impl GateOutcome {
@@ -97,6 +102,7 @@ impl GateOutcome {
             GateOutcome::RejectedFalsePositives => ("rejected", "false_positive_rate"),
             GateOutcome::RejectedRecall => ("rejected", "recall"),
             GateOutcome::RejectedNoImprovement => ("rejected", "no_improvement"),
+            GateOutcome::NotStored => ("rejected", "state_not_writable"),
         }
     }
 }

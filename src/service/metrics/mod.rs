@@ -57,6 +57,7 @@ pub struct Metrics {
     retrain_loss: GaugeVec,
     oldest_unacknowledged: GaugeVec,
     retrain_waits: IntCounterVec,
+    retrain_state_write_errors: IntCounterVec,
     replay_buffer: IntGaugeVec,
     model_candidates: IntCounterVec,
 }
@@ -233,6 +234,12 @@ impl Metrics {
                 "lineguard_retrain_waits_total",
                 "Times the trainer did not step, by cause.",
                 &["line", "cause"],
+            )?,
+            retrain_state_write_errors: counter(
+                r,
+                "lineguard_retrain_state_write_errors_total",
+                "Writes to the trainer's state directory that failed (full or read-only), by what was written.",
+                &["line", "what"],
             )?,
             replay_buffer: gauge(
                 r,

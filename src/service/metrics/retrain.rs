@@ -16,6 +16,7 @@ impl Metrics {
             GateOutcome::RejectedFalsePositives,
             GateOutcome::RejectedRecall,
             GateOutcome::RejectedNoImprovement,
+            GateOutcome::NotStored,
         ];
         RetrainSummary {
             steps: self.retrain_steps.with_label_values(&[line]).get(),
@@ -59,6 +60,7 @@ impl RetrainMetrics {
             CandidateOutcome::HeldOut => "held_out",
             CandidateOutcome::Duplicate => "duplicate",
             CandidateOutcome::Invalid => "invalid",
+            CandidateOutcome::NotStored => "not_stored",
         };
         self.metrics.retrain_frames.with_label_values(&[self.line.as_str(), source, outcome]).inc();
     }
@@ -87,6 +89,11 @@ impl RetrainMetrics {
             WaitCause::NonFiniteLoss => "non_finite_loss",
         };
         self.metrics.retrain_waits.with_label_values(&[self.line.as_str(), cause]).inc();
+    }
+
+    /// A write to the state directory failed; `what` is `buffer`, `version` or `checkpoint`.
+    pub fn state_write_failed(&self, what: &'static str) {
+        self.metrics.retrain_state_write_errors.with_label_values(&[self.line.as_str(), what]).inc();
     }
 
     pub fn buffer(&self, recent: usize, held_out: usize, pinned: usize) {

@@ -20,6 +20,14 @@ pub struct Reading {
     pub recall: Option<f64>,
     /// Whether every score was a number (a poisoned model can produce NaN).
     pub finite: bool,
+    /// Of the normal evaluation images this model scores below the threshold, the share it flags once a
+    /// synthetic foreign object is painted on them ([`foreign_objects`]); None when it flags them all.
+    /// Known defects or not, a candidate that learnt to overlook what does not belong shows here.
+    #[serde(default)]
+    pub synthetic_recall: Option<f64>,
+    /// How many images `synthetic_recall` was measured on.
+    #[serde(default)]
+    pub synthetic_images: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -47,8 +55,15 @@ impl GateReport {
             (Some(a), Some(b)) => format!(", recall {:.3} → {:.3} on {} defects", a, b, self.defect_images),
             _ => String::new(),
         };
+        let synthetic = match (self.current.synthetic_recall, self.candidate.synthetic_recall) {
+            (Some(a), Some(b)) => format!(
+                ", synthetic recall {:.3} → {:.3} on {} → {} painted images",
+                a, b, self.current.synthetic_images, self.candidate.synthetic_images
+            ),
+            _ => String::new(),
+        };
         format!(
-            "{} vs v{}: false positives {:.3} → {:.3}, p95 normal score {:.3} → {:.3} on {} normal images{recall}",
+            "{} vs v{}: false positives {:.3} → {:.3}, p95 normal score {:.3} → {:.3} on {} normal images{recall}{synthetic}",
             self.outcome.labels().1,
             self.current_version,
             self.current.false_positive_rate,
@@ -78,17 +93,69 @@ pub fn image_scores(model: &EfficientAd, images: &Tensor) -> Vec<f32> {
     scores
 }
 
-pub fn read(model: &EfficientAd, normal: &Tensor, defects: Option<&Tensor>, threshold: f32) -> Reading {
+/// `synthetic` holds `normal` with a foreign object painted on each image, in the same order.
+pub fn read(
+    model: &EfficientAd,
+    normal: &Tensor,
+    synthetic: &Tensor,
+    defects: Option<&Tensor>,
+    threshold: f32,
+) -> Reading {
     let normal_scores = image_scores(model, normal);
+    let synthetic_scores = image_scores(model, synthetic);
     let defect_scores = defects.map(|d| image_scores(model, d));
-    let finite = normal_scores.iter().chain(defect_scores.iter().flatten()).all(|s| s.is_finite());
+    let finite =
+        normal_scores.iter().chain(&synthetic_scores).chain(defect_scores.iter().flatten()).all(|s| s.is_finite());
     let above = |scores: &[f32]| scores.iter().filter(|s| **s > threshold).count() as f64 / scores.len().max(1) as f64;
+    // Only frames the model calls normal can show whether a defect changes its mind: under drift the
+    // serving model flags clean frames too, and those would count as caught for the wrong reason.
+    let painted: Vec<f32> = normal_scores
+        .iter()
+        .zip(&synthetic_scores)
+        .filter(|(clean, _)| **clean <= threshold)
+        .map(|(_, d)| *d)
+        .collect();
     Reading {
         false_positive_rate: above(&normal_scores),
         p95_normal_score: percentile(&normal_scores, 0.95),
         recall: defect_scores.as_deref().map(above),
         finite,
+        synthetic_recall: (!painted.is_empty()).then(|| above(&painted)),
+        synthetic_images: painted.len(),
     }
+}
+
+/// Foreign objects on normal frames: on each image an ellipse of one random colour covering about 1–5%
+/// of it, at a random place, seeded per image so that both models of a gate see the same ones. What a
+/// line's defects look like is unknown to the trainer; something lying where nothing should is the
+/// simplest defect every line has, and a model poisoned into calling anything normal stops seeing it.
+pub fn foreign_objects(images: &Tensor, seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let size = images.size();
+    let (count, height, width) = (size[0], size[2], size[3]);
+    let options = (tch::Kind::Float, images.device());
+    let rows = Tensor::arange(height, options).view([height, 1]);
+    let columns = Tensor::arange(width, options).view([1, width]);
+    let mut painted = Vec::with_capacity(count as usize);
+    for index in 0..count {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let radius_y = rng.gen_range(0.06..0.13) * height as f64;
+        let radius_x = rng.gen_range(0.06..0.13) * width as f64;
+        let centre_y = rng.gen_range(radius_y..height as f64 - radius_y);
+        let centre_x = rng.gen_range(radius_x..width as f64 - radius_x);
+        let inside = ((&rows - centre_y) / radius_y).square() + ((&columns - centre_x) / radius_x).square();
+        let mask = inside.le(1.0).to_kind(tch::Kind::Float).view([1, height, width]);
+        let colour: Vec<f32> = (0..3)
+            .map(|c| {
+                let value: f32 = rng.gen_range(0.0..1.0);
+                (value - crate::data::preprocess::IMAGENET_MEAN[c]) / crate::data::preprocess::IMAGENET_STD[c]
+            })
+            .collect();
+        let colour = Tensor::from_slice(&colour).to_device(images.device()).view([3, 1, 1]);
+        let image = images.get(index);
+        painted.push(&image * (1.0 - &mask) + colour * &mask);
+    }
+    Tensor::stack(&painted, 0)
 }
 
 /// The rules above, in order; `threshold` scales what counts as more headroom (1% of it).
@@ -130,7 +197,14 @@ mod tests {
     use super::*;
 
     fn reading(fpr: f64, p95: f32, recall: Option<f64>) -> Reading {
-        Reading { false_positive_rate: fpr, p95_normal_score: p95, recall, finite: true }
+        Reading {
+            false_positive_rate: fpr,
+            p95_normal_score: p95,
+            recall,
+            finite: true,
+            synthetic_recall: None,
+            synthetic_images: 0,
+        }
     }
 
     const STRICT: Tolerances = Tolerances { false_positive_rate: 0.0, recall: 0.0 };

@@ -120,6 +120,7 @@ struct Running {
     next_step_at: Instant,
     waiting: Option<WaitCause>,
     non_finite_in_a_row: u32,
+    writes: StateWrites,
 }
 
 impl Running {
@@ -196,7 +197,7 @@ impl Running {
         };
         let state = read_json(&dir.join("trainer.json")).unwrap_or_default();
         Ok(Running {
-            dir,
+            dir: dir.clone(),
             store,
             producer,
             feed,
@@ -212,6 +213,12 @@ impl Running {
             next_step_at: Instant::now(),
             waiting: None,
             non_finite_in_a_row: 0,
+            writes: StateWrites {
+                line: stage.line.clone(),
+                dir,
+                metrics: stage.metrics.clone(),
+                failing: Default::default(),
+            },
             stage,
         })
     }
@@ -240,7 +247,7 @@ impl Running {
                 self.gate()?;
             }
         }
-        self.checkpoint()?;
+        self.checkpoint();
         log::info!("line {}: trainer stopped (checkpoint in {})", self.stage.line, self.dir.display());
         Ok(())
     }
@@ -267,8 +274,15 @@ impl Running {
             } else {
                 (CandidateSource::Auto, Some(payload.to_vec()))
             };
-            let outcome = match image {
-                Some(image) => self.buffer.add(&frame_id, &image)?,
+            let outcome = match image.map(|image| self.buffer.add(&frame_id, &image)) {
+                Some(Ok(outcome)) => {
+                    self.writes.succeeded("buffer");
+                    outcome
+                }
+                Some(Err(err)) => {
+                    self.writes.failed("buffer", &err, self.current.info.model_version);
+                    CandidateOutcome::NotStored
+                }
                 None => CandidateOutcome::Invalid,
             };
             self.stage.metrics.candidate(source, outcome);
@@ -295,8 +309,8 @@ impl Running {
         let origin = Path::new("<models topic>");
         let adopted = EfficientAd::from_bytes(&model, origin, self.stage.device)?;
         let version = manifest.model_version;
-        if self.store.model_path(version).is_file() {
-            self.store.set_current(version)?;
+        let stored = if self.store.model_path(version).is_file() {
+            self.store.set_current(version)
         } else {
             let record = VersionRecord {
                 version,
@@ -306,7 +320,12 @@ impl Running {
                 parent: None,
                 gate: None,
             };
-            self.store.record(&adopted, &record)?;
+            self.store.record(&adopted, &record)
+        };
+        // The replicas serve the publication whether or not this disk can record it.
+        match stored {
+            Ok(()) => self.state_writable("version"),
+            Err(err) => self.state_not_writable("version", &err),
         }
         log::info!(
             "line {}: model version {version} was published ({}); training continues from it",
@@ -401,14 +420,15 @@ impl Running {
         candidate.recipe.train = self.current.recipe.train.clone();
         let threshold = self.stage.threshold;
         let defects = self.defects.as_ref();
-        let current_reading = gate::read(&self.current, &evaluation, defects, threshold);
-        let candidate_reading = gate::read(&candidate, &evaluation, defects, threshold);
+        let synthetic = gate::foreign_objects(&evaluation, version);
+        let current_reading = gate::read(&self.current, &evaluation, &synthetic, defects, threshold);
+        let candidate_reading = gate::read(&candidate, &evaluation, &synthetic, defects, threshold);
         let tolerances = Tolerances {
             false_positive_rate: self.stage.settings.fpr_tolerance,
             recall: self.stage.settings.recall_tolerance,
         };
         let outcome = gate::decide(&current_reading, &candidate_reading, tolerances, threshold);
-        let report = GateReport {
+        let mut report = GateReport {
             outcome,
             threshold,
             normal_images: evaluation.size()[0] as usize,
@@ -417,11 +437,16 @@ impl Running {
             current: current_reading,
             candidate: candidate_reading,
         };
-        self.stage.metrics.gate(outcome);
         log::info!("line {}: candidate {}", self.stage.line, report.summary());
-        append_json_line(&self.dir.join("gate-log.jsonl"), &report);
         match outcome {
-            GateOutcome::Promoted => self.promote(candidate, report)?,
+            GateOutcome::Promoted => {
+                if let Err(err) = self.promote(candidate, report.clone()) {
+                    // Replicas keep serving the last good model; training goes on and the next gate
+                    // tries again, so a full or read-only disk costs promotions, not inspection.
+                    self.state_not_writable("version", &err);
+                    report.outcome = GateOutcome::NotStored;
+                }
+            }
             GateOutcome::RejectedNoImprovement => {}
             _ => {
                 // A regression means the recent training data taught something wrong: start again from
@@ -430,9 +455,14 @@ impl Running {
                 self.state = TrainerState { base_version: self.current.info.model_version, steps_since_gate: 0 };
             }
         }
-        self.checkpoint()
+        self.stage.metrics.gate(report.outcome);
+        append_json_line(&self.dir.join("gate-log.jsonl"), &report);
+        self.checkpoint();
+        Ok(())
     }
 
+    /// Records the candidate as the next version, then serves and publishes it; nothing changes unless
+    /// the store took it.
     fn promote(&mut self, candidate: EfficientAd, report: GateReport) -> Result<(), RetrainError> {
         let version = candidate.info.model_version;
         let record = VersionRecord {
@@ -444,6 +474,7 @@ impl Running {
             gate: Some(report),
         };
         self.store.record(&candidate, &record)?;
+        self.state_writable("version");
         log::info!("line {}: promoted model version {version}", self.stage.line);
         self.stage.metrics.current_model(version, candidate.info.created_unix);
         self.state.base_version = version;
@@ -495,13 +526,59 @@ impl Running {
         }
     }
 
-    fn checkpoint(&self) -> Result<(), RetrainError> {
-        if let Some(trainer) = &self.trainer {
-            trainer.save_checkpoint(&self.dir.join("trainer.safetensors"))?;
+    /// Saves the weights, optimiser moments and state for a restart. A failure costs only the progress
+    /// since the last checkpoint after a restart, so it is counted and training goes on.
+    fn checkpoint(&mut self) {
+        let saved = (|| -> Result<(), RetrainError> {
+            if let Some(trainer) = &self.trainer {
+                trainer.save_checkpoint(&self.dir.join("trainer.safetensors"))?;
+            }
+            let json = serde_json::to_vec(&self.state).unwrap_or_default();
+            crate::model::weights::write_atomically(&self.dir.join("trainer.json"), &json)?;
+            Ok(())
+        })();
+        match saved {
+            Ok(()) => self.state_writable("checkpoint"),
+            Err(err) => self.state_not_writable("checkpoint", &err),
         }
-        let json = serde_json::to_vec(&self.state).unwrap_or_default();
-        crate::model::weights::write_atomically(&self.dir.join("trainer.json"), &json)?;
-        Ok(())
+    }
+
+    fn state_not_writable(&mut self, what: &'static str, err: &RetrainError) {
+        self.writes.failed(what, err, self.current.info.model_version);
+    }
+
+    fn state_writable(&mut self, what: &'static str) {
+        self.writes.succeeded(what);
+    }
+}
+
+/// Failed writes to the state directory (full, read-only): counted every time, logged once per episode.
+/// None of them stops the trainer, since restarting cannot make a disk writable.
+struct StateWrites {
+    line: String,
+    dir: PathBuf,
+    metrics: RetrainMetrics,
+    failing: std::collections::BTreeSet<&'static str>,
+}
+
+impl StateWrites {
+    fn failed(&mut self, what: &'static str, err: &RetrainError, serving_version: u64) {
+        self.metrics.state_write_failed(what);
+        if self.failing.insert(what) {
+            log::error!(
+                "line {}: cannot write the {what} to the state directory {} ({err}); the replicas keep \
+                 serving model version {serving_version} and retraining goes on, but nothing it learns can be \
+                 kept until the directory is writable again (lineguard_retrain_state_write_errors_total)",
+                self.line,
+                self.dir.display(),
+            );
+        }
+    }
+
+    fn succeeded(&mut self, what: &'static str) {
+        if self.failing.remove(what) {
+            log::info!("line {}: the {what} can be written to the state directory again", self.line);
+        }
     }
 }
 
