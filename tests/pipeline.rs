@@ -625,3 +625,48 @@ fn a_killed_instance_loses_no_frame_its_successor_may_repeat_some() {
     assert!(results.len() >= 20);
     assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
 }
+
+/// The broker restarts and, with nisshi's in-memory engine, loses its topics, committed offsets and
+/// idempotent-producer state. Measured: the consumer rejoins by itself, but the idempotent producer
+/// stays stuck on the old broker's producer id, so the line stalls. What must hold: no crash, `/healthz`
+/// turns 503 after `stalled_after_secs` (Kubernetes restarts the pod), and the restarted process scores
+/// every frame sent after the broker came back, from the start of the new topics.
+#[test]
+fn a_broker_that_restarts_empty_stalls_the_line_visibly_and_a_restart_scores_every_new_frame() {
+    let mut harness = Harness::new("restart");
+    let topics = harness.topics("line", 1);
+    let port = free_port();
+    let pipeline = harness.pipeline("restart.toml", port, &[("line", &topics, "")]);
+    let listen = format!("listen = \"127.0.0.1:{port}\"\n");
+    edit_pipeline(&pipeline, &pipeline, &listen, &format!("{listen}stalled_after_secs = 3\n"));
+    let mut service = harness.run(&pipeline);
+    harness.produce(&topics.frames, &fixture().frames[..4], "before");
+    let results = read_topic(&harness.brokers(), &topics.results, 4, Duration::from_secs(120));
+    assert_eq!(keys_with_prefix(&count_by_key(&results), "before"), 4);
+
+    let broker_port: u16 = harness.brokers().rsplit(':').next().unwrap().parse().unwrap();
+    harness.broker.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    let log = harness.dir.path().join("broker-restarted.log");
+    let nisshi = common::kafka::nisshi();
+    harness.broker = lineguard::service::broker::LocalBroker::start_on(Some(broker_port), Some(&nisshi), Some(&log))
+        .expect("the broker restarts on its port");
+    let topics = harness.topics("line", 1);
+    // More frames than before: a consumer that kept its old position would skip the first ones.
+    let frames: Vec<PathBuf> = fixture().frames.iter().cycle().take(10).cloned().collect();
+    harness.produce(&topics.frames, &frames, "after");
+    wait_for("/healthz to report the stalled line", Duration::from_secs(120), &[&service], || {
+        http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 503"))
+    });
+    assert!(service.child.as_mut().unwrap().try_wait().unwrap().is_none(), "no crash\n{}", service.log());
+    assert!(service.log().contains("the line is stuck"), "{}", service.log());
+
+    // What Kubernetes does on a failing liveness probe.
+    service.kill();
+    let mut restarted = harness.run(&pipeline);
+    let results = read_topic(&harness.brokers(), &topics.results, 10, Duration::from_secs(120));
+    let counts = count_by_key(&results);
+    assert_eq!(keys_with_prefix(&counts, "after"), 10, "every frame after the restart\n{}", restarted.log());
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    assert!(restarted.terminate(Duration::from_secs(60)).success(), "{}", restarted.log());
+}

@@ -89,6 +89,8 @@ pub enum GateOutcome {
     RejectedFalsePositives,
     RejectedRecall,
     RejectedNoImprovement,
+    /// Its recall on synthetic foreign objects fell by more than `synthetic_recall_tolerance`.
+    RejectedSyntheticRecall,
     /// The gate promoted it but the version store could not write it (state directory full or
     /// read-only): replicas keep the last good model and the next gate tries again.
     NotStored,
@@ -102,6 +104,7 @@ impl GateOutcome {
             GateOutcome::RejectedFalsePositives => ("rejected", "false_positive_rate"),
             GateOutcome::RejectedRecall => ("rejected", "recall"),
             GateOutcome::RejectedNoImprovement => ("rejected", "no_improvement"),
+            GateOutcome::RejectedSyntheticRecall => ("rejected", "synthetic_recall"),
             GateOutcome::NotStored => ("rejected", "state_not_writable"),
         }
     }

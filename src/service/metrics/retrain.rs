@@ -16,6 +16,7 @@ impl Metrics {
             GateOutcome::RejectedFalsePositives,
             GateOutcome::RejectedRecall,
             GateOutcome::RejectedNoImprovement,
+            GateOutcome::RejectedSyntheticRecall,
             GateOutcome::NotStored,
         ];
         RetrainSummary {

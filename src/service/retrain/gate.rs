@@ -28,12 +28,18 @@ pub struct Reading {
     /// How many images `synthetic_recall` was measured on.
     #[serde(default)]
     pub synthetic_images: usize,
+    /// Median over all evaluation images of (painted score − clean score) / threshold: how much a
+    /// foreign object raises the score, whatever the threshold.
+    #[serde(default)]
+    pub synthetic_contrast: f32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Tolerances {
     pub false_positive_rate: f64,
     pub recall: f64,
+    /// None: synthetic recall is measured and logged, not enforced.
+    pub synthetic_recall: Option<f64>,
 }
 
 /// The gate's verdict with both readings, kept beside every promoted version.
@@ -57,8 +63,13 @@ impl GateReport {
         };
         let synthetic = match (self.current.synthetic_recall, self.candidate.synthetic_recall) {
             (Some(a), Some(b)) => format!(
-                ", synthetic recall {:.3} → {:.3} on {} → {} painted images",
-                a, b, self.current.synthetic_images, self.candidate.synthetic_images
+                ", synthetic recall {:.3} → {:.3} on {} → {} painted images, contrast {:.3} → {:.3}",
+                a,
+                b,
+                self.current.synthetic_images,
+                self.candidate.synthetic_images,
+                self.current.synthetic_contrast,
+                self.candidate.synthetic_contrast
             ),
             _ => String::new(),
         };
@@ -122,10 +133,15 @@ pub fn read(
         finite,
         synthetic_recall: (!painted.is_empty()).then(|| above(&painted)),
         synthetic_images: painted.len(),
+        synthetic_contrast: {
+            let rises: Vec<f32> =
+                normal_scores.iter().zip(&synthetic_scores).map(|(clean, d)| (d - clean) / threshold).collect();
+            percentile(&rises, 0.5)
+        },
     }
 }
 
-/// Foreign objects on normal frames: on each image an ellipse of one random colour covering about 1–5%
+/// Foreign objects on normal frames: on each image an ellipse of one random colour covering about 3–10%
 /// of it, at a random place, seeded per image so that both models of a gate see the same ones. What a
 /// line's defects look like is unknown to the trainer; something lying where nothing should is the
 /// simplest defect every line has, and a model poisoned into calling anything normal stops seeing it.
@@ -139,17 +155,17 @@ pub fn foreign_objects(images: &Tensor, seed: u64) -> Tensor {
     let mut painted = Vec::with_capacity(count as usize);
     for index in 0..count {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let radius_y = rng.gen_range(0.06..0.13) * height as f64;
-        let radius_x = rng.gen_range(0.06..0.13) * width as f64;
+        let radius_y = rng.gen_range(0.10..0.18) * height as f64;
+        let radius_x = rng.gen_range(0.10..0.18) * width as f64;
         let centre_y = rng.gen_range(radius_y..height as f64 - radius_y);
         let centre_x = rng.gen_range(radius_x..width as f64 - radius_x);
         let inside = ((&rows - centre_y) / radius_y).square() + ((&columns - centre_x) / radius_x).square();
         let mask = inside.le(1.0).to_kind(tch::Kind::Float).view([1, height, width]);
+        // A saturated colour: one channel full, one empty, one anywhere.
+        let mut rgb = [1.0f32, 0.0, rng.gen_range(0.0..1.0)];
+        rgb.rotate_left(rng.gen_range(0..3));
         let colour: Vec<f32> = (0..3)
-            .map(|c| {
-                let value: f32 = rng.gen_range(0.0..1.0);
-                (value - crate::data::preprocess::IMAGENET_MEAN[c]) / crate::data::preprocess::IMAGENET_STD[c]
-            })
+            .map(|c| (rgb[c] - crate::data::preprocess::IMAGENET_MEAN[c]) / crate::data::preprocess::IMAGENET_STD[c])
             .collect();
         let colour = Tensor::from_slice(&colour).to_device(images.device()).view([3, 1, 1]);
         let image = images.get(index);
@@ -170,6 +186,13 @@ pub fn decide(current: &Reading, candidate: &Reading, tolerances: Tolerances, th
     if let (Some(now), Some(then)) = (current.recall, candidate.recall) {
         if then < now - tolerances.recall - EPSILON {
             return GateOutcome::RejectedRecall;
+        }
+    }
+    if let (Some(tolerance), Some(now), Some(then)) =
+        (tolerances.synthetic_recall, current.synthetic_recall, candidate.synthetic_recall)
+    {
+        if then < now - tolerance - EPSILON {
+            return GateOutcome::RejectedSyntheticRecall;
         }
     }
     let fewer_false_alarms = candidate.false_positive_rate < current.false_positive_rate - EPSILON;
@@ -204,10 +227,11 @@ mod tests {
             finite: true,
             synthetic_recall: None,
             synthetic_images: 0,
+            synthetic_contrast: 0.0,
         }
     }
 
-    const STRICT: Tolerances = Tolerances { false_positive_rate: 0.0, recall: 0.0 };
+    const STRICT: Tolerances = Tolerances { false_positive_rate: 0.0, recall: 0.0, synthetic_recall: None };
 
     #[test]
     fn the_gate_promotes_only_improvements_without_regressions() {
@@ -221,12 +245,37 @@ mod tests {
         assert_eq!(decide(reading(0.0, 0.10, Some(0.5))), GateOutcome::RejectedRecall);
         let nan = Reading { finite: false, ..reading(0.0, 0.1, None) };
         assert_eq!(decide(nan), GateOutcome::RejectedNonFinite);
-        let tolerant = Tolerances { false_positive_rate: 0.15, recall: 0.0 };
+        let tolerant = Tolerances { false_positive_rate: 0.15, ..STRICT };
         assert_eq!(
             super::decide(&current, &reading(0.3, 0.30, Some(0.8)), tolerant, 0.5),
             GateOutcome::Promoted,
             "within the configured tolerance"
         );
+    }
+
+    #[test]
+    fn synthetic_recall_is_enforced_only_when_a_tolerance_is_set() {
+        let with_synthetic =
+            |fpr: f64, recall: f64| Reading { synthetic_recall: Some(recall), ..reading(fpr, 0.45, None) };
+        let (current, candidate) = (with_synthetic(0.2, 1.0), with_synthetic(0.0, 0.125));
+        assert_eq!(decide(&current, &candidate, STRICT, 0.5), GateOutcome::Promoted, "measured, not enforced");
+        let guarded = Tolerances { synthetic_recall: Some(0.25), ..STRICT };
+        assert_eq!(decide(&current, &candidate, guarded, 0.5), GateOutcome::RejectedSyntheticRecall);
+        assert_eq!(decide(&current, &with_synthetic(0.0, 0.8), guarded, 0.5), GateOutcome::Promoted, "within it");
+    }
+
+    #[test]
+    fn foreign_objects_change_a_few_percent_of_each_image_the_same_way_for_the_same_seed() {
+        let images = Tensor::zeros([3, 3, 64, 64], (tch::Kind::Float, tch::Device::Cpu));
+        let painted = foreign_objects(&images, 7);
+        assert_eq!(painted.size(), images.size());
+        for index in 0..3 {
+            let changed = painted.get(index).ne_tensor(&images.get(index)).any_dim(0, false);
+            let share = changed.to_kind(tch::Kind::Float).mean(tch::Kind::Float).double_value(&[]);
+            assert!((0.02..0.12).contains(&share), "image {index}: {share}");
+        }
+        assert!(painted.equal(&foreign_objects(&images, 7)), "both models of a gate see the same objects");
+        assert!(!painted.equal(&foreign_objects(&images, 8)));
     }
 
     #[test]

@@ -426,6 +426,7 @@ impl Running {
         let tolerances = Tolerances {
             false_positive_rate: self.stage.settings.fpr_tolerance,
             recall: self.stage.settings.recall_tolerance,
+            synthetic_recall: self.stage.settings.synthetic_recall_tolerance,
         };
         let outcome = gate::decide(&current_reading, &candidate_reading, tolerances, threshold);
         let mut report = GateReport {
