@@ -98,6 +98,12 @@ fn stain(image: &mut image::RgbImage) {
     }
 }
 
+/// The drift scenarios test promotion, hot swap and storage mechanics. The candidates that retraining
+/// makes here at CPU budgets stop seeing defects (measured: recall on the known defects 1.000 with v1,
+/// 0.000 with the promoted v2), and the default synthetic-recall guard refuses them, so these tests turn
+/// the guard off (a tolerated fall of 1).
+const WITHOUT_SYNTHETIC_GUARD: &str = "synthetic_recall_tolerance = 1.0";
+
 fn recall(model: &Path, defects: &Path, threshold: f32) -> f64 {
     let frames = lineguard::data::loco::list_images(defects).unwrap();
     let caught = scores(model, &frames).iter().filter(|s| **s > threshold).count();
@@ -279,9 +285,10 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
     let harness = Harness::new("drift");
     let line = Line::new(&harness);
     let ports = [free_port(), free_port(), free_port(), free_port()];
-    let trainer_file = line.pipeline(&harness, "trainer.toml", ports[0], "");
-    let replica_files: Vec<PathBuf> =
-        (1..4).map(|i| line.pipeline(&harness, &format!("replica{i}.toml"), ports[i], "")).collect();
+    let trainer_file = line.pipeline(&harness, "trainer.toml", ports[0], WITHOUT_SYNTHETIC_GUARD);
+    let replica_files: Vec<PathBuf> = (1..4)
+        .map(|i| line.pipeline(&harness, &format!("replica{i}.toml"), ports[i], WITHOUT_SYNTHETIC_GUARD))
+        .collect();
 
     // The trainer's first promotion dies halfway through writing version 2, as an OOM kill would.
     let mut trainer = harness.run_with(
@@ -382,7 +389,8 @@ fn poisoned_feedback_never_lowers_recall() {
     let harness = Harness::new("poison");
     let line = Line::new(&harness);
     let port = free_port();
-    let anomalies = format!("anomalies = \"{}\"", path_str(&f.defects));
+    // Only the known-defect rule here; the synthetic one has a test of its own.
+    let anomalies = format!("anomalies = \"{}\"\n{WITHOUT_SYNTHETIC_GUARD}", path_str(&f.defects));
     let pipeline = line.pipeline(&harness, "all.toml", port, &anomalies);
     let service = harness.run(&pipeline);
     wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
@@ -458,7 +466,7 @@ fn a_full_or_read_only_state_directory_costs_promotions_not_inspection() {
         return;
     };
     let port = free_port();
-    let pipeline = line.pipeline(&harness, "all.toml", port, "");
+    let pipeline = line.pipeline(&harness, "all.toml", port, WITHOUT_SYNTHETIC_GUARD);
     let mut service = harness.run(&pipeline);
     wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
     wait_for("the trainer", Duration::from_secs(90), &[&service], || service.log().contains("trainer starts from"));
@@ -516,8 +524,8 @@ fn poison(harness: &Harness, line: &Line, service: &Service) {
 }
 
 /// The same poisoning on a line without a folder of known defects. Before, the gate promoted the
-/// poisoned candidates (recall on the known defects fell from 1.000 to 0.000). With
-/// `synthetic_recall_tolerance` it judges them on foreign objects it paints itself, and the known
+/// poisoned candidates (recall on the known defects fell from 1.000 to 0.000). Now it also judges them on
+/// foreign objects it paints itself (`synthetic_recall_tolerance`, 0.25 by default), and the known
 /// defects, never shown to the trainer nor the gate, are still caught as well as before.
 #[test]
 fn poisoned_feedback_without_known_defects_is_refused_by_synthetic_recall() {
@@ -525,7 +533,7 @@ fn poisoned_feedback_without_known_defects_is_refused_by_synthetic_recall() {
     let harness = Harness::new("poison-synthetic");
     let line = Line::new(&harness);
     let port = free_port();
-    let pipeline = line.pipeline(&harness, "all.toml", port, "synthetic_recall_tolerance = 0.25");
+    let pipeline = line.pipeline(&harness, "all.toml", port, "");
     let service = harness.run(&pipeline);
     wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
     let initial_recall = recall(&f.model, &f.defects, f.threshold);

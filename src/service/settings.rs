@@ -303,11 +303,9 @@ pub struct RetrainSettings {
     /// How much the gate lets the false-positive rate rise and the recall fall (fractions).
     pub fpr_tolerance: f64,
     pub recall_tolerance: f64,
-    /// When set, the gate also refuses a candidate whose recall on synthetic foreign objects (painted on
-    /// the held-out frames) falls by more than this: the guard against poisoning for a line without a
-    /// folder of known defects. Off by default, because retraining for a drift lowers that recall too
-    /// (measured: README, "Continuous retraining").
-    pub synthetic_recall_tolerance: Option<f64>,
+    /// How much the recall on synthetic foreign objects (painted on the held-out frames) may fall: the
+    /// guard against a candidate that stopped seeing defects, known defects or not. 1 turns it off.
+    pub synthetic_recall_tolerance: f64,
     /// Promoted versions kept on disk for `lineguard model rollback`.
     pub keep_versions: usize,
     /// CPU threads of the trainer's libtorch operations (inference keeps its own).
@@ -351,7 +349,7 @@ impl Default for RetrainSettings {
             evaluate_every: 200,
             fpr_tolerance: 0.0,
             recall_tolerance: 0.0,
-            synthetic_recall_tolerance: None,
+            synthetic_recall_tolerance: 0.25,
             keep_versions: 5,
             threads: 1,
             signing_key: None,
@@ -416,10 +414,12 @@ impl RetrainSettings {
         if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
             problems.push(format!("{}: {} (expected 0 < lr < 1)", key("learning_rate"), self.learning_rate));
         }
-        let synthetic = ("synthetic_recall_tolerance", self.synthetic_recall_tolerance.unwrap_or(0.0));
-        for (field, value) in
-            [("fpr_tolerance", self.fpr_tolerance), ("recall_tolerance", self.recall_tolerance), synthetic]
-        {
+        let tolerances = [
+            ("fpr_tolerance", self.fpr_tolerance),
+            ("recall_tolerance", self.recall_tolerance),
+            ("synthetic_recall_tolerance", self.synthetic_recall_tolerance),
+        ];
+        for (field, value) in tolerances {
             if !(0.0..=1.0).contains(&value) {
                 problems.push(format!("{}: {value} (a fraction, 0..=1)", key(field)));
             }

@@ -38,8 +38,8 @@ pub struct Reading {
 pub struct Tolerances {
     pub false_positive_rate: f64,
     pub recall: f64,
-    /// None: synthetic recall is measured and logged, not enforced.
-    pub synthetic_recall: Option<f64>,
+    /// 1 (or more): synthetic recall is measured and logged, not enforced.
+    pub synthetic_recall: f64,
 }
 
 /// The gate's verdict with both readings, kept beside every promoted version.
@@ -188,10 +188,8 @@ pub fn decide(current: &Reading, candidate: &Reading, tolerances: Tolerances, th
             return GateOutcome::RejectedRecall;
         }
     }
-    if let (Some(tolerance), Some(now), Some(then)) =
-        (tolerances.synthetic_recall, current.synthetic_recall, candidate.synthetic_recall)
-    {
-        if then < now - tolerance - EPSILON {
+    if let (Some(now), Some(then)) = (current.synthetic_recall, candidate.synthetic_recall) {
+        if then < now - tolerances.synthetic_recall - EPSILON {
             return GateOutcome::RejectedSyntheticRecall;
         }
     }
@@ -231,7 +229,7 @@ mod tests {
         }
     }
 
-    const STRICT: Tolerances = Tolerances { false_positive_rate: 0.0, recall: 0.0, synthetic_recall: None };
+    const STRICT: Tolerances = Tolerances { false_positive_rate: 0.0, recall: 0.0, synthetic_recall: 0.0 };
 
     #[test]
     fn the_gate_promotes_only_improvements_without_regressions() {
@@ -254,12 +252,13 @@ mod tests {
     }
 
     #[test]
-    fn synthetic_recall_is_enforced_only_when_a_tolerance_is_set() {
+    fn synthetic_recall_is_enforced_up_to_its_tolerance() {
         let with_synthetic =
             |fpr: f64, recall: f64| Reading { synthetic_recall: Some(recall), ..reading(fpr, 0.45, None) };
         let (current, candidate) = (with_synthetic(0.2, 1.0), with_synthetic(0.0, 0.125));
-        assert_eq!(decide(&current, &candidate, STRICT, 0.5), GateOutcome::Promoted, "measured, not enforced");
-        let guarded = Tolerances { synthetic_recall: Some(0.25), ..STRICT };
+        let off = Tolerances { synthetic_recall: 1.0, ..STRICT };
+        assert_eq!(decide(&current, &candidate, off, 0.5), GateOutcome::Promoted, "measured, not enforced");
+        let guarded = Tolerances { synthetic_recall: 0.25, ..STRICT };
         assert_eq!(decide(&current, &candidate, guarded, 0.5), GateOutcome::RejectedSyntheticRecall);
         assert_eq!(decide(&current, &with_synthetic(0.0, 0.8), guarded, 0.5), GateOutcome::Promoted, "within it");
     }
