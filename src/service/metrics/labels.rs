@@ -97,6 +97,16 @@ pub enum GateOutcome {
 }
 
 impl GateOutcome {
+    pub const ALL: [GateOutcome; 7] = [
+        GateOutcome::Promoted,
+        GateOutcome::RejectedNonFinite,
+        GateOutcome::RejectedFalsePositives,
+        GateOutcome::RejectedRecall,
+        GateOutcome::RejectedNoImprovement,
+        GateOutcome::RejectedSyntheticRecall,
+        GateOutcome::NotStored,
+    ];
+
     pub fn labels(self) -> (&'static str, &'static str) {
         match self {
             GateOutcome::Promoted => ("promoted", "improved"),

@@ -58,6 +58,7 @@ pub struct Metrics {
     oldest_unacknowledged: GaugeVec,
     retrain_waits: IntCounterVec,
     retrain_state_write_errors: IntCounterVec,
+    retrain_heartbeat: IntGaugeVec,
     replay_buffer: IntGaugeVec,
     model_candidates: IntCounterVec,
 }
@@ -240,6 +241,12 @@ impl Metrics {
                 "lineguard_retrain_state_write_errors_total",
                 "Writes to the trainer's state directory that failed (full or read-only), by what was written.",
                 &["line", "what"],
+            )?,
+            retrain_heartbeat: gauge(
+                r,
+                "lineguard_retrain_heartbeat_timestamp_seconds",
+                "When the trainer last went round its loop (Unix time): it stops moving when the trainer hangs or dies.",
+                &["line"],
             )?,
             replay_buffer: gauge(
                 r,

@@ -11,28 +11,33 @@ impl Metrics {
             let (outcome, reason) = outcome.labels();
             self.model_candidates.with_label_values(&[line, outcome, reason]).get()
         };
-        let rejections = [
-            GateOutcome::RejectedNonFinite,
-            GateOutcome::RejectedFalsePositives,
-            GateOutcome::RejectedRecall,
-            GateOutcome::RejectedNoImprovement,
-            GateOutcome::RejectedSyntheticRecall,
-            GateOutcome::NotStored,
-        ];
+        let rejections = GateOutcome::ALL.into_iter().filter(|o| *o != GateOutcome::Promoted);
         RetrainSummary {
             steps: self.retrain_steps.with_label_values(&[line]).get(),
             buffered: self.replay_buffer.with_label_values(&[line, "recent"]).get() as u64,
             promoted: gate(GateOutcome::Promoted),
-            rejected: rejections.into_iter().map(gate).sum(),
+            rejected: rejections.map(gate).sum(),
             model_version: self.model_version.with_label_values(&[line]).get() as u64,
         }
     }
 
     /// The trainer's event methods for one line.
     pub fn retrain(self: &Arc<Self>, line: &str) -> RetrainMetrics {
+        // Zero-initialised series let `increase()` (the alert rules) see the first event.
+        for outcome in GateOutcome::ALL {
+            let (outcome, reason) = outcome.labels();
+            self.model_candidates.with_label_values(&[line, outcome, reason]);
+        }
+        for what in STATE_WRITES {
+            self.retrain_state_write_errors.with_label_values(&[line, what]);
+        }
         RetrainMetrics { metrics: self.clone(), line: line.to_string() }
     }
 }
+
+/// What the trainer writes to its state directory (`what` label of
+/// `lineguard_retrain_state_write_errors_total`).
+pub const STATE_WRITES: [&str; 3] = ["buffer", "version", "checkpoint"];
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RetrainSummary {
@@ -92,7 +97,13 @@ impl RetrainMetrics {
         self.metrics.retrain_waits.with_label_values(&[self.line.as_str(), cause]).inc();
     }
 
-    /// A write to the state directory failed; `what` is `buffer`, `version` or `checkpoint`.
+    /// The trainer went round its loop (alerts fire when this stops moving).
+    pub fn heartbeat(&self) {
+        let now = crate::model::unix_seconds() as i64;
+        self.metrics.retrain_heartbeat.with_label_values(&[self.line.as_str()]).set(now);
+    }
+
+    /// A write to the state directory failed; `what` is one of [`STATE_WRITES`].
     pub fn state_write_failed(&self, what: &'static str) {
         self.metrics.retrain_state_write_errors.with_label_values(&[self.line.as_str(), what]).inc();
     }

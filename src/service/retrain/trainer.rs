@@ -232,6 +232,7 @@ impl Running {
             self.follow_publications()?;
             let (recent, held_out, pinned) = self.buffer.counts();
             self.stage.metrics.buffer(recent, held_out, pinned);
+            self.stage.metrics.heartbeat();
             // Keeps the model-age gauge moving in a trainer-only process.
             self.stage.metrics.current_model(self.current.info.model_version, self.current.info.created_unix);
             if let Err(cause) = self.ready_to_step() {
