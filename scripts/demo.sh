@@ -4,6 +4,7 @@
 # Extra arguments go to `lineguard demo` (try --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+# The demo needs libtorch and the local broker; the rest of setup serves the tests.
+scripts/setup.sh libtorch broker
 cargo build --release --locked
 exec target/release/lineguard demo "$@"

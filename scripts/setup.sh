@@ -8,10 +8,12 @@
 #   - cargo-audit, which checks Cargo.lock against the RustSec advisory database, into .tools/: only where
 #     the database's offline copy (../shared/advisory-db) is, since these machines cannot fetch it;
 #   - Prometheus and promtool (tests of the alert rules and the dashboard's queries), taken out of Debian's
-#     `prometheus` package into .tools/ without installing the package (no service, no root needed).
+#     `prometheus` package into .tools/ without installing the package (no service, no root needed);
+#   - a Python environment in .tools/chart-venv with Helm 4's engine (helm-python-sdk) and the
+#     Kubernetes schemas (kubernetes-validate), for the chart's checks (tests/chart.rs).
 # Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
 #
-# Usage: scripts/setup.sh [libtorch] [broker] [backbone] [audit] [monitoring]    (no argument: all five)
+# Usage: scripts/setup.sh [libtorch] [broker] [backbone] [audit] [monitoring] [chart]    (no argument: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -137,9 +139,26 @@ install_monitoring() {
     say "installed: $(.tools/bin/prometheus --version 2>&1 | head -1)"
 }
 
+CHART_PACKAGES="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3"
+
+install_chart_tools() {
+    if .tools/chart-venv/bin/python -c "import helm_python, kubernetes_validate, yaml" >/dev/null 2>&1; then
+        say "chart tools found in .tools/chart-venv/"
+        return
+    fi
+    need python3 "python3 is needed for the chart checks (Helm's engine comes as a Python package)"
+    say "installing Helm's engine and the Kubernetes schemas into .tools/chart-venv/ ..."
+    rm -rf .tools/chart-venv
+    python3 -m venv .tools/chart-venv
+    # shellcheck disable=SC2086
+    PIP_ROOT_USER_ACTION=ignore .tools/chart-venv/bin/pip install --quiet --disable-pip-version-check \
+        --no-cache-dir $CHART_PACKAGES
+    say "chart tools installed ($(du -sh .tools/chart-venv | cut -f1))"
+}
+
 need cargo "install Rust (https://rustup.rs) and run this again"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone audit monitoring)
+[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone audit monitoring chart)
 for part in "${parts[@]}"; do
     case "$part" in
         libtorch) install_libtorch ;;
@@ -147,6 +166,7 @@ for part in "${parts[@]}"; do
         backbone) install_backbone ;;
         audit) install_audit ;;
         monitoring) install_monitoring ;;
-        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit, monitoring)"; exit 2 ;;
+        chart) install_chart_tools ;;
+        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit, monitoring, chart)"; exit 2 ;;
     esac
 done

@@ -177,6 +177,48 @@ fn credentials_come_from_the_environment_or_files_and_are_never_printed() {
     assert!(stderr(&out).contains("kafka.secret_files.ssl.key.password: cannot read"), "{}", stderr(&out));
 }
 
+/// The environment the Helm chart sets for credentials from existing Secrets (paths to the mounted
+/// files, never values; scripts/check-chart.py checks the chart side) is accepted, and nothing read
+/// from the files is printed.
+#[test]
+fn the_chart_s_credential_files_are_read_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, value: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, value).unwrap();
+        path_str(&path).to_string()
+    };
+    let env = [
+        ("LINEGUARD__KAFKA__SECRET_FILES__SASL_USERNAME", file("username", "sasl-user-7\n")),
+        ("LINEGUARD__KAFKA__SECRET_FILES__SASL_PASSWORD", file("password", "sasl-pass-7\n")),
+        ("LINEGUARD__KAFKA__SECRET_FILES__SSL_CA_PEM", file("ca.crt", "-----BEGIN CERTIFICATE-----ca-7\n")),
+        ("LINEGUARD__KAFKA__SECRET_FILES__SSL_CERTIFICATE_PEM", file("tls.crt", "-----BEGIN CERTIFICATE-----crt-7\n")),
+        ("LINEGUARD__KAFKA__SECRET_FILES__SSL_KEY_PEM", file("tls.key", "-----BEGIN PRIVATE KEY-----key-7\n")),
+        ("LINEGUARD__LINES__TRAYS__RETRAIN__SIGNING_KEY_FILE", file("signing-key", "signing-key-of-the-line-7\n")),
+    ];
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        "[kafka]\nbrokers = \"b:9092\"\n[lines.trays]\nmodel = \"m\"\ninput_topics = [\"f\"]\nthreshold = 0.5\n\
+         [lines.trays.retrain]\naccept_below = 0.3\nstate_dir = \"/var/lib/lineguard\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lineguard"))
+        .args(["run", "--pipeline", path_str(&pipeline), "--check"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let (printed, err) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{err}");
+    for secret in ["sasl-user-7", "sasl-pass-7", "ca-7", "crt-7", "key-7", "signing-key-of-the-line-7"] {
+        assert!(!printed.contains(secret) && !err.contains(secret), "{secret} leaked:\n{printed}{err}");
+    }
+    for property in ["sasl_username", "sasl_password", "ssl_ca_pem", "ssl_certificate_pem", "ssl_key_pem"] {
+        assert!(printed.contains(&format!("\"{property}\": \"<redacted>\"")), "{property} read:\n{printed}");
+    }
+    assert!(printed.contains("\"signing_key\": \"<redacted>\""), "the line's key was read:\n{printed}");
+}
+
 #[test]
 fn a_missing_model_stops_the_service_with_the_path() {
     let dir = tempfile::tempdir().unwrap();

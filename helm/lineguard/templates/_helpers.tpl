@@ -87,6 +87,9 @@ Fail early on inconsistent values.
 {{- if not .Values.pipeline }}
 {{- fail "values.pipeline must contain the pipeline TOML" }}
 {{- end }}
+{{- if regexMatch "(?m)^[ \t]*(\"?(sasl[._]password|ssl[._]key[._]password|ssl[._]key[._]pem|sasl[._]oauthbearer[._]client[._]secret)\"?|signing_key)[ \t]*=" .Values.pipeline }}
+{{- fail "values.pipeline holds a credential (a SASL or TLS key password, a private key, or a retrain signing_key): the ConfigMap would show it to anyone who can read it. Put it in a Secret and name it under secrets.* (see values.yaml)" }}
+{{- end }}
 {{- $drain := include "lineguard.drainTimeoutSecs" . | atoi }}
 {{- $grace := int .Values.terminationGracePeriodSeconds }}
 {{- if le $grace $drain }}
@@ -237,8 +240,77 @@ Container environment list entries (metrics listener, brokers, extraEnv).
 - name: LINEGUARD__KAFKA__BROKERS
   value: {{ . | quote }}
 {{- end }}
+{{- include "lineguard.secretEnv" . }}
 {{- with .Values.extraEnv }}
 {{- tpl (toYaml .) $ | nindent 0 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where each credential Secret is mounted.
+*/}}
+{{- define "lineguard.secretsDir" -}}
+/etc/lineguard/secrets
+{{- end }}
+
+{{/*
+Environment entries that point lineguard at the mounted credential files: paths only, never values.
+Underscores in kafka.secret_files keys stand for the dots of librdkafka property names.
+*/}}
+{{- define "lineguard.secretEnv" -}}
+{{- $dir := include "lineguard.secretsDir" . }}
+{{- with .Values.secrets.kafkaSasl }}
+{{- if .existingSecret }}
+- name: LINEGUARD__KAFKA__SECRET_FILES__SASL_USERNAME
+  value: {{ printf "%s/kafka-sasl/%s" $dir .usernameKey | quote }}
+- name: LINEGUARD__KAFKA__SECRET_FILES__SASL_PASSWORD
+  value: {{ printf "%s/kafka-sasl/%s" $dir .passwordKey | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.secrets.kafkaTls }}
+{{- if .existingSecret }}
+- name: LINEGUARD__KAFKA__SECRET_FILES__SSL_CA_PEM
+  value: {{ printf "%s/kafka-tls/%s" $dir .caKey | quote }}
+{{- if .certKey }}
+- name: LINEGUARD__KAFKA__SECRET_FILES__SSL_CERTIFICATE_PEM
+  value: {{ printf "%s/kafka-tls/%s" $dir .certKey | quote }}
+- name: LINEGUARD__KAFKA__SECRET_FILES__SSL_KEY_PEM
+  value: {{ printf "%s/kafka-tls/%s" $dir .keyKey | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.secrets.modelSigning.existingSecret }}
+{{- $file := printf "%s/model-signing/%s" $dir .Values.secrets.modelSigning.key }}
+{{- range splitList ", " (include "lineguard.retrainLines" .) }}
+{{- if . }}
+- name: {{ printf "LINEGUARD__LINES__%s__RETRAIN__SIGNING_KEY_FILE" (upper .) }}
+  value: {{ $file | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volume mounts and volumes of the credential Secrets (read-only; readable by the pod's fsGroup, not by others).
+*/}}
+{{- define "lineguard.secretVolumeMounts" -}}
+{{- range $name, $secret := dict "kafka-sasl" .Values.secrets.kafkaSasl "kafka-tls" .Values.secrets.kafkaTls "model-signing" .Values.secrets.modelSigning }}
+{{- if $secret.existingSecret }}
+- name: {{ $name }}
+  mountPath: {{ printf "%s/%s" (include "lineguard.secretsDir" $) $name }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lineguard.secretVolumes" -}}
+{{- range $name, $secret := dict "kafka-sasl" .Values.secrets.kafkaSasl "kafka-tls" .Values.secrets.kafkaTls "model-signing" .Values.secrets.modelSigning }}
+{{- if $secret.existingSecret }}
+- name: {{ $name }}
+  secret:
+    secretName: {{ $secret.existingSecret }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -283,6 +355,7 @@ Volume mounts shared by the inference and trainer containers (pipeline, models, 
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- include "lineguard.secretVolumeMounts" . }}
 {{- end }}
 
 {{/*
@@ -325,4 +398,5 @@ Volumes shared by the inference and trainer pods (pipeline, models, tmp).
   {{- else }}
   emptyDir: {}
   {{- end }}
+{{- include "lineguard.secretVolumes" . }}
 {{- end }}
