@@ -377,16 +377,23 @@ fn a_results_topic_that_refuses_results_makes_the_line_unhealthy_and_commits_not
     assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
 }
 
+/// One line whose `/healthz` reports it stalled after 3 s (120 by default): its topics, metrics port and
+/// pipeline file.
+fn line_stalled_after_3s(harness: &Harness) -> (Topics, u16, PathBuf) {
+    let topics = harness.topics("line", 1);
+    let port = free_port();
+    let pipeline = harness.pipeline(&format!("{}.toml", harness.name), port, &[("line", &topics, "")]);
+    let listen = format!("listen = \"127.0.0.1:{port}\"\n");
+    edit_pipeline(&pipeline, &pipeline, &listen, &format!("{listen}stalled_after_secs = 3\n"));
+    (topics, port, pipeline)
+}
+
 /// Frames that can never be published (the broker is gone for good) must not leave `/healthz` green:
 /// the oldest unacknowledged frame ages past `metrics.stalled_after_secs` and the line reports it.
 #[test]
 fn a_line_whose_broker_disappears_reports_stalled_progress() {
     let mut harness = Harness::new("stalled");
-    let topics = harness.topics("line", 1);
-    let port = free_port();
-    let pipeline = harness.pipeline("stalled.toml", port, &[("line", &topics, "")]);
-    let listen = format!("listen = \"127.0.0.1:{port}\"\n");
-    edit_pipeline(&pipeline, &pipeline, &listen, &format!("{listen}stalled_after_secs = 3\n"));
+    let (topics, port, pipeline) = line_stalled_after_3s(&harness);
     harness.produce(&topics.frames, &fixture().frames, "s");
     let mut service = harness.run(&pipeline);
     let received = || metric(port, "lineguard_frames_received_total{line=\"line\"}").unwrap_or(0.0);
@@ -634,11 +641,7 @@ fn a_killed_instance_loses_no_frame_its_successor_may_repeat_some() {
 #[test]
 fn a_broker_that_restarts_empty_stalls_the_line_visibly_and_a_restart_scores_every_new_frame() {
     let mut harness = Harness::new("restart");
-    let topics = harness.topics("line", 1);
-    let port = free_port();
-    let pipeline = harness.pipeline("restart.toml", port, &[("line", &topics, "")]);
-    let listen = format!("listen = \"127.0.0.1:{port}\"\n");
-    edit_pipeline(&pipeline, &pipeline, &listen, &format!("{listen}stalled_after_secs = 3\n"));
+    let (topics, port, pipeline) = line_stalled_after_3s(&harness);
     let mut service = harness.run(&pipeline);
     harness.produce(&topics.frames, &fixture().frames[..4], "before");
     let results = read_topic(&harness.brokers(), &topics.results, 4, Duration::from_secs(120));
