@@ -29,9 +29,9 @@ pub struct Reading {
     #[serde(default)]
     pub synthetic_images: usize,
     /// Median over all evaluation images of (painted score − clean score) / threshold: how much a
-    /// foreign object raises the score, whatever the threshold.
+    /// foreign object raises the score, whatever the threshold; None when a score was not finite.
     #[serde(default)]
-    pub synthetic_contrast: f32,
+    pub synthetic_contrast: Option<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -68,8 +68,8 @@ impl GateReport {
                 b,
                 self.current.synthetic_images,
                 self.candidate.synthetic_images,
-                self.current.synthetic_contrast,
-                self.candidate.synthetic_contrast
+                self.current.synthetic_contrast.unwrap_or(f32::NAN),
+                self.candidate.synthetic_contrast.unwrap_or(f32::NAN)
             ),
             _ => String::new(),
         };
@@ -136,7 +136,7 @@ pub fn read(
         synthetic_contrast: {
             let rises: Vec<f32> =
                 normal_scores.iter().zip(&synthetic_scores).map(|(clean, d)| (d - clean) / threshold).collect();
-            percentile(&rises, 0.5)
+            Some(percentile(&rises, 0.5)).filter(|c| c.is_finite())
         },
     }
 }
@@ -225,7 +225,7 @@ mod tests {
             finite: true,
             synthetic_recall: None,
             synthetic_images: 0,
-            synthetic_contrast: 0.0,
+            synthetic_contrast: None,
         }
     }
 
