@@ -184,19 +184,20 @@ impl ReplayBuffer {
         stack(self.recent.iter().chain(replayed))
     }
 
-    /// (calibration, evaluation) images of the gate: held-out frames and the judging half of the pinned
-    /// originals split alternately, so no image both sets the map scale and is scored against it.
+    /// (calibration, evaluation) images of the gate. With pinned originals, a candidate's map scale is
+    /// set on the originals alone (the half that is replayed), and it is judged on every held-out frame
+    /// and the other half: otherwise a candidate could pass by rescaling its scores on drifted frames
+    /// instead of modelling them, and go blind (measured: README, "Continuous retraining"). Without
+    /// originals, held-out frames are split alternately. No image both sets the scale and is judged.
     pub fn gate_images(&self) -> (Option<Tensor>, Option<Tensor>) {
+        let replayed: Vec<&Entry> = self.pinned.iter().filter(|e| e.seq % 2 == 0).collect();
+        let judging = self.pinned.iter().filter(|e| e.seq % 2 == 1);
+        if !replayed.is_empty() {
+            return (stack(replayed), stack(self.held_out.iter().chain(judging)));
+        }
         let held: Vec<&Entry> = self.held_out.iter().collect();
-        let calibration =
-            held.iter().step_by(2).copied().chain(self.pinned.iter().filter(|e| e.seq % 2 == 0)).collect::<Vec<_>>();
-        let evaluation = held
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .copied()
-            .chain(self.pinned.iter().filter(|e| e.seq % 2 == 1))
-            .collect::<Vec<_>>();
+        let calibration = held.iter().step_by(2).copied().collect::<Vec<_>>();
+        let evaluation = held.iter().skip(1).step_by(2).copied().chain(judging).collect::<Vec<_>>();
         (stack(calibration), stack(evaluation))
     }
 
