@@ -3,19 +3,16 @@
 //! manifest, values.schema.json refusing wrong values, the PrometheusRule equal to the plain rules file).
 //! Its Python environment comes from `scripts/setup.sh chart`.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn the_chart_renders_valid_secure_manifests_for_every_combination_that_matters() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".tools/chart-venv/bin/python");
-    if !python.is_file() {
-        assert!(std::env::var_os("CI").is_none(), "{} is missing: scripts/setup.sh chart", python.display());
-        eprintln!("SKIPPED: {} is missing (scripts/setup.sh chart installs it)", python.display());
-        return;
-    }
-    let output = Command::new(&python).arg(root.join("scripts/check-chart.py")).output().unwrap();
+    let Some(python) = common::setup_tool("chart-venv/bin/python", None, "chart") else { return };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check-chart.py");
+    let output = Command::new(&python).arg(script).output().unwrap();
     let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     eprintln!("{report}");
     assert!(output.status.success() && report.contains("SUCCESS"), "{report}");

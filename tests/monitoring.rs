@@ -24,21 +24,9 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// `.tools/bin/<name>` or one on PATH. Missing is a failure in CI (setup installs it) and a loud
-/// note elsewhere.
+/// Prometheus or promtool, from `.tools/bin` (scripts/setup.sh monitoring) or PATH.
 fn tool(name: &str) -> Option<PathBuf> {
-    let local = repo(".tools/bin").join(name);
-    let found = if local.is_file() {
-        Some(local)
-    } else {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
-    };
-    if found.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "{name} is missing: scripts/setup.sh monitoring installs it");
-        eprintln!("SKIPPED: {name} is missing (scripts/setup.sh monitoring installs it)");
-    }
-    found
+    common::setup_tool(&format!("bin/{name}"), Some(name), "monitoring")
 }
 
 #[test]
@@ -209,11 +197,7 @@ fn every_panel_query_and_alert_rule_is_answered_by_a_live_prometheus_scraping_a_
     let data = dir.join("data");
     common::synth_small(&data, 6, 3, 6);
     let model = dir.join("model.safetensors");
-    common::train_with_recipe(
-        &data,
-        &model,
-        "image_size = 128\nchannels = 16\n[train]\nsteps = 3\ncheckpoint_every = 0\n",
-    );
+    common::train_tiny(&data, &model);
     let topic = |line: &str, kind: &str| format!("monitoring.{line}.{kind}");
     let mut names = Vec::new();
     for line in ["watch", "learn"] {

@@ -382,14 +382,9 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
 #[test]
 fn poisoned_feedback_never_lowers_recall() {
     let f = fixture();
-    let harness = Harness::new("poison");
-    let line = Line::new(&harness);
-    let port = free_port();
     // Only the known-defect rule here; the synthetic one has a test of its own.
     let anomalies = format!("anomalies = \"{}\"\n{WITHOUT_SYNTHETIC_GUARD}", path_str(&f.defects));
-    let pipeline = line.pipeline(&harness, "all.toml", port, &anomalies);
-    let service = harness.run(&pipeline);
-    wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
+    let (harness, line, port, service) = ready_single_process("poison", &anomalies);
     let initial_recall = recall(&f.model, &f.defects, f.threshold);
     assert!(initial_recall >= 0.8, "the fixture model catches the known defects: {initial_recall}");
     poison(&harness, &line, &service);
@@ -515,6 +510,18 @@ fn a_full_or_read_only_state_directory_costs_promotions_not_inspection() {
     assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
 }
 
+/// One `--role all` process (inference and trainer) on a line of its own, ready to score: its broker,
+/// topics, metrics port and the process.
+fn ready_single_process(name: &str, extra_retrain: &str) -> (Harness, Line, u16, Service) {
+    let harness = Harness::new(name);
+    let line = Line::new(&harness);
+    let port = free_port();
+    let pipeline = line.pipeline(&harness, "all.toml", port, extra_retrain);
+    let service = harness.run(&pipeline);
+    wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
+    (harness, line, port, service)
+}
+
 /// A normal stream with 5% defects, and a careless operator who marks every frame normal; then a batch
 /// of nothing but defects, all marked normal.
 fn poison(harness: &Harness, line: &Line, service: &Service) {
@@ -539,12 +546,7 @@ fn poison(harness: &Harness, line: &Line, service: &Service) {
 #[test]
 fn poisoned_feedback_without_known_defects_keeps_the_line_seeing_foreign_objects() {
     let f = fixture();
-    let harness = Harness::new("poison-synthetic");
-    let line = Line::new(&harness);
-    let port = free_port();
-    let pipeline = line.pipeline(&harness, "all.toml", port, "");
-    let service = harness.run(&pipeline);
-    wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
+    let (harness, line, _port, service) = ready_single_process("poison-synthetic", "");
     poison(&harness, &line, &service);
     // The last marked frames are on the feedback topic now; by the eighth gate they were trained on.
     wait_for("eight gate decisions", Duration::from_secs(300), &[&service], || line.gate_log().len() >= 8);

@@ -49,6 +49,23 @@ pub fn shared_dataset(name: &str) -> Option<PathBuf> {
     None
 }
 
+/// A tool that `scripts/setup.sh <part>` installs at `.tools/<relative>`, else `on_path` if given and on
+/// PATH. Missing is a failure in CI (setup installs it) and a loud note elsewhere, never a silent pass.
+pub fn setup_tool(relative: &str, on_path: Option<&str>, part: &str) -> Option<PathBuf> {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools").join(relative);
+    let found = if local.is_file() {
+        Some(local)
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        on_path.and_then(|name| std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file()))
+    };
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "{relative} is missing: scripts/setup.sh {part} installs it");
+        eprintln!("SKIPPED: {relative} is missing (scripts/setup.sh {part} installs it)");
+    }
+    found
+}
+
 /// A small synthetic dataset at 128 px through the real `synth` command.
 pub fn synth_small(out: &Path, train: usize, validation: usize, test: usize) {
     let (train, validation, test) = (train.to_string(), validation.to_string(), test.to_string());
@@ -56,6 +73,12 @@ pub fn synth_small(out: &Path, train: usize, validation: usize, test: usize) {
     let mut all = vec!["synth", "--out", path_str(out)];
     all.extend(args);
     lineguard_ok(&all);
+}
+
+/// A narrow model (16 teacher channels, 3 steps) for tests that need a real model file, not a good one:
+/// inference stays cheap.
+pub fn train_tiny(data: &Path, out: &Path) {
+    train_with_recipe(data, out, "image_size = 128\nchannels = 16\n[train]\nsteps = 3\ncheckpoint_every = 0\n");
 }
 
 /// Trains a model on `data` with the recipe `recipe_toml` (written beside `out`) through the real CLI, on

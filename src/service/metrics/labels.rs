@@ -40,6 +40,30 @@ impl Queue {
     }
 }
 
+/// What the trainer writes to its state directory (`what` label of
+/// `lineguard_retrain_state_write_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StateWrite {
+    /// A retraining candidate into the replay buffer.
+    Buffer,
+    /// A promoted or adopted model version (and `current.json`).
+    Version,
+    /// The trainer's weights, optimiser moments and state.
+    Checkpoint,
+}
+
+impl StateWrite {
+    pub const ALL: [StateWrite; 3] = [StateWrite::Buffer, StateWrite::Version, StateWrite::Checkpoint];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateWrite::Buffer => "buffer",
+            StateWrite::Version => "version",
+            StateWrite::Checkpoint => "checkpoint",
+        }
+    }
+}
+
 /// The outputs of a frame (`output` label of `lineguard_publish_errors_total`).
 #[derive(Debug, Clone, Copy)]
 pub enum Output {
@@ -121,6 +145,8 @@ impl GateOutcome {
 }
 
 impl Output {
+    pub const ALL: [Output; 4] = [Output::Results, Output::Maps, Output::DeadLetter, Output::Accepted];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Output::Results => "results",

@@ -16,7 +16,7 @@ impl Metrics {
             // Zero-initialised series make `rate()` work from the first failure on.
             self.frames_failed.with_label_values(&[line, reason.as_str()]);
         }
-        for output in [Output::Results, Output::Maps, Output::DeadLetter, Output::Accepted] {
+        for output in Output::ALL {
             self.publish_errors.with_label_values(&[line, output.as_str()]);
         }
         for result in ["ok", "error"] {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{CandidateOutcome, CandidateSource, GateOutcome, Metrics, WaitCause};
+use super::{CandidateOutcome, CandidateSource, GateOutcome, Metrics, StateWrite, WaitCause};
 
 impl Metrics {
     /// Totals of a line's retraining so far, for progress lines (the demo's).
@@ -28,16 +28,12 @@ impl Metrics {
             let (outcome, reason) = outcome.labels();
             self.model_candidates.with_label_values(&[line, outcome, reason]);
         }
-        for what in STATE_WRITES {
-            self.retrain_state_write_errors.with_label_values(&[line, what]);
+        for what in StateWrite::ALL {
+            self.retrain_state_write_errors.with_label_values(&[line, what.as_str()]);
         }
         RetrainMetrics { metrics: self.clone(), line: line.to_string() }
     }
 }
-
-/// What the trainer writes to its state directory (`what` label of
-/// `lineguard_retrain_state_write_errors_total`).
-pub const STATE_WRITES: [&str; 3] = ["buffer", "version", "checkpoint"];
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RetrainSummary {
@@ -103,9 +99,9 @@ impl RetrainMetrics {
         self.metrics.retrain_heartbeat.with_label_values(&[self.line.as_str()]).set(now);
     }
 
-    /// A write to the state directory failed; `what` is one of [`STATE_WRITES`].
-    pub fn state_write_failed(&self, what: &'static str) {
-        self.metrics.retrain_state_write_errors.with_label_values(&[self.line.as_str(), what]).inc();
+    /// A write to the state directory failed.
+    pub fn state_write_failed(&self, what: StateWrite) {
+        self.metrics.retrain_state_write_errors.with_label_values(&[self.line.as_str(), what.as_str()]).inc();
     }
 
     pub fn buffer(&self, recent: usize, held_out: usize, pinned: usize) {

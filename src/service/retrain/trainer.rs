@@ -36,7 +36,7 @@ use crate::model::config::TrainConfig;
 use crate::model::train::{TrainError, Trainer};
 use crate::model::EfficientAd;
 use crate::service::infer::ModelSwapper;
-use crate::service::metrics::{CandidateOutcome, CandidateSource, GateOutcome, RetrainMetrics, WaitCause};
+use crate::service::metrics::{CandidateOutcome, CandidateSource, GateOutcome, RetrainMetrics, StateWrite, WaitCause};
 use crate::service::settings::{KafkaSettings, RetrainSettings};
 
 /// Everything a line's trainer needs.
@@ -277,11 +277,11 @@ impl Running {
             };
             let outcome = match image.map(|image| self.buffer.add(&frame_id, &image)) {
                 Some(Ok(outcome)) => {
-                    self.writes.succeeded("buffer");
+                    self.writes.succeeded(StateWrite::Buffer);
                     outcome
                 }
                 Some(Err(err)) => {
-                    self.writes.failed("buffer", &err, self.current.info.model_version);
+                    self.writes.failed(StateWrite::Buffer, &err, self.current.info.model_version);
                     CandidateOutcome::NotStored
                 }
                 None => CandidateOutcome::Invalid,
@@ -325,8 +325,8 @@ impl Running {
         };
         // The replicas serve the publication whether or not this disk can record it.
         match stored {
-            Ok(()) => self.state_writable("version"),
-            Err(err) => self.state_not_writable("version", &err),
+            Ok(()) => self.writes.succeeded(StateWrite::Version),
+            Err(err) => self.writes.failed(StateWrite::Version, &err, self.current.info.model_version),
         }
         log::info!(
             "line {}: model version {version} was published ({}); training continues from it",
@@ -445,7 +445,7 @@ impl Running {
                 if let Err(err) = self.promote(candidate, report.clone()) {
                     // Replicas keep serving the last good model; training goes on and the next gate
                     // tries again, so a full or read-only disk costs promotions, not inspection.
-                    self.state_not_writable("version", &err);
+                    self.writes.failed(StateWrite::Version, &err, self.current.info.model_version);
                     report.outcome = GateOutcome::NotStored;
                 }
             }
@@ -476,7 +476,7 @@ impl Running {
             gate: Some(report),
         };
         self.store.record(&candidate, &record)?;
-        self.state_writable("version");
+        self.writes.succeeded(StateWrite::Version);
         log::info!("line {}: promoted model version {version}", self.stage.line);
         self.stage.metrics.current_model(version, candidate.info.created_unix);
         self.state.base_version = version;
@@ -540,17 +540,9 @@ impl Running {
             Ok(())
         })();
         match saved {
-            Ok(()) => self.state_writable("checkpoint"),
-            Err(err) => self.state_not_writable("checkpoint", &err),
+            Ok(()) => self.writes.succeeded(StateWrite::Checkpoint),
+            Err(err) => self.writes.failed(StateWrite::Checkpoint, &err, self.current.info.model_version),
         }
-    }
-
-    fn state_not_writable(&mut self, what: &'static str, err: &RetrainError) {
-        self.writes.failed(what, err, self.current.info.model_version);
-    }
-
-    fn state_writable(&mut self, what: &'static str) {
-        self.writes.succeeded(what);
     }
 }
 
@@ -560,26 +552,27 @@ struct StateWrites {
     line: String,
     dir: PathBuf,
     metrics: RetrainMetrics,
-    failing: std::collections::BTreeSet<&'static str>,
+    failing: std::collections::BTreeSet<StateWrite>,
 }
 
 impl StateWrites {
-    fn failed(&mut self, what: &'static str, err: &RetrainError, serving_version: u64) {
+    fn failed(&mut self, what: StateWrite, err: &RetrainError, serving_version: u64) {
         self.metrics.state_write_failed(what);
         if self.failing.insert(what) {
             log::error!(
-                "line {}: cannot write the {what} to the state directory {} ({err}); the replicas keep \
+                "line {}: cannot write the {} to the state directory {} ({err}); the replicas keep \
                  serving model version {serving_version} and retraining goes on, but nothing it learns can be \
                  kept until the directory is writable again (lineguard_retrain_state_write_errors_total)",
                 self.line,
+                what.as_str(),
                 self.dir.display(),
             );
         }
     }
 
-    fn succeeded(&mut self, what: &'static str) {
-        if self.failing.remove(what) {
-            log::info!("line {}: the {what} can be written to the state directory again", self.line);
+    fn succeeded(&mut self, what: StateWrite) {
+        if self.failing.remove(&what) {
+            log::info!("line {}: the {} can be written to the state directory again", self.line, what.as_str());
         }
     }
 }
