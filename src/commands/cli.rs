@@ -337,6 +337,13 @@ pub struct DemoArgs {
     /// Also print the offline evaluation (image AUROC, AU-sPRO) of the demo model before streaming.
     #[arg(long)]
     pub eval: bool,
+    /// Skip the second act (the light changes, the line retrains and promotes a new model).
+    #[arg(long)]
+    pub no_drift: bool,
+    /// How long the second act waits for the trainer to promote a model before it shows the drifted
+    /// trays to whichever model serves.
+    #[arg(long, default_value_t = 6.0)]
+    pub drift_minutes: f64,
     /// Run on the CPU even when CUDA is available.
     #[arg(long)]
     pub cpu: bool,

@@ -1,7 +1,6 @@
 //! `lineguard produce`: image files → camera frames on a topic, keyed and with the contract's headers.
 
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use lineguard::service::kafka::{send_files, Sending};
@@ -13,7 +12,7 @@ use super::cli::ProduceArgs;
 pub fn run(args: &ProduceArgs) -> anyhow::Result<ExitCode> {
     let files = super::predict::expand(&args.inputs)?;
     let kafka = kafka_settings(&args.kafka.brokers);
-    let key_prefix = args.key_prefix.clone().unwrap_or_else(|| format!("{}-{}", args.camera, unix_ms() / 1000));
+    let key_prefix = args.key_prefix.clone().unwrap_or_else(|| format!("{}-{}", args.camera, lineguard::service::kafka::unix_ms() / 1000));
     let sending = Sending {
         topic: &args.topic,
         camera: &args.camera,
@@ -58,8 +57,4 @@ pub fn producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
 pub fn ensure_reachable(kafka: &KafkaSettings) -> anyhow::Result<()> {
     lineguard::service::kafka::check_reachable(kafka, std::time::Duration::from_secs(10))
         .with_context(|| format!("cannot reach Kafka at {} (is the broker running? --brokers sets it)", kafka.brokers))
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

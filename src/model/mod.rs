@@ -43,6 +43,27 @@ pub struct MapQuantiles {
     pub autoencoder: (f64, f64),
 }
 
+impl MapQuantiles {
+    /// The scale of `self` (a served model's) carried over to a retrained copy of it: `before` and `after`
+    /// are the raw map quantiles of the served model and of the copy on the same images. The copy's maps
+    /// are mapped so that its quantiles on those images land where the served model's do, so a copy that
+    /// did not change scores exactly as the served model, and one that did is judged on what it learnt
+    /// rather than on how a handful of calibration images happen to spread. None when a map has no spread
+    /// on those images.
+    pub fn carried_over(&self, before: &MapQuantiles, after: &MapQuantiles) -> Option<MapQuantiles> {
+        let carry = |(low, high): (f64, f64), (low_before, high_before): (f64, f64), (low_after, high_after): (f64, f64)| {
+            // The affine map taking the served model's calibration quantiles to the copy's.
+            let stretch = (high_after - low_after) / (high_before - low_before);
+            let moved = |value: f64| low_after + (value - low_before) * stretch;
+            (stretch.is_finite() && stretch > 0.0).then(|| (moved(low), moved(high)))
+        };
+        Some(MapQuantiles {
+            student_teacher: carry(self.student_teacher, before.student_teacher, after.student_teacher)?,
+            autoencoder: carry(self.autoencoder, before.autoencoder, after.autoencoder)?,
+        })
+    }
+}
+
 /// Provenance carried in every model file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
@@ -315,6 +336,27 @@ mod tests {
         let b = loaded.anomaly_maps(&x, 100, 60).unwrap();
         assert_eq!(a.size(), vec![2, 100, 60]);
         assert!(a.equal(&b));
+    }
+
+    #[test]
+    fn a_carried_over_scale_scores_an_unchanged_copy_exactly_as_the_served_model() {
+        let served = MapQuantiles { student_teacher: (0.2, 1.4), autoencoder: (0.1, 0.7) };
+        let raw = MapQuantiles { student_teacher: (0.3, 0.9), autoencoder: (0.05, 0.5) };
+        assert_eq!(served.carried_over(&raw, &raw), Some(served));
+        // A copy whose maps doubled and shifted on the same images: its normalised values at its own
+        // calibration quantiles equal the served model's at the served model's.
+        let after = MapQuantiles { student_teacher: (0.7, 1.9), autoencoder: (0.1, 1.0) };
+        let carried = served.carried_over(&raw, &after).unwrap();
+        let normalised = |value: f64, (low, high): (f64, f64)| (value - low) * 0.1 / (high - low);
+        for (served, raw, after, carried) in [
+            (served.student_teacher, raw.student_teacher, after.student_teacher, carried.student_teacher),
+            (served.autoencoder, raw.autoencoder, after.autoencoder, carried.autoencoder),
+        ] {
+            assert!((normalised(after.0, carried) - normalised(raw.0, served)).abs() < 1e-12);
+            assert!((normalised(after.1, carried) - normalised(raw.1, served)).abs() < 1e-12);
+        }
+        let flat = MapQuantiles { student_teacher: (0.5, 0.5), autoencoder: (0.1, 0.7) };
+        assert_eq!(served.carried_over(&raw, &flat), None, "no spread, no scale");
     }
 
     /// A model file carries the recipe its networks are built from: a crafted one (here from the models

@@ -6,7 +6,7 @@
 //! batches, so no frame is ever scored by a half-loaded model and every result names the version that
 //! produced it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,9 +32,15 @@ pub struct ModelSwapper {
     sender: Sender<EfficientAd>,
     side: i64,
     queued: Arc<AtomicUsize>,
+    serving: Arc<AtomicU64>,
 }
 
 impl ModelSwapper {
+    /// The version of the model scoring frames now (a queued swap counts once it is installed).
+    pub fn serving_version(&self) -> u64 {
+        self.serving.load(Ordering::Relaxed)
+    }
+
     /// Queues `model` to replace the serving one before the next batch. Refuses models that cannot serve
     /// this line (another input size, no calibration) so the stage never has to.
     pub fn swap(&self, model: EfficientAd) -> Result<(), WeightsError> {
@@ -99,7 +105,9 @@ pub fn spawn(
 ) -> std::io::Result<(JoinHandle<Result<(), String>>, ModelSwapper)> {
     let (sender, swaps) = crossbeam_channel::bounded(1);
     let queued = Arc::new(AtomicUsize::new(0));
-    let swapper = ModelSwapper { sender, side: model.recipe.image_size, queued: queued.clone() };
+    let serving = Arc::new(AtomicU64::new(model.info.model_version));
+    let swapper =
+        ModelSwapper { sender, side: model.recipe.image_size, queued: queued.clone(), serving: serving.clone() };
     // A background trainer may set its own thread count; inference keeps the one it started with.
     let threads = tch::get_num_threads().max(1) as usize;
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
@@ -110,6 +118,7 @@ pub fn spawn(
         let install = |model: &mut EfficientAd, new: EfficientAd| {
             log::info!("model version {} replaces version {}", new.info.model_version, model.info.model_version);
             *model = new;
+            serving.store(model.info.model_version, Ordering::Relaxed);
             metrics.model_loaded(model.info.model_version, model.info.created_unix);
         };
         loop {

@@ -217,7 +217,8 @@ pub fn label(path: &std::path::Path) -> String {
     }
 }
 
-fn unix_ms() -> i64 {
+/// Milliseconds since the Unix epoch, as frames' capture times are written.
+pub fn unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 

@@ -201,6 +201,12 @@ impl ReplayBuffer {
         (stack(calibration), stack(evaluation))
     }
 
+    /// The sequence numbers of the images [`ReplayBuffer::gate_images`] returns now: equal lists, equal
+    /// images (sequence numbers are never reused).
+    pub fn gate_sequence(&self) -> Vec<u64> {
+        self.held_out.iter().chain(&self.pinned).map(|e| e.seq).collect()
+    }
+
     /// (recent, held out, pinned) frame counts.
     pub fn counts(&self) -> (usize, usize, usize) {
         (self.recent.len(), self.held_out.len(), self.pinned.len())

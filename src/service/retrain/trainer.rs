@@ -28,13 +28,13 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use super::buffer::{BufferLimits, ReplayBuffer};
-use super::gate::{self, GateReport, Tolerances};
+use super::gate::{self, GateReport, Reading, Tolerances};
 use super::models_topic::{self, ModelFeed, Published};
 use super::store::{VersionRecord, VersionStore};
 use super::RetrainError;
 use crate::model::config::TrainConfig;
 use crate::model::train::{TrainError, Trainer};
-use crate::model::EfficientAd;
+use crate::model::{EfficientAd, MapQuantiles};
 use crate::service::infer::ModelSwapper;
 use crate::service::metrics::{CandidateOutcome, CandidateSource, GateOutcome, RetrainMetrics, StateWrite, WaitCause};
 use crate::service::settings::{KafkaSettings, RetrainSettings};
@@ -121,6 +121,22 @@ struct Running {
     waiting: Option<WaitCause>,
     non_finite_in_a_row: u32,
     writes: StateWrites,
+    /// Runs restarted from the serving model after a regression. Each restart samples other batches: the
+    /// same seed would rebuild the same rejected candidate for as long as no new frame arrives.
+    restarts: u64,
+    /// The serving model's raw map quantiles on the calibration images and its reading, with what they
+    /// were measured on.
+    serving_reading: Option<(GateKey, MapQuantiles, Reading)>,
+}
+
+/// What a serving model's gate measurements depend on.
+#[derive(Debug, Clone, PartialEq)]
+struct GateKey {
+    serving: u64,
+    /// The candidate version, which seeds the painted foreign objects.
+    seed: u64,
+    /// The sequence numbers of the calibration and evaluation images.
+    images: Vec<u64>,
 }
 
 impl Running {
@@ -219,6 +235,8 @@ impl Running {
                 metrics: stage.metrics.clone(),
                 failing: Default::default(),
             },
+            restarts: 0,
+            serving_reading: None,
             stage,
         })
     }
@@ -405,6 +423,7 @@ impl Running {
             Trainer::continue_from(self.store.load(version, self.stage.device)?, images)?
         };
         fine_tuning(&mut trainer.model.recipe.train, &self.stage.settings);
+        trainer.model.recipe.train.seed = trainer.model.recipe.train.seed.wrapping_add(self.restarts);
         Ok(trainer)
     }
 
@@ -417,12 +436,33 @@ impl Running {
         let Some(trainer) = self.trainer.as_ref() else { return Ok(()) };
         let version = self.store.highest_version()?.max(self.current.info.model_version) + 1;
         let mut candidate = trainer.snapshot(&calibration, version)?;
+        // The candidate keeps the serving model's scale, moved by how its maps changed on the pinned
+        // originals: a fresh calibration on a few images would shift every score by its own noise (and by
+        // the images being training images), which at a threshold just above the normal scores flips
+        // verdicts that nothing learnt changed.
+        // What the serving model measures does not change between gates while it, the gate's images and
+        // the painted objects (seeded by `version`) stay the same: measured once, not at every gate.
+        let key = GateKey { serving: self.current.info.model_version, seed: version, images: self.buffer.gate_sequence() };
+        let (serving_raw, current_reading) = match self.serving_reading.take().filter(|(k, ..)| *k == key) {
+            Some((_, raw, reading)) => (raw, reading),
+            None => {
+                let raw = crate::model::train::map_quantiles(&self.current, &calibration)?;
+                let synthetic = gate::foreign_objects(&evaluation, version);
+                (raw, gate::read(&self.current, &evaluation, &synthetic, self.defects.as_ref(), self.stage.threshold))
+            }
+        };
+        self.serving_reading = Some((key, serving_raw, current_reading));
+        let carried = self.current.map_quantiles.zip(candidate.map_quantiles).and_then(|(serving, candidate_raw)| {
+            serving.carried_over(&serving_raw, &candidate_raw)
+        });
+        if carried.is_some() {
+            candidate.map_quantiles = carried;
+        }
         // The file records the recipe the model was built with, not the fine-tuning overrides.
         candidate.recipe.train = self.current.recipe.train.clone();
         let threshold = self.stage.threshold;
         let defects = self.defects.as_ref();
         let synthetic = gate::foreign_objects(&evaluation, version);
-        let current_reading = gate::read(&self.current, &evaluation, &synthetic, defects, threshold);
         let candidate_reading = gate::read(&candidate, &evaluation, &synthetic, defects, threshold);
         let tolerances = Tolerances {
             false_positive_rate: self.stage.settings.fpr_tolerance,
@@ -454,6 +494,7 @@ impl Running {
                 // A regression means the recent training data taught something wrong: start again from
                 // the serving model rather than build on it.
                 self.trainer = None;
+                self.restarts += 1;
                 self.state = TrainerState { base_version: self.current.info.model_version, steps_since_gate: 0 };
             }
         }

@@ -1,0 +1,66 @@
+//! The embedded demo exactly as a newcomer runs it (`lineguard demo` with its defaults: its own broker and
+//! data, the 600-step model, 3 frames/s; about 8 minutes on 2 cores). Both acts must tell their story,
+//! read from the demo's `summary.json`: the first act scores every tray and dead-letters the broken
+//! messages; in the second the light changes, false alarms rise, the trainer promotes a model, and that
+//! model raises fewer false alarms on fresh drifted trays while still catching anomalies.
+
+mod common;
+
+use common::{lineguard_ok, path_str, stdout};
+use serde_json::Value;
+
+fn rows<'a>(summary: &'a Value, scene: &str) -> Vec<&'a Value> {
+    summary["rows"].as_array().unwrap().iter().filter(|r| r["scene"] == scene).collect()
+}
+
+fn count(row: &Value, field: &str) -> u64 {
+    row[field].as_u64().unwrap()
+}
+
+#[test]
+fn the_demo_retrains_under_new_light_and_promotes_a_model_with_fewer_false_alarms() {
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = dir.path().join("demo");
+    let output = lineguard_ok(&["demo", "--workdir", path_str(&workdir)]);
+    let printed = stdout(&output);
+    let text = std::fs::read_to_string(workdir.join("summary.json")).unwrap();
+    let summary: Value = serde_json::from_str(&text).unwrap();
+    eprintln!("{printed}");
+
+    // Act 1: the 120 test trays scored once each by the model as built, the three broken messages with
+    // their reasons.
+    let as_built = rows(&summary, "as_built");
+    let scored: u64 = as_built.iter().map(|r| count(r, "good") + count(r, "logical") + count(r, "structural")).sum();
+    assert_eq!(scored, 120, "{text}");
+    let mut reasons: Vec<&str> =
+        summary["dead_letters"].as_array().unwrap().iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["decode", "empty", "missing_header"], "{text}");
+
+    // Act 2: a promotion came after the operator's verdicts, and the drifted trays were scored by the
+    // model before it and by the promoted one.
+    let retraining = &summary["retraining"];
+    assert!(retraining["promotion_after_s"].is_f64(), "no promotion in the second act:\n{printed}");
+    assert!(retraining["marked_normal"].as_u64().unwrap() > 0, "{text}");
+    let drifted = rows(&summary, "brighter_light");
+    let (before, after) = (drifted.first().unwrap(), drifted.last().unwrap());
+    assert!(count(after, "model_version") > count(before, "model_version"), "{text}");
+    let rate = |row: &Value| count(row, "false_alarms") as f64 / count(row, "good") as f64;
+    let caught = |row: &Value| {
+        (count(row, "logical_caught") + count(row, "structural_caught")) as f64
+            / (count(row, "logical") + count(row, "structural")) as f64
+    };
+    eprintln!(
+        "false alarms under brighter light {:.2} (v{}) → {:.2} (v{}); anomalies caught {:.2} → {:.2}",
+        rate(before),
+        count(before, "model_version"),
+        rate(after),
+        count(after, "model_version"),
+        caught(before),
+        caught(after)
+    );
+    assert!(rate(before) >= 0.5, "the new light raises false alarms: {text}");
+    assert!(rate(after) < rate(before), "the promoted model raises fewer: {text}");
+    assert!(caught(after) >= 0.5, "the promoted model still catches anomalies: {text}");
+    assert!(printed.contains("promoted: "), "the summary names the promotion:\n{printed}");
+}
