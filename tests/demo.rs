@@ -63,4 +63,14 @@ fn the_demo_retrains_under_new_light_and_promotes_a_model_with_fewer_false_alarm
     assert!(rate(after) < rate(before), "the promoted model raises fewer: {text}");
     assert!(caught(after) >= 0.5, "the promoted model still catches anomalies: {text}");
     assert!(printed.contains("promoted: "), "the summary names the promotion:\n{printed}");
+    // Each promotion builds on the one before: the trainer never mistakes its own earlier publication,
+    // read back late from the models topic, for a rollback.
+    let parents: Vec<u64> = retraining["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["outcome"] == "promoted")
+        .map(|g| g["current_version"].as_u64().unwrap())
+        .collect();
+    assert!(parents.windows(2).all(|w| w[0] < w[1]), "promoted from {parents:?}");
 }

@@ -12,7 +12,10 @@ use super::cli::ProduceArgs;
 pub fn run(args: &ProduceArgs) -> anyhow::Result<ExitCode> {
     let files = super::predict::expand(&args.inputs)?;
     let kafka = kafka_settings(&args.kafka.brokers);
-    let key_prefix = args.key_prefix.clone().unwrap_or_else(|| format!("{}-{}", args.camera, lineguard::service::kafka::unix_ms() / 1000));
+    let key_prefix = args
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", args.camera, lineguard::service::kafka::unix_ms() / 1000));
     let sending = Sending {
         topic: &args.topic,
         camera: &args.camera,

@@ -51,12 +51,13 @@ impl MapQuantiles {
     /// rather than on how a handful of calibration images happen to spread. None when a map has no spread
     /// on those images.
     pub fn carried_over(&self, before: &MapQuantiles, after: &MapQuantiles) -> Option<MapQuantiles> {
-        let carry = |(low, high): (f64, f64), (low_before, high_before): (f64, f64), (low_after, high_after): (f64, f64)| {
-            // The affine map taking the served model's calibration quantiles to the copy's.
-            let stretch = (high_after - low_after) / (high_before - low_before);
-            let moved = |value: f64| low_after + (value - low_before) * stretch;
-            (stretch.is_finite() && stretch > 0.0).then(|| (moved(low), moved(high)))
-        };
+        let carry =
+            |(low, high): (f64, f64), (low_before, high_before): (f64, f64), (low_after, high_after): (f64, f64)| {
+                // The affine map taking the served model's calibration quantiles to the copy's.
+                let stretch = (high_after - low_after) / (high_before - low_before);
+                let moved = |value: f64| low_after + (value - low_before) * stretch;
+                (stretch.is_finite() && stretch > 0.0).then(|| (moved(low), moved(high)))
+            };
         Some(MapQuantiles {
             student_teacher: carry(self.student_teacher, before.student_teacher, after.student_teacher)?,
             autoencoder: carry(self.autoencoder, before.autoencoder, after.autoencoder)?,

@@ -6,8 +6,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use lineguard::data::synth::SynthConfig;
@@ -70,7 +68,10 @@ pub fn drifted_trays(folder: &Path, image_size: u32) -> anyhow::Result<DriftedTr
         std::fs::remove_dir_all(&source).with_context(|| format!("removing {}", source.display()))?;
         std::fs::write(&marker, serde_json::to_string_pretty(&recipe)?)?;
     }
-    Ok(DriftedTrays { before: batch(&folder.join("before"), 8)?, after: batch(&folder.join("after"), 9)? })
+    Ok(DriftedTrays {
+        before: super::shuffled_trays(&folder.join("before"), 8)?,
+        after: super::shuffled_trays(&folder.join("after"), 9)?,
+    })
 }
 
 fn relight(from: &Path, to: &Path, light: u8) -> anyhow::Result<()> {
@@ -79,13 +80,4 @@ fn relight(from: &Path, to: &Path, light: u8) -> anyhow::Result<()> {
         *channel = channel.saturating_add(light);
     }
     image.save(to).with_context(|| format!("writing {}", to.display()))
-}
-
-fn batch(folder: &Path, seed: u64) -> anyhow::Result<Vec<PathBuf>> {
-    let mut frames = Vec::new();
-    for split in SPLITS {
-        frames.extend(lineguard::data::loco::list_images(&folder.join(split))?);
-    }
-    frames.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-    Ok(frames)
 }

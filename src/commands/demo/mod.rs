@@ -93,7 +93,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     drop(model);
 
-    let drifted = if args.no_drift { None } else { Some(light::drifted_trays(&args.workdir.join("drift"), args.image_size)?) };
+    let drifted = match args.no_drift {
+        true => None,
+        false => Some(light::drifted_trays(&args.workdir.join("drift"), args.image_size)?),
+    };
     log::info!("step 4/4: streaming the test trays through the pipeline");
     let runtime = super::runtime()?;
     runtime.block_on(stream(args, &data, &model_path, threshold, accept_below, drifted))
@@ -115,16 +118,16 @@ fn validation_threshold(model: &EfficientAd, folder: &Path) -> anyhow::Result<(f
     Ok((highest, median))
 }
 
-/// The frames to stream: every test tray, shuffled like a real line, labelled by folder.
-fn test_frames(data: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// The trays of `folder`'s split subfolders, shuffled like a real line; each keeps its split folder in its
+/// path, which labels its frame.
+fn shuffled_trays(folder: &Path, seed: u64) -> anyhow::Result<Vec<PathBuf>> {
     let mut frames = Vec::new();
     for split in SPLITS {
-        frames.extend(lineguard::data::loco::list_images(&data.join("test").join(split))?);
+        frames.extend(lineguard::data::loco::list_images(&folder.join(split))?);
     }
-    frames.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
+    frames.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     Ok(frames)
 }
-
 
 struct Topics {
     frames: String,
@@ -246,8 +249,12 @@ async fn stream(
         rate: args.rate,
     };
     let pid = std::process::id();
-    let act_one =
-        Batch { prefix: format!("demo-{pid}"), scene: Scene::AsBuilt, frames: test_frames(data)?, with_broken: true };
+    let act_one = Batch {
+        prefix: format!("demo-{pid}"),
+        scene: Scene::AsBuilt,
+        frames: shuffled_trays(&data.join("test"), 7)?,
+        with_broken: true,
+    };
     println!("act 1: the line as built — {} test trays, shuffled, then three broken messages", act_one.frames.len());
     let mut ended = line.stream_batch(&act_one).await?;
     let mut marked_normal = 0;
@@ -257,8 +264,12 @@ async fn stream(
             "act 2: the light changes — {} trays of another day under brighter light, scored by the serving model",
             trays.before.len()
         );
-        let before =
-            Batch { prefix: format!("drift-{pid}-1"), scene: Scene::BrighterLight, frames: trays.before, with_broken: false };
+        let before = Batch {
+            prefix: format!("drift-{pid}-1"),
+            scene: Scene::BrighterLight,
+            frames: trays.before,
+            with_broken: false,
+        };
         ended = line.stream_batch(&before).await?;
         if let Ended::Done = ended {
             marked_normal = line.mark_normal(&before.prefix).await?;
@@ -285,8 +296,12 @@ async fn stream(
                     trays.after.len()
                 ),
             }
-            let after =
-                Batch { prefix: format!("drift-{pid}-2"), scene: Scene::BrighterLight, frames: trays.after, with_broken: false };
+            let after = Batch {
+                prefix: format!("drift-{pid}-2"),
+                scene: Scene::BrighterLight,
+                frames: trays.after,
+                with_broken: false,
+            };
             ended = line.stream_batch(&after).await?;
         }
     }
@@ -555,7 +570,10 @@ fn print_summary(summary: &Summary, heatmaps: &Path, state: &Path) {
         summary.dead_letters.len()
     );
     println!("threshold {:.4} (highest score of a normal validation tray)", summary.threshold);
-    println!("  {:<15} {:>5}  {:>14}  {:>14}  {:>17}", "scene", "model", "false alarms", "logical caught", "structural caught");
+    println!(
+        "  {:<15} {:>5}  {:>14}  {:>14}  {:>17}",
+        "scene", "model", "false alarms", "logical caught", "structural caught"
+    );
     for row in &summary.rows {
         let scene = match row.scene {
             Some(Scene::AsBuilt) => "as built",

@@ -158,7 +158,12 @@ impl Tally {
         (results + dead) as u64
     }
 
-    pub fn record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>, maps_topic: &str, dead_letter_topic: &str) {
+    pub fn record(
+        &mut self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        maps_topic: &str,
+        dead_letter_topic: &str,
+    ) {
         let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
         let payload = message.payload().unwrap_or_default();
         let topic = message.topic();

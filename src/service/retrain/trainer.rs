@@ -14,6 +14,7 @@
 //! The trainer checkpoints its weights and optimiser state after every gate and on shutdown; with the
 //! replay buffer on disk, a restarted trainer continues where it stopped.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -114,6 +115,9 @@ struct Running {
     current: EfficientAd,
     /// The publication of `current` that this trainer made or adopted.
     publication: Option<String>,
+    /// The trainer's own latest publications. Its feed reads them back, possibly after a later promotion:
+    /// an own publication arriving late is not a rollback to adopt.
+    own_publications: VecDeque<String>,
     unpublished: bool,
     trainer: Option<Trainer>,
     state: TrainerState,
@@ -128,6 +132,9 @@ struct Running {
     /// were measured on.
     serving_reading: Option<(GateKey, MapQuantiles, Reading)>,
 }
+
+/// Far more publications than a feed can lag behind.
+const OWN_PUBLICATIONS_KEPT: usize = 64;
 
 /// What a serving model's gate measurements depend on.
 #[derive(Debug, Clone, PartialEq)]
@@ -223,6 +230,7 @@ impl Running {
             defects,
             current,
             publication,
+            own_publications: VecDeque::new(),
             unpublished,
             trainer: None,
             state,
@@ -321,6 +329,7 @@ impl Running {
     fn follow_publications(&mut self) -> Result<(), RetrainError> {
         let Some(Published { manifest, model }) = self.feed.poll(Duration::ZERO) else { return Ok(()) };
         if Some(&manifest.publication) == self.publication.as_ref()
+            || self.own_publications.contains(&manifest.publication)
             || manifest.model_version == self.current.info.model_version
         {
             return Ok(());
@@ -442,7 +451,8 @@ impl Running {
         // verdicts that nothing learnt changed.
         // What the serving model measures does not change between gates while it, the gate's images and
         // the painted objects (seeded by `version`) stay the same: measured once, not at every gate.
-        let key = GateKey { serving: self.current.info.model_version, seed: version, images: self.buffer.gate_sequence() };
+        let key =
+            GateKey { serving: self.current.info.model_version, seed: version, images: self.buffer.gate_sequence() };
         let (serving_raw, current_reading) = match self.serving_reading.take().filter(|(k, ..)| *k == key) {
             Some((_, raw, reading)) => (raw, reading),
             None => {
@@ -452,9 +462,11 @@ impl Running {
             }
         };
         self.serving_reading = Some((key, serving_raw, current_reading));
-        let carried = self.current.map_quantiles.zip(candidate.map_quantiles).and_then(|(serving, candidate_raw)| {
-            serving.carried_over(&serving_raw, &candidate_raw)
-        });
+        let carried = self
+            .current
+            .map_quantiles
+            .zip(candidate.map_quantiles)
+            .and_then(|(serving, candidate_raw)| serving.carried_over(&serving_raw, &candidate_raw));
         if carried.is_some() {
             candidate.map_quantiles = carried;
         }
@@ -562,6 +574,10 @@ impl Running {
                     manifest.bytes,
                     manifest.chunks
                 );
+                if self.own_publications.len() == OWN_PUBLICATIONS_KEPT {
+                    self.own_publications.pop_front();
+                }
+                self.own_publications.push_back(manifest.publication.clone());
                 self.publication = Some(manifest.publication);
                 self.unpublished = false;
             }
