@@ -257,53 +257,9 @@ async fn stream(
     };
     println!("act 1: the line as built — {} test trays, shuffled, then three broken messages", act_one.frames.len());
     let mut ended = line.stream_batch(&act_one).await?;
-    let mut marked_normal = 0;
-    let mut promotion_after = None;
+    let mut act_two = ActTwo::default();
     if let (Some(trays), Ended::Done) = (drifted, &ended) {
-        println!(
-            "act 2: the light changes — {} trays of another day under brighter light, scored by the serving model",
-            trays.before.len()
-        );
-        let before = Batch {
-            prefix: format!("drift-{pid}-1"),
-            scene: Scene::BrighterLight,
-            frames: trays.before,
-            with_broken: false,
-        };
-        ended = line.stream_batch(&before).await?;
-        if let Ended::Done = ended {
-            marked_normal = line.mark_normal(&before.prefix).await?;
-            println!(
-                "an operator marks the {marked_normal} false alarms normal on {}; the line is quiet while the \
-                 trainer learns the new light and gates candidates (up to {} min)",
-                topics.feedback, args.drift_minutes
-            );
-            let limit = Duration::from_secs_f64(args.drift_minutes * 60.0);
-            (ended, promotion_after) = line.wait_for_fewer_false_alarms(limit).await?;
-        }
-        if let Ended::Done = ended {
-            match promotion_after {
-                Some(after) => println!(
-                    "a model with at most half the false alarms on held-out frames was promoted after {:.0} s; \
-                     the next {} trays under the same light go to it",
-                    after.as_secs_f64(),
-                    trays.after.len()
-                ),
-                None => println!(
-                    "no model with half the false alarms was promoted within {} min; the next {} trays go to \
-                     the serving model",
-                    args.drift_minutes,
-                    trays.after.len()
-                ),
-            }
-            let after = Batch {
-                prefix: format!("drift-{pid}-2"),
-                scene: Scene::BrighterLight,
-                frames: trays.after,
-                with_broken: false,
-            };
-            ended = line.stream_batch(&after).await?;
-        }
+        (ended, act_two) = play_act_two(&mut line, trays, args.drift_minutes).await?;
     }
     if let Ended::Interrupted = ended {
         log::warn!("interrupted; summarising what came back");
@@ -318,8 +274,8 @@ async fn stream(
         steps: retrain.steps,
         promoted: retrain.promoted,
         rejected: retrain.rejected,
-        marked_normal,
-        promotion_after_s: promotion_after.map(|d| d.as_secs_f64()),
+        marked_normal: act_two.marked_normal,
+        promotion_after_s: act_two.promotion_after.map(|d| d.as_secs_f64()),
         gates,
     };
     let summary = tally.summary(sent, elapsed, retraining);
@@ -330,6 +286,67 @@ async fn stream(
     println!("the same as JSON: {}", summary_path.display());
     println!("next: lineguard run --pipeline pipelines/local.toml   (your own topics and model)");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the second act did besides streaming.
+#[derive(Default)]
+struct ActTwo {
+    /// False alarms the operator marked normal.
+    marked_normal: usize,
+    /// How long the trainer took to promote a model with half the false alarms, when it did in time.
+    promotion_after: Option<Duration>,
+}
+
+/// The light changes: drifted trays scored by the serving model, the operator's verdicts on its false
+/// alarms, the wait for a better model, and fresh drifted trays scored by whichever model then serves.
+async fn play_act_two(
+    line: &mut DemoLine<'_>,
+    trays: DriftedTrays,
+    drift_minutes: f64,
+) -> anyhow::Result<(Ended, ActTwo)> {
+    let pid = std::process::id();
+    let drifted = |batch: u32, frames: Vec<PathBuf>| Batch {
+        prefix: format!("drift-{pid}-{batch}"),
+        scene: Scene::BrighterLight,
+        frames,
+        with_broken: false,
+    };
+    let mut act = ActTwo::default();
+    println!(
+        "act 2: the light changes — {} trays of another day under brighter light, scored by the serving model",
+        trays.before.len()
+    );
+    let before = drifted(1, trays.before);
+    if let Ended::Interrupted = line.stream_batch(&before).await? {
+        return Ok((Ended::Interrupted, act));
+    }
+    act.marked_normal = line.mark_normal(&before.prefix).await?;
+    println!(
+        "an operator marks the {} false alarms normal on {}; the line is quiet while the trainer learns the \
+         new light and gates candidates (up to {drift_minutes} min)",
+        act.marked_normal, line.topics.feedback
+    );
+    let ended;
+    (ended, act.promotion_after) =
+        line.wait_for_fewer_false_alarms(Duration::from_secs_f64(drift_minutes * 60.0)).await?;
+    if let Ended::Interrupted = ended {
+        return Ok((ended, act));
+    }
+    match act.promotion_after {
+        Some(after) => println!(
+            "a model with at most half the false alarms on held-out frames was promoted after {:.0} s; the next \
+             {} trays under the same light go to it",
+            after.as_secs_f64(),
+            trays.after.len()
+        ),
+        None => println!(
+            "no model with half the false alarms was promoted within {drift_minutes} min; the next {} trays go to \
+             the serving model",
+            trays.after.len()
+        ),
+    }
+    let ended = line.stream_batch(&drifted(2, trays.after)).await?;
+    Ok((ended, act))
 }
 
 /// The demo's one line.

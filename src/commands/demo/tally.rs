@@ -309,7 +309,8 @@ impl Tally {
                 .map(|d| DeadLetter { key: d.key.clone(), reason: d.reason.clone() })
                 .collect(),
             rows: self.rows(),
-            throughput_frames_per_s: self.results.len() as f64 / window.max(1e-3),
+            throughput_frames_per_s: self.results.values().filter(|r| r.scene == Scene::AsBuilt).count() as f64
+                / window.max(1e-3),
             latency_p50_ms: percentile(&self.latencies_ms, 0.5),
             latency_p99_ms: percentile(&self.latencies_ms, 0.99),
             in_pipeline_p50_ms: percentile(&self.in_pipeline_ms, 0.5),

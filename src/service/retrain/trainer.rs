@@ -445,23 +445,25 @@ impl Running {
         let Some(trainer) = self.trainer.as_ref() else { return Ok(()) };
         let version = self.store.highest_version()?.max(self.current.info.model_version) + 1;
         let mut candidate = trainer.snapshot(&calibration, version)?;
-        // The candidate keeps the serving model's scale, moved by how its maps changed on the pinned
-        // originals: a fresh calibration on a few images would shift every score by its own noise (and by
-        // the images being training images), which at a threshold just above the normal scores flips
-        // verdicts that nothing learnt changed.
+        let threshold = self.stage.threshold;
+        let defects = self.defects.as_ref();
+        let synthetic = gate::foreign_objects(&evaluation, version);
         // What the serving model measures does not change between gates while it, the gate's images and
         // the painted objects (seeded by `version`) stay the same: measured once, not at every gate.
         let key =
             GateKey { serving: self.current.info.model_version, seed: version, images: self.buffer.gate_sequence() };
         let (serving_raw, current_reading) = match self.serving_reading.take().filter(|(k, ..)| *k == key) {
             Some((_, raw, reading)) => (raw, reading),
-            None => {
-                let raw = crate::model::train::map_quantiles(&self.current, &calibration)?;
-                let synthetic = gate::foreign_objects(&evaluation, version);
-                (raw, gate::read(&self.current, &evaluation, &synthetic, self.defects.as_ref(), self.stage.threshold))
-            }
+            None => (
+                crate::model::train::map_quantiles(&self.current, &calibration)?,
+                gate::read(&self.current, &evaluation, &synthetic, defects, threshold),
+            ),
         };
         self.serving_reading = Some((key, serving_raw, current_reading));
+        // The candidate keeps the serving model's scale, moved by how its maps changed on the pinned
+        // originals: a fresh calibration on a few images would shift every score by its own noise (and by
+        // the images being training images), which at a threshold just above the normal scores flips
+        // verdicts that nothing learnt changed.
         let carried = self
             .current
             .map_quantiles
@@ -472,9 +474,6 @@ impl Running {
         }
         // The file records the recipe the model was built with, not the fine-tuning overrides.
         candidate.recipe.train = self.current.recipe.train.clone();
-        let threshold = self.stage.threshold;
-        let defects = self.defects.as_ref();
-        let synthetic = gate::foreign_objects(&evaluation, version);
         let candidate_reading = gate::read(&candidate, &evaluation, &synthetic, defects, threshold);
         let tolerances = Tolerances {
             false_positive_rate: self.stage.settings.fpr_tolerance,
