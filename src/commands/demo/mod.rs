@@ -221,6 +221,8 @@ async fn stream(
         // takes only what inference leaves, which is everything while the line is quiet.
         steps_per_minute: 6000.0,
         threads: 2,
+        // Four times the default: the act has minutes, not the hours a plant's trainer has; the gate
+        // still judges every candidate as in production.
         learning_rate: 2e-4,
         ..RetrainSettings::default()
     };
