@@ -179,7 +179,8 @@ min_frames = 4
 learning_rate = 0.0001
 steps_per_minute = 6000
 evaluate_every = 10
-keep_versions = 3
+# Every version of a run stays, so that rolling back to 1 works however many promotions came.
+keep_versions = 20
 # Every publication is signed and every replica checks it, rollback included.
 signing_key = "retrain-tests-signing-key-0123456789"
 {extra_retrain}
@@ -203,7 +204,7 @@ signing_key = "retrain-tests-signing-key-0123456789"
     }
 
     fn store(&self) -> lineguard::service::retrain::store::VersionStore {
-        lineguard::service::retrain::store::VersionStore::open(&self.state.join("trays"), 3).unwrap()
+        lineguard::service::retrain::store::VersionStore::open(&self.state.join("trays"), 20).unwrap()
     }
 
     fn gate_log(&self) -> Vec<GateReport> {
