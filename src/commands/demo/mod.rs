@@ -268,7 +268,8 @@ async fn stream(
     }
     line.tally.write_pictures(&line.paths, &heatmaps);
     let elapsed = line.started.elapsed();
-    let (tally, sent, gates) = (line.tally, line.sent, line.gates.all());
+    line.gates.refresh();
+    let (tally, sent, gates) = (line.tally, line.sent, line.gates.reports);
     drop(line.watcher);
     let retrain = pipeline.metrics().retrain_summary(LINE);
     pipeline.shutdown().await?;
@@ -418,6 +419,7 @@ impl DemoLine<'_> {
                 _ = report.tick() => {
                     let retrain = pipeline.metrics().retrain_summary(LINE);
                     println!("{}", tally.live_line(batch.scene, started.elapsed(), &retrain));
+                    gates.refresh();
                     gates.print_new();
                 }
                 _ = super::termination() => return Ok(Ended::Interrupted),
@@ -446,7 +448,7 @@ impl DemoLine<'_> {
     /// gains headroom, which changes few verdicts on new trays.) Returns how long the wait took when such
     /// a model came.
     async fn wait_for_fewer_false_alarms(&mut self, limit: Duration) -> anyhow::Result<(Ended, Option<Duration>)> {
-        let earlier_gates = self.gates.all().len();
+        let earlier_gates = self.gates.refresh().len();
         let at_light_change = self.pipeline.swapper(LINE).map_or(0, |s| s.serving_version());
         let waiting = Instant::now();
         let mut promoted_at = None;
@@ -464,11 +466,7 @@ impl DemoLine<'_> {
             }
             checks += 1;
             let retrain = self.pipeline.metrics().retrain_summary(LINE);
-            if checks % 3 == 0 {
-                println!("{}", self.tally.live_line(Scene::BrighterLight, self.started.elapsed(), &retrain));
-                self.gates.print_new();
-            }
-            let gates = self.gates.all();
+            let gates = self.gates.refresh();
             let since_light_change = || gates.iter().skip(earlier_gates);
             // The light-change model's false alarms on the held-out frames, as the gates measured it once
             // the operator's frames were in.
@@ -481,6 +479,10 @@ impl DemoLine<'_> {
             });
             if fewer_false_alarms && promoted_at.is_none() {
                 promoted_at = Some(waiting.elapsed());
+            }
+            if checks % 3 == 0 {
+                println!("{}", self.tally.live_line(Scene::BrighterLight, self.started.elapsed(), &retrain));
+                self.gates.print_new();
             }
             // The promoted model reaches the line's inference through the models topic, as it reaches
             // every replica: the act goes on once it scores frames.
@@ -519,29 +521,33 @@ async fn send_broken(producer: &FutureProducer, topic: &str, batch: &Batch) -> a
     Ok(broken.len() as u64)
 }
 
-/// The trainer's gate decisions (`gate-log.jsonl` in its state folder), printed as they come.
+/// The trainer's gate decisions (`gate-log.jsonl` in its state folder), read once per refresh and
+/// printed as they come.
 struct GateLog {
     path: PathBuf,
+    reports: Vec<GateReport>,
     printed: usize,
 }
 
 impl GateLog {
     fn new(path: PathBuf) -> GateLog {
-        GateLog { path, printed: 0 }
+        GateLog { path, reports: Vec::new(), printed: 0 }
     }
 
-    fn all(&self) -> Vec<GateReport> {
+    /// Reads the decisions made so far.
+    fn refresh(&mut self) -> &[GateReport] {
         let text = std::fs::read_to_string(&self.path).unwrap_or_default();
         // A line being appended right now may be incomplete; it is read next time.
-        text.lines().map_while(|line| serde_json::from_str(line).ok()).collect()
+        self.reports = text.lines().map_while(|line| serde_json::from_str(line).ok()).collect();
+        &self.reports
     }
 
+    /// Prints the decisions read but not printed yet.
     fn print_new(&mut self) {
-        let reports = self.all();
-        for report in reports.iter().skip(self.printed) {
+        for report in self.reports.iter().skip(self.printed) {
             println!("  gate: {}", report.summary());
         }
-        self.printed = self.printed.max(reports.len());
+        self.printed = self.printed.max(self.reports.len());
     }
 }
 
@@ -594,11 +600,7 @@ fn print_summary(summary: &Summary, heatmaps: &Path, state: &Path) {
         "scene", "model", "false alarms", "logical caught", "structural caught"
     );
     for row in &summary.rows {
-        let scene = match row.scene {
-            Some(Scene::AsBuilt) => "as built",
-            Some(Scene::BrighterLight) => "brighter light",
-            None => "-",
-        };
+        let scene = row.scene.map_or("-", Scene::describe);
         println!(
             "  {scene:<15} {:>5}  {:>14}  {:>14}  {:>17}",
             format!("v{}", row.model_version),

@@ -26,7 +26,7 @@ pub enum Scene {
 }
 
 impl Scene {
-    fn describe(self) -> &'static str {
+    pub fn describe(self) -> &'static str {
         match self {
             Scene::AsBuilt => "as built",
             Scene::BrighterLight => "brighter light",
@@ -92,7 +92,7 @@ pub struct Summary {
     pub retraining: RetrainingSummary,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
     pub key: String,
     pub reason: String,
@@ -303,11 +303,7 @@ impl Tally {
             threshold: self.threshold,
             sent,
             scored: self.results.len(),
-            dead_letters: self
-                .dead_letters
-                .iter()
-                .map(|d| DeadLetter { key: d.key.clone(), reason: d.reason.clone() })
-                .collect(),
+            dead_letters: self.dead_letters.clone(),
             rows: self.rows(),
             throughput_frames_per_s: self.results.values().filter(|r| r.scene == Scene::AsBuilt).count() as f64
                 / window.max(1e-3),
