@@ -374,6 +374,7 @@ mod tests {
         };
         to_infer.send(prepared(&tracker, 0)).unwrap();
         assert_eq!(version(output.blocking_recv().unwrap()), 1);
+        assert_eq!(swapper.serving_version(), 1);
 
         let refused = swapper.swap(tiny_model(9, 192)).unwrap_err().to_string();
         assert!(refused.contains("192 px"), "{refused}");
@@ -386,6 +387,7 @@ mod tests {
         to_infer.send(prepared(&tracker, 2)).unwrap();
         assert_eq!(version(output.blocking_recv().unwrap()), 2);
         assert_eq!(version(output.blocking_recv().unwrap()), 2);
+        assert_eq!(swapper.serving_version(), 2, "what the replica reports serving is what scored");
         drop(to_infer);
         assert_eq!(stage.join().unwrap(), Ok(()));
     }
