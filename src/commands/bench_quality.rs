@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
+use lineguard::model::activity::DfscActivitySummary;
 use lineguard::model::config::Preset;
 use lineguard::model::teacher::TEACHER_METADATA;
 use lineguard::model::weights::TensorFile;
@@ -44,6 +45,8 @@ struct RunResult {
     structural_auroc: Option<f64>,
     logical_au_spro: Option<f64>,
     structural_au_spro: Option<f64>,
+    /// How much the DFSC term acted over the last quarter of training (None for runs without it).
+    dfsc_activity: Option<DfscActivitySummary>,
     model: PathBuf,
     error: Option<String>,
 }
@@ -138,6 +141,7 @@ fn execute(
         eval_seconds: 0.0,
         logical_auroc: None,
         structural_auroc: None,
+        dfsc_activity: None,
         logical_au_spro: None,
         structural_au_spro: None,
         model: model.clone(),
@@ -181,7 +185,10 @@ fn execute(
     result.train_seconds = clock.elapsed().as_secs_f64();
     // A time budget may have cut the run: report the steps it really trained.
     match lineguard::model::EfficientAd::load(&model, tch::Device::Cpu) {
-        Ok(trained) => result.steps = trained.info.trained_steps,
+        Ok(trained) => {
+            result.steps = trained.info.trained_steps;
+            result.dfsc_activity = trained.info.dfsc_activity;
+        }
         Err(e) => {
             result.error = Some(format!("the trained model does not load: {e}"));
             return result;
@@ -291,23 +298,27 @@ fn markdown(
         recipe.map(|r| r.display().to_string()).unwrap_or_else(|| "the presets' own (the paper's)".into()),
         machine
     ));
-    out.push_str("| run | margin | steps | logical image AUROC | logical AU-sPRO@5% | structural image AUROC | train + eval (min) |\n");
-    out.push_str("|---|---|---|---|---|---|---|\n");
+    out.push_str(
+        "| run | margin | steps | logical image AUROC | logical AU-sPRO@5% | structural image AUROC | DFSC hinge \
+         active (last quarter) | train + eval (min) |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
     for r in results {
         let margin = r.margin.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
         let status = r.error.as_ref().map(|_| " (failed)").unwrap_or("");
         out.push_str(&format!(
-            "| {}{status} | {margin} | {} | {} | {} | {} | {:.1} |\n",
+            "| {}{status} | {margin} | {} | {} | {} | {} | {} | {:.1} |\n",
             r.name,
             r.steps,
             percent(r.logical_auroc),
             percent(r.logical_au_spro),
             percent(r.structural_auroc),
+            r.dfsc_activity.as_ref().map_or_else(|| "-".into(), |a| format!("{:.0}%", 100.0 * a.mean_active_share)),
             (r.train_seconds + r.eval_seconds) / 60.0
         ));
     }
     for (name, auroc) in PAPER_LOGICAL_AUROC {
-        out.push_str(&format!("| {name} | - | 70000 | {auroc:.1} | - | - | - |\n"));
+        out.push_str(&format!("| {name} | - | 70000 | {auroc:.1} | - | - | - | - |\n"));
     }
     out
 }

@@ -14,7 +14,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let options = EvalOptions { saturation_scale: args.saturation_scale, ..EvalOptions::default() };
     let report = evaluate(&model, &args.data, &options, args.heatmaps.as_deref())?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        // The model's provenance (steps, version, the DFSC term's activity) travels with its scores.
+        #[derive(serde::Serialize)]
+        struct WithModel<'a> {
+            #[serde(flatten)]
+            report: &'a EvalReport,
+            model: &'a lineguard::model::ModelInfo,
+        }
+        println!("{}", serde_json::to_string(&WithModel { report: &report, model: &model.info })?);
     } else {
         print_table(&report);
     }

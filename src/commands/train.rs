@@ -107,6 +107,9 @@ pub fn train(
         log::info!("{steps_run} steps in {elapsed:.1} s ({:.1} ms/step)", 1e3 * elapsed / steps_run as f64);
     }
     let model = trainer.finish(&validation, 1)?;
+    if let Some(activity) = &model.info.dfsc_activity {
+        log::info!("{}", activity.describe());
+    }
     model.save(out).with_context(|| format!("writing model {}", out.display()))?;
     super::remove_finished_checkpoint(&checkpoint);
     log::info!("model written to {}", out.display());
@@ -131,6 +134,14 @@ fn describe_losses(l: &StepLosses) -> String {
         format!("loss {:.4} (hard {:.4} ae {:.4} st-ae {:.4}", l.total, l.hard, l.autoencoder, l.student_autoencoder);
     if let Some(dfsc) = l.dfsc {
         text.push_str(&format!(" dfsc {dfsc:.3}"));
+    }
+    if let Some(activity) = &l.dfsc_activity {
+        text.push_str(&format!(
+            " [dfsc active {:.0}%, grad {:.1e} vs ae {:.1e}]",
+            100.0 * activity.active_share,
+            activity.gradient_norm,
+            activity.autoencoder_gradient_norm
+        ));
     }
     if let Some(penalty) = l.penalty {
         text.push_str(&format!(" penalty {penalty:.4}"));

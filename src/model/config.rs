@@ -62,6 +62,20 @@ pub enum DfscSelection {
     Location,
 }
 
+/// Which difference map says where the "distinctive features" are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DfscSource {
+    /// The squared difference of the pair itself. The margin is then applied where the pair is already
+    /// furthest apart, so it is mostly met without a push (measured: the hinge falls to ~0.01).
+    Pair,
+    /// The teacher–student squared difference that the hard feature loss thresholds: the features the
+    /// student finds hardest to imitate, i.e. what the teacher says that is distinctive. The margin keeps
+    /// the autoencoder from copying the teacher there, and it binds (the pair is not selected for being
+    /// apart already).
+    TeacherStudent,
+}
+
 /// Order of the two DFSC operations. The paper's text masks first, but masking first leaves one to three
 /// channels per location whose normalised values are ±1 and carry no useful gradient, hence the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +97,7 @@ pub struct DfscConfig {
     /// Quantile of the squared difference above which a feature counts as distinctive.
     pub quantile: f64,
     pub pair: DfscPair,
+    pub source: DfscSource,
     pub selection: DfscSelection,
     pub order: DfscOrder,
 }
@@ -95,6 +110,7 @@ impl Default for DfscConfig {
             margin: 0.4,
             quantile: 0.999,
             pair: DfscPair::TeacherAutoencoder,
+            source: DfscSource::Pair,
             selection: DfscSelection::Element,
             order: DfscOrder::NormaliseThenMask,
         }

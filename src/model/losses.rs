@@ -27,14 +27,25 @@ pub fn imagenet_penalty(student_on_natural_image: &Tensor) -> Tensor {
     student_on_natural_image.square().mean(Kind::Float)
 }
 
-/// The Distinctive Feature Separation Constraint: where the autoencoder is furthest from its target (the
-/// "distinctive" features), push their directions at least `margin` apart, so the autoencoder cannot learn
-/// to copy novel teacher features and logical anomalies stay visible in the autoencoder map.
+/// The DFSC term of one step and how much of it acts.
+pub struct DfscTerm {
+    /// The hinge averaged over the locations that keep at least one distinctive feature (before α).
+    pub loss: Tensor,
+    /// Share of those locations whose hinge is positive (0-d): where the margin still pushes. A term whose
+    /// share falls to zero has stopped shaping the autoencoder, whatever its weight.
+    pub active_share: Tensor,
+}
+
+/// The Distinctive Feature Separation Constraint: at the "distinctive" features, push the directions of
+/// the pair at least `margin` apart, so the autoencoder cannot learn to copy novel teacher features and
+/// logical anomalies stay visible in the autoencoder map.
 ///
 /// `target` is the first member of the pair (normalised teacher output by default) and `prediction` the
-/// second (the autoencoder output); the threshold is computed on detached values.
-pub fn dfsc_loss(target: &Tensor, prediction: &Tensor, config: &DfscConfig) -> Tensor {
-    let delta = (target.detach() - prediction.detach()).square();
+/// second (the autoencoder output). `distinctiveness` ([B, C, H, W], detached) is the squared difference
+/// map whose top quantile marks the distinctive features: the pair's own difference
+/// ([`pair_distinctiveness`]) or the teacher–student one, as `config.source` says.
+pub fn dfsc_loss(target: &Tensor, prediction: &Tensor, distinctiveness: &Tensor, config: &DfscConfig) -> DfscTerm {
+    let delta = distinctiveness.detach();
     // Mask [B, C, H, W] (element selection) or [B, 1, H, W] (location selection), 1.0 where distinctive.
     let mask = match config.selection {
         DfscSelection::Element => {
@@ -60,7 +71,14 @@ pub fn dfsc_loss(target: &Tensor, prediction: &Tensor, config: &DfscConfig) -> T
     let distance = (t - a).square().sum_dim_intlist(1, true, Kind::Float).clamp_min(1e-12).sqrt();
     let kept = mask.amax(1, true).gt(0.0).to_kind(Kind::Float);
     let hinge = (config.margin - distance).relu() * &kept;
-    hinge.sum(Kind::Float) / kept.sum(Kind::Float).clamp_min(1.0)
+    let kept_count = kept.sum(Kind::Float).clamp_min(1.0);
+    let active = hinge.detach().gt(0.0).to_kind(Kind::Float).sum(Kind::Float);
+    DfscTerm { loss: hinge.sum(Kind::Float) / &kept_count, active_share: active / kept_count }
+}
+
+/// The pair's own squared difference, detached: DFSC's distinctiveness map for `DfscSource::Pair`.
+pub fn pair_distinctiveness(target: &Tensor, prediction: &Tensor) -> Tensor {
+    (target.detach() - prediction.detach()).square()
 }
 
 /// Unit vectors along the channel dimension at every location.
@@ -98,6 +116,11 @@ mod tests {
 
     fn scalar(x: &Tensor) -> f64 {
         x.double_value(&[])
+    }
+
+    /// The DFSC loss with the pair's own difference as the distinctiveness map (the `pair` source).
+    fn pair_loss(target: &Tensor, prediction: &Tensor, config: &DfscConfig) -> Tensor {
+        dfsc_loss(target, prediction, &pair_distinctiveness(target, prediction), config).loss
     }
 
     fn config(margin: f64, quantile: f64) -> DfscConfig {
@@ -138,13 +161,13 @@ mod tests {
         let target = t(&[1.0, 0.0], &[1, 2, 1, 1]);
         let prediction = t(&[0.0, 1.0], &[1, 2, 1, 1]);
         // Quantile 0: every element is distinctive. Margin 2 → 2 - sqrt(2).
-        let loss = dfsc_loss(&target, &prediction, &config(2.0, 0.0));
+        let loss = pair_loss(&target, &prediction, &config(2.0, 0.0));
         assert!((scalar(&loss) - (2.0 - 2f64.sqrt())).abs() < 1e-6);
         // Margin 1 < sqrt(2): already separated, no loss.
-        assert_eq!(scalar(&dfsc_loss(&target, &prediction, &config(1.0, 0.0))), 0.0);
+        assert_eq!(scalar(&pair_loss(&target, &prediction, &config(1.0, 0.0))), 0.0);
         // Identical directions: distance 0, loss = margin.
         let same = t(&[2.0, 0.0], &[1, 2, 1, 1]);
-        assert!((scalar(&dfsc_loss(&target, &same, &config(0.4, 0.0))) - 0.4).abs() < 1e-5);
+        assert!((scalar(&pair_loss(&target, &same, &config(0.4, 0.0))) - 0.4).abs() < 1e-5);
     }
 
     #[test]
@@ -158,12 +181,42 @@ mod tests {
         // although its hinge would have been 2).
         let target = t(&[1.0, 1.0, 0.0, 0.0], &[1, 2, 1, 2]);
         let prediction = t(&[1.0, 0.0, 0.0, 1.0], &[1, 2, 1, 2]);
-        let loss = dfsc_loss(&target, &prediction, &config(2.0, 0.5));
+        let loss = pair_loss(&target, &prediction, &config(2.0, 0.5));
         assert!((scalar(&loss) - (2.0 - 2f64.sqrt())).abs() < 1e-6, "{}", scalar(&loss));
 
         // Location selection reads the channel mean of the diffs (0, 1): τ = 0.5 keeps location 1 again.
         let by_location = DfscConfig { selection: DfscSelection::Location, ..config(2.0, 0.5) };
-        assert!((scalar(&dfsc_loss(&target, &prediction, &by_location)) - (2.0 - 2f64.sqrt())).abs() < 1e-6);
+        assert!((scalar(&pair_loss(&target, &prediction, &by_location)) - (2.0 - 2f64.sqrt())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dfsc_from_the_teacher_student_map_binds_where_the_pair_is_close() {
+        // Two locations, two channels [B=1, C=2, H=1, W=2]:
+        //   location 0: target (1, 0), prediction (1, 0)   → the autoencoder copies the teacher
+        //   location 1: target (1, 0), prediction (0, 1)   → already sqrt(2) apart
+        let target = t(&[1.0, 1.0, 0.0, 0.0], &[1, 2, 1, 2]);
+        let prediction = t(&[1.0, 0.0, 0.0, 1.0], &[1, 2, 1, 2]);
+        // The pair's own difference selects location 1, where the margin already holds: nothing acts.
+        let own = dfsc_loss(&target, &prediction, &pair_distinctiveness(&target, &prediction), &config(0.4, 0.5));
+        assert_eq!(scalar(&own.loss), 0.0);
+        assert_eq!(scalar(&own.active_share), 0.0);
+        // A teacher–student map that finds location 0 distinctive (both channels) selects the copied
+        // features: the hinge is the whole margin there.
+        let teacher_student = t(&[1.0, 0.0, 1.0, 0.0], &[1, 2, 1, 2]);
+        let bound = dfsc_loss(&target, &prediction, &teacher_student, &config(0.4, 0.5));
+        assert!((scalar(&bound.loss) - 0.4).abs() < 1e-6, "{}", scalar(&bound.loss));
+        assert_eq!(scalar(&bound.active_share), 1.0);
+    }
+
+    #[test]
+    fn dfsc_active_share_counts_the_kept_locations_that_still_push() {
+        // Same pair; quantile 0 keeps both locations. Margin 1: location 0 (distance 0) pushes with 1,
+        // location 1 (distance sqrt 2) does not. Loss (1 + 0) / 2, active share 1 / 2.
+        let target = t(&[1.0, 1.0, 0.0, 0.0], &[1, 2, 1, 2]);
+        let prediction = t(&[1.0, 0.0, 0.0, 1.0], &[1, 2, 1, 2]);
+        let term = dfsc_loss(&target, &prediction, &pair_distinctiveness(&target, &prediction), &config(1.0, 0.0));
+        assert!((scalar(&term.loss) - 0.5).abs() < 1e-6);
+        assert_eq!(scalar(&term.active_share), 0.5);
     }
 
     #[test]
@@ -175,23 +228,23 @@ mod tests {
         // Mask then normalise: t = (0,1,2)/√5; a = (0,0,0) stays 0; distance = 1.
         let target = t(&[1.0, 1.0, 2.0], &[1, 3, 1, 1]);
         let prediction = t(&[1.0, 0.0, 0.0], &[1, 3, 1, 1]);
-        let first = dfsc_loss(&target, &prediction, &config(2.0, 0.5));
+        let first = pair_loss(&target, &prediction, &config(2.0, 0.5));
         assert!((scalar(&first) - (2.0 - (5.0f64 / 6.0).sqrt())).abs() < 1e-5, "{}", scalar(&first));
         let mask_first = DfscConfig { order: DfscOrder::MaskThenNormalise, ..config(2.0, 0.5) };
-        assert!((scalar(&dfsc_loss(&target, &prediction, &mask_first)) - 1.0).abs() < 1e-5);
+        assert!((scalar(&pair_loss(&target, &prediction, &mask_first)) - 1.0).abs() < 1e-5);
     }
 
     #[test]
     fn dfsc_gradient_pushes_the_prediction_away_and_stays_finite() {
         let target = t(&[1.0, 0.0, 0.0, 0.0], &[1, 2, 1, 2]);
         let prediction = t(&[0.9, 0.0, 0.1, 0.0], &[1, 2, 1, 2]).set_requires_grad(true);
-        let loss = dfsc_loss(&target, &prediction, &config(1.0, 0.0));
+        let loss = pair_loss(&target, &prediction, &config(1.0, 0.0));
         loss.backward();
         let grad = prediction.grad();
         assert!(bool::try_from(grad.isfinite().all()).unwrap(), "gradient must be finite: {grad:?}");
         // Moving the prediction along its gradient would shrink the distance: the step -grad grows it.
         let stepped = prediction.detach() - grad * 0.1;
-        let after = dfsc_loss(&target, &stepped, &config(1.0, 0.0));
+        let after = pair_loss(&target, &stepped, &config(1.0, 0.0));
         assert!(scalar(&after) < scalar(&loss));
     }
 

@@ -10,6 +10,7 @@
 //!
 //! [`EfficientAd`] is the trained detector that `predict`, `eval` and the streaming service load.
 
+pub mod activity;
 pub mod backbone;
 pub mod config;
 pub mod distill;
@@ -73,6 +74,10 @@ pub struct ModelInfo {
     pub trained_steps: u64,
     pub created_unix: u64,
     pub lineguard_version: String,
+    /// How much the DFSC term acted over the last quarter of training (absent without DFSC and in files
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dfsc_activity: Option<activity::DfscActivitySummary>,
 }
 
 impl ModelInfo {
@@ -82,6 +87,7 @@ impl ModelInfo {
             trained_steps,
             created_unix: unix_seconds(),
             lineguard_version: env!("CARGO_PKG_VERSION").to_string(),
+            dfsc_activity: None,
         }
     }
 }

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use super::config::{DfscPair, Recipe, TrainConfig};
-use super::losses::{dfsc_loss, hard_feature_loss, imagenet_penalty, mse, quantile_of};
+use super::activity::{DfscActivity, DfscActivitySummary};
+use super::config::{DfscPair, DfscSource, Recipe, TrainConfig};
+use super::losses::{dfsc_loss, hard_feature_loss, imagenet_penalty, mse, pair_distinctiveness, quantile_of};
 use super::net::Pdn;
 use super::weights::{self, TensorFile};
 use super::{EfficientAd, MapQuantiles, ModelInfo};
@@ -39,6 +40,7 @@ pub struct StepLosses {
     pub autoencoder: f64,
     pub student_autoencoder: f64,
     pub dfsc: Option<f64>,
+    pub dfsc_activity: Option<DfscActivity>,
     pub penalty: Option<f64>,
     pub total: f64,
     pub learning_rate: f64,
@@ -136,6 +138,8 @@ pub fn learning_rate(train: &TrainConfig, step: u64) -> f64 {
 struct TrainState {
     step: u64,
     optimizer_steps: u64,
+    #[serde(default)]
+    dfsc_activity: Option<DfscActivitySummary>,
 }
 
 /// Trains one model; owns the networks, the EMA copy of the student and the optimiser state.
@@ -146,6 +150,8 @@ pub struct Trainer {
     /// Trainable parameters sorted by their file name, so checkpoints map moments by name.
     params: Vec<(String, Tensor)>,
     pub step: u64,
+    /// The DFSC term's activity over the last quarter of the run (None without DFSC).
+    dfsc_activity: Option<DfscActivitySummary>,
     images: Tensor,
     natural_images: Vec<PathBuf>,
 }
@@ -197,7 +203,8 @@ impl Trainer {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let optimizer = AdamW::new(&tensors, model.recipe.train.weight_decay);
-        let mut trainer = Trainer { model, ema, optimizer, params, step: 0, images, natural_images };
+        let mut trainer =
+            Trainer { model, ema, optimizer, params, step: 0, dfsc_activity: None, images, natural_images };
         if let Some((file, path)) = state {
             trainer.restore_state(file, path)?;
         }
@@ -230,7 +237,8 @@ impl Trainer {
         }
         let mut model = EfficientAd::from_tensor_file(&mut file, Path::new("<candidate>"), self.model.device)?;
         model.map_quantiles = Some(map_quantiles(&model, calibration)?);
-        model.info = ModelInfo::new(model_version, self.step);
+        model.info =
+            ModelInfo { dfsc_activity: self.dfsc_activity.clone(), ..ModelInfo::new(model_version, self.step) };
         Ok(model)
     }
 
@@ -259,28 +267,41 @@ impl Trainer {
         let hard = hard_feature_loss(&teacher, &student.narrow(1, 0, c), train.hard_quantile);
 
         // EfficientAD feeds a colour-jittered copy to the autoencoder branch; DFSC feeds the same image.
-        let (teacher_ae, student_ae, ae_input) = if train.augmentation {
+        // `student_on_ae_input` is the student's full output on that input (both halves of its channels).
+        let (teacher_ae, student_on_ae_input, ae_input) = if train.augmentation {
             let jittered = preprocess::jitter(&batch, rng.gen_range(0..3), rng.gen_range(0.8..1.2));
             let teacher_ae = self.model.teacher_features(&jittered);
-            let student_ae = self.model.student.forward(&jittered).narrow(1, c, c);
-            (teacher_ae, student_ae, jittered)
+            let student_on_jittered = self.model.student.forward(&jittered);
+            (teacher_ae, student_on_jittered, jittered)
         } else {
-            (teacher.shallow_clone(), student.narrow(1, c, c), batch.shallow_clone())
+            (teacher.shallow_clone(), student.shallow_clone(), batch.shallow_clone())
         };
+        let student_ae = student_on_ae_input.narrow(1, c, c);
         let autoencoder = self.model.autoencoder.forward_t(&ae_input, true);
         let ae_loss = mse(&teacher_ae, &autoencoder);
         let stae_loss = mse(&autoencoder, &student_ae);
         let mut total = &hard + &ae_loss + &stae_loss;
 
-        let dfsc = if recipe.dfsc.enabled {
-            let loss = match recipe.dfsc.pair {
-                DfscPair::TeacherAutoencoder => dfsc_loss(&teacher_ae, &autoencoder, &recipe.dfsc),
-                DfscPair::AutoencoderStudent => dfsc_loss(&autoencoder, &student_ae, &recipe.dfsc),
+        let (dfsc, dfsc_activity) = if recipe.dfsc.enabled {
+            let (target, prediction) = match recipe.dfsc.pair {
+                DfscPair::TeacherAutoencoder => (&teacher_ae, &autoencoder),
+                DfscPair::AutoencoderStudent => (&autoencoder, &student_ae),
             };
-            total += &loss * recipe.dfsc.alpha;
-            Some(loss.double_value(&[]))
+            let distinctiveness = match recipe.dfsc.source {
+                DfscSource::Pair => pair_distinctiveness(target, prediction),
+                DfscSource::TeacherStudent => pair_distinctiveness(&teacher_ae, &student_on_ae_input.narrow(1, 0, c)),
+            };
+            let term = dfsc_loss(target, prediction, &distinctiveness, &recipe.dfsc);
+            let weighted = &term.loss * recipe.dfsc.alpha;
+            let activity = DfscActivity {
+                active_share: term.active_share.double_value(&[]),
+                gradient_norm: gradient_norm(&weighted, &autoencoder),
+                autoencoder_gradient_norm: gradient_norm(&ae_loss, &autoencoder),
+            };
+            total += weighted;
+            (Some(term.loss.double_value(&[])), Some(activity))
         } else {
-            None
+            (None, None)
         };
         let penalty = if self.natural_images.is_empty() {
             None
@@ -300,6 +321,7 @@ impl Trainer {
             autoencoder: ae_loss.double_value(&[]),
             student_autoencoder: stae_loss.double_value(&[]),
             dfsc,
+            dfsc_activity,
             penalty,
             total: total_value,
             learning_rate: learning_rate(train, self.step),
@@ -316,6 +338,15 @@ impl Trainer {
         if let (Some((ema_vs, _)), Some(momentum)) = (&self.ema, train.ema_momentum) {
             update_ema(ema_vs, &self.model.student_vs, momentum);
         }
+        if let (Some(loss), Some(reading)) = (losses.dfsc, &losses.dfsc_activity) {
+            let total_steps = self.total_steps();
+            self.dfsc_activity.get_or_insert_with(DfscActivitySummary::default).record(
+                self.step,
+                total_steps,
+                loss,
+                reading,
+            );
+        }
         self.step += 1;
         Ok(losses)
     }
@@ -327,7 +358,11 @@ impl Trainer {
             weights::export_store(ema_vs, "ema", &mut file.tensors);
         }
         self.optimizer.export(&self.params, &mut file.tensors);
-        let state = TrainState { step: self.step, optimizer_steps: self.optimizer.steps_taken };
+        let state = TrainState {
+            step: self.step,
+            optimizer_steps: self.optimizer.steps_taken,
+            dfsc_activity: self.dfsc_activity.clone(),
+        };
         file.metadata.insert("train_state".into(), serde_json::to_string(&state).unwrap_or_default());
         file.save(path)?;
         Ok(())
@@ -354,6 +389,7 @@ impl Trainer {
         }
         self.optimizer.import(&self.params, file, path, state.optimizer_steps)?;
         self.step = state.step;
+        self.dfsc_activity = state.dfsc_activity;
         Ok(())
     }
 
@@ -363,13 +399,23 @@ impl Trainer {
             self.model.student_vs.copy(ema_vs).map_err(WeightsError::from)?;
         }
         self.model.map_quantiles = Some(map_quantiles(&self.model, validation)?);
-        self.model.info = ModelInfo::new(model_version, self.step);
+        self.model.info =
+            ModelInfo { dfsc_activity: self.dfsc_activity.clone(), ..ModelInfo::new(model_version, self.step) };
         Ok(self.model)
     }
 
     /// Names and current values of every trainable parameter (for tests and diagnostics).
     pub fn parameters(&self) -> BTreeMap<String, Tensor> {
         self.params.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect()
+    }
+}
+
+/// Norm of the gradient that `loss` alone sends into `output` (the graph is kept for the real backward).
+/// NaN when `loss` does not reach `output`, which a reader of the log then sees.
+fn gradient_norm(loss: &Tensor, output: &Tensor) -> f64 {
+    match Tensor::f_run_backward(&[loss], &[output], true, false) {
+        Ok(gradients) => gradients.first().map_or(f64::NAN, |g| g.norm().double_value(&[])),
+        Err(_) => f64::NAN,
     }
 }
 
