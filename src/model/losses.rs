@@ -204,7 +204,7 @@ mod tests {
         // features: the hinge is the whole margin there.
         let teacher_student = t(&[1.0, 0.0, 1.0, 0.0], &[1, 2, 1, 2]);
         let bound = dfsc_loss(&target, &prediction, &teacher_student, &config(0.4, 0.5));
-        assert!((scalar(&bound.loss) - 0.4).abs() < 1e-6, "{}", scalar(&bound.loss));
+        assert!((scalar(&bound.loss) - 0.4).abs() < 1e-5, "{}", scalar(&bound.loss));
         assert_eq!(scalar(&bound.active_share), 1.0);
     }
 

@@ -550,6 +550,34 @@ mod tests {
     }
 
     #[test]
+    fn dfsc_activity_is_read_every_step_and_its_last_quarter_reaches_the_model_file() {
+        let mut recipe = tiny_recipe(Preset::Dfsc, 8);
+        recipe.dfsc.source = crate::model::config::DfscSource::TeacherStudent;
+        let mut trainer = Trainer::new(recipe, images(2), Device::Cpu).unwrap();
+        for _ in 0..7 {
+            let reading = trainer.step().unwrap().dfsc_activity.expect("a DFSC run reads its activity");
+            assert!((0.0..=1.0).contains(&reading.active_share), "{reading:?}");
+            // Both terms push on the autoencoder's output: the norms are finite and not zero.
+            assert!(reading.gradient_norm.is_finite() && reading.autoencoder_gradient_norm > 0.0, "{reading:?}");
+        }
+        // The tally survives a checkpoint: steps 6 and 7 make the last quarter of 8.
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoint = dir.path().join("run.checkpoint.safetensors");
+        trainer.save_checkpoint(&checkpoint).unwrap();
+        let mut resumed = Trainer::resume(&checkpoint, images(2), Device::Cpu).unwrap();
+        resumed.step().unwrap();
+        let model = resumed.finish(&images(1), 1).unwrap();
+        let summary = model.info.dfsc_activity.expect("the model file says how DFSC acted");
+        assert_eq!((summary.from_step, summary.steps), (6, 2));
+        assert!(summary.mean_loss > 0.0 && summary.mean_autoencoder_gradient_norm > 0.0, "{summary:?}");
+
+        // Without DFSC there is nothing to read.
+        let mut baseline = Trainer::new(tiny_recipe(Preset::EfficientadS, 1), images(2), Device::Cpu).unwrap();
+        assert!(baseline.step().unwrap().dfsc_activity.is_none());
+        assert!(baseline.finish(&images(1), 1).unwrap().info.dfsc_activity.is_none());
+    }
+
+    #[test]
     fn ema_student_lags_the_trained_student() {
         let mut trainer = Trainer::new(tiny_recipe(Preset::Dfsc, 3), images(2), Device::Cpu).unwrap();
         let before = trainer.parameters();
