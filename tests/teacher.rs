@@ -143,6 +143,37 @@ fn a_distilled_teacher_trains_a_model_and_the_quality_benchmark_reports_every_ru
     assert!(common::stdout(&output).contains("teacher written"), "{}", common::stdout(&output));
     assert!(!dir.path().join("teacher.distill-checkpoint.safetensors").exists(), "finished runs leave no checkpoint");
 
+    // A later session continues the teacher from its file alone, to more steps, and says so.
+    let continued = dir.path().join("teacher-3.safetensors");
+    let continue_to = |steps: &str, from: &Path, out: &Path| {
+        common::stdout(&lineguard_ok(&[
+            "distill-teacher",
+            "--images",
+            path_str(&images),
+            "--out",
+            path_str(out),
+            "--backbone",
+            path_str(&backbone),
+            "--steps",
+            steps,
+            "--batch-size",
+            "2",
+            "--image-size",
+            "128",
+            "--continue-from",
+            path_str(from),
+            "--cpu",
+        ]))
+    };
+    assert!(continue_to("3", &teacher, &continued).contains("teacher written"));
+    let provenance = teacher_provenance(&continued);
+    assert_eq!(provenance["config"]["steps"], 3, "{provenance}");
+    assert_eq!(provenance["continued_from"]["config"]["steps"], 2, "{provenance}");
+    // A teacher that has its steps already is left as it is.
+    let again = dir.path().join("teacher-again.safetensors");
+    assert!(continue_to("3", &continued, &again).contains("nothing to distil"));
+    assert_eq!(teacher_provenance(&again), provenance);
+
     let data = dir.path().join("synth");
     common::synth_small(&data, 4, 3, 3);
     let out_dir = dir.path().join("bench");
@@ -168,6 +199,10 @@ fn a_distilled_teacher_trains_a_model_and_the_quality_benchmark_reports_every_ru
     let runs = results["runs"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["efficientad_s", "dfsc_m0.4"]);
+    // Every DFSC run says how much its margin term acted; the baseline has none.
+    assert!(runs[0]["dfsc_activity"].is_null(), "{}", runs[0]);
+    let share = runs[1]["dfsc_activity"]["mean_active_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share), "{}", runs[1]);
     for run in runs {
         assert_eq!(run["steps"], 2, "{run}");
         let auroc = run["logical_auroc"].as_f64().unwrap();
@@ -176,6 +211,11 @@ fn a_distilled_teacher_trains_a_model_and_the_quality_benchmark_reports_every_ru
     }
     let table = std::fs::read_to_string(out_dir.join("results.md")).unwrap();
     assert!(table.contains("| dfsc_m0.4 | 0.4 | 2 |") && table.contains("DFSC (paper)"), "{table}");
+}
+
+fn teacher_provenance(path: &Path) -> serde_json::Value {
+    let file = lineguard::model::weights::TensorFile::load(path, Device::Cpu).unwrap();
+    serde_json::from_str(&file.metadata[lineguard::model::teacher::TEACHER_METADATA]).unwrap()
 }
 
 #[test]

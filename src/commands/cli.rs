@@ -200,8 +200,13 @@ pub struct DistillTeacherArgs {
     #[arg(long, default_value_t = 500)]
     pub checkpoint_every: u64,
     /// Continue from the checkpoint beside --out (its settings apply; --steps may extend the run).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "continue_from")]
     pub resume: bool,
+    /// Continue a teacher that an earlier, time-capped distillation wrote: its weights and step count, with
+    /// fresh optimiser moments (the full checkpoint is three times the teacher's size and may not survive
+    /// the session, e.g. on a lent GPU). Does nothing when the teacher already has --steps steps.
+    #[arg(long, value_name = "TEACHER")]
+    pub continue_from: Option<PathBuf>,
     /// Distil at most this long: after a few steps the step count is cut to what the measured rate allows.
     #[arg(long)]
     pub max_minutes: Option<f64>,

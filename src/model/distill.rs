@@ -258,6 +258,18 @@ impl Distiller {
         Ok(value)
     }
 
+    /// Starts from a teacher written by an earlier run of `steps_done` steps: its weights, fresh optimiser
+    /// moments (AdamW's bias correction rebuilds them within a few hundred steps). The target statistics
+    /// are recomputed from the same images, so they match the earlier run's when the images do.
+    pub fn warm_start(&mut self, teacher: &mut TensorFile, path: &Path, steps_done: u64) -> Result<(), TrainError> {
+        for (name, mut variable) in self.pdn_vs.variables() {
+            let source = teacher.take(path, &name, &variable.size())?;
+            tch::no_grad(|| variable.copy_(&source));
+        }
+        self.step = steps_done;
+        Ok(())
+    }
+
     /// The teacher's weights, keyed `conv1.weight` … `conv4.bias` on the CPU (see [`super::teacher`]).
     pub fn teacher_tensors(&self) -> BTreeMap<String, Tensor> {
         self.pdn_vs.variables().into_iter().map(|(k, t)| (k, t.detach().to_device(Device::Cpu))).collect()
