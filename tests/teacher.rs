@@ -213,6 +213,76 @@ fn a_distilled_teacher_trains_a_model_and_the_quality_benchmark_reports_every_ru
     assert!(table.contains("| dfsc_m0.4 | 0.4 | 2 |") && table.contains("DFSC (paper)"), "{table}");
 }
 
+/// The GPU window's script, rehearsed on the CPU at toy sizes so that it cannot rot between windows: a
+/// first window distils and runs one seed; the next continues the teacher it committed and runs only the
+/// seed still missing; a last one finds everything done.
+#[test]
+fn gpu_quality_script_rehearses_on_the_cpu_and_resumes_across_windows() {
+    let Some(files) = few_images(4) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for file in &files {
+        std::fs::copy(file, images.join(file.file_name().unwrap())).unwrap();
+    }
+    let data = dir.path().join("synth");
+    common::synth_small(&data, 4, 3, 3);
+    let backbone = backbone_checkpoint();
+    let window = |results: &Path, teacher: &Path, done: &Path, distill_steps: &str, seeds: &str| {
+        let output = std::process::Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu_quality.sh"))
+            .env("LINEGUARD", env!("CARGO_BIN_EXE_lineguard"))
+            .env("REQUIRE_CUDA", "0")
+            .env("DISTILL_STEPS", distill_steps)
+            .env("DISTILL_ARGS", "--image-size 128 --batch-size 2 --cpu")
+            .env("BENCH_ARGS", "--image-size 128 --steps 2 --cpu")
+            .env("PREDICT_ARGS", "--cpu")
+            .env("SEEDS", seeds)
+            .env("MARGINS", "0.4")
+            .env("PARALLEL", "1")
+            .env("SATURATION_SCALE", "1")
+            .env("IMAGES", &images)
+            .env("DATA", &data)
+            .env("BACKBONE", &backbone)
+            .env("TEACHER", teacher)
+            .env("DONE", done)
+            .env("WORK", dir.path().join("work"))
+            .env("RESULTS", results)
+            .env_remove("OUT")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", common::stdout(&output), common::stderr(&output));
+        assert!(output.status.success(), "{text}");
+        text
+    };
+    let first = dir.path().join("window-1");
+    window(&first, &dir.path().join("no-teacher-yet.safetensors"), &dir.path().join("nothing-done"), "2", "1");
+    assert_eq!(teacher_provenance(&first.join("teacher.safetensors"))["config"]["steps"], 2);
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(first.join("quality-seed1.json")).unwrap()).unwrap();
+    assert_eq!(results["seed"], 1, "{results}");
+    let log = std::fs::read_to_string(first.join("gpu-quality.log")).unwrap();
+    assert!(log.contains("images scored"), "{log}");
+
+    // The next window: the committed teacher goes on to 3 steps, seed 1 is not run again.
+    let second = dir.path().join("window-2");
+    let text = window(&second, &first.join("teacher.safetensors"), &first, "3", "1 2");
+    assert!(text.contains("seed 1: done in an earlier window"), "{text}");
+    let provenance = teacher_provenance(&second.join("teacher.safetensors"));
+    assert_eq!(
+        (provenance["config"]["steps"].as_u64(), provenance["continued_from"]["config"]["steps"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert!(second.join("quality-seed2.json").is_file() && !second.join("quality-seed1.json").exists());
+    let summary = std::fs::read_to_string(second.join("summary.md")).unwrap();
+    assert!(summary.contains("quality-seed1") && summary.contains("quality-seed2"), "{summary}");
+
+    // Nothing left: the complete teacher is not sent back again.
+    let third = dir.path().join("window-3");
+    let text = window(&third, &second.join("teacher.safetensors"), &second, "3", "2");
+    assert!(text.contains("is complete") && !third.join("teacher.safetensors").exists(), "{text}");
+}
+
 fn teacher_provenance(path: &Path) -> serde_json::Value {
     let file = lineguard::model::weights::TensorFile::load(path, Device::Cpu).unwrap();
     serde_json::from_str(&file.metadata[lineguard::model::teacher::TEACHER_METADATA]).unwrap()
