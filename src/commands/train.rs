@@ -3,6 +3,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use lineguard::data::loco::{self, LocoDataset};
+use lineguard::model::activity::DfscActivity;
 use lineguard::model::config::Recipe;
 use lineguard::model::train::{StepLosses, Trainer};
 use lineguard::model::EfficientAd;
@@ -87,13 +88,16 @@ pub fn train(
     let started = Instant::now();
     let first_step = trainer.step;
     let mut budget = TimeBudget::new(max_minutes, first_step);
+    // The activity is read every few steps; the progress line shows the latest reading.
+    let mut dfsc_activity = None;
     while !trainer.is_done() {
         let losses = trainer.step()?;
+        dfsc_activity = losses.dfsc_activity.or(dfsc_activity);
         if let Some(cut) = budget.as_mut().and_then(|b| b.after_step(trainer.step, trainer.total_steps())) {
             trainer.model.recipe.train.steps = cut;
             progress.set_length(cut);
         }
-        progress.set_position(trainer.step, &describe_losses(&losses));
+        progress.set_position(trainer.step, &describe_losses(&losses, dfsc_activity.as_ref()));
         if every > 0 && trainer.step % every == 0 && !trainer.is_done() {
             trainer
                 .save_checkpoint(&checkpoint)
@@ -129,13 +133,13 @@ pub(super) fn load(paths: &[PathBuf], side: u32, what: &str) -> anyhow::Result<T
     Ok(images)
 }
 
-fn describe_losses(l: &StepLosses) -> String {
+fn describe_losses(l: &StepLosses, dfsc_activity: Option<&DfscActivity>) -> String {
     let mut text =
         format!("loss {:.4} (hard {:.4} ae {:.4} st-ae {:.4}", l.total, l.hard, l.autoencoder, l.student_autoencoder);
     if let Some(dfsc) = l.dfsc {
         text.push_str(&format!(" dfsc {dfsc:.3}"));
     }
-    if let Some(activity) = &l.dfsc_activity {
+    if let Some(activity) = dfsc_activity {
         text.push_str(&format!(
             " [dfsc active {:.0}%, grad {:.1e} vs ae {:.1e}]",
             100.0 * activity.active_share,

@@ -17,13 +17,15 @@ pub struct DfscActivity {
     pub autoencoder_gradient_norm: f64,
 }
 
-/// Means over the last quarter of a run's steps (the state the served model was trained into), stored in
-/// the model file's `info`.
+/// Means over the readings of the last quarter of a run's steps (the state the served model was trained
+/// into), stored in the model file's `info`. The trainer reads the term every few steps (see
+/// `Trainer::dfsc_activity_every`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DfscActivitySummary {
-    /// First step of the tally and how many steps it holds.
+    /// First and last step read, and how many readings the means hold.
     pub from_step: u64,
-    pub steps: u64,
+    pub to_step: u64,
+    pub readings: u64,
     /// Mean DFSC term before α.
     pub mean_loss: f64,
     pub mean_active_share: f64,
@@ -39,26 +41,28 @@ impl DfscActivitySummary {
         if step < last_quarter_from {
             return;
         }
-        if self.steps == 0 || self.from_step < last_quarter_from {
+        if self.readings == 0 || self.from_step < last_quarter_from {
             *self = DfscActivitySummary { from_step: step, ..DfscActivitySummary::default() };
         }
-        let n = self.steps as f64;
+        let n = self.readings as f64;
         let mean = |old: f64, new: f64| (old * n + new) / (n + 1.0);
         self.mean_loss = mean(self.mean_loss, loss);
         self.mean_active_share = mean(self.mean_active_share, reading.active_share);
         self.mean_gradient_norm = mean(self.mean_gradient_norm, reading.gradient_norm);
         self.mean_autoencoder_gradient_norm =
             mean(self.mean_autoencoder_gradient_norm, reading.autoencoder_gradient_norm);
-        self.steps += 1;
+        self.readings += 1;
+        self.to_step = step;
     }
 
     /// One line for logs and reports.
     pub fn describe(&self) -> String {
         format!(
-            "DFSC over steps {}..{}: term {:.4}, hinge active at {:.0}% of the selected locations, gradient \
-             {:.3e} vs the autoencoder loss's {:.3e}",
+            "DFSC over steps {}..={} ({} readings): term {:.4}, hinge active at {:.0}% of the selected \
+             locations, gradient {:.3e} vs the autoencoder loss's {:.3e}",
             self.from_step,
-            self.from_step + self.steps,
+            self.to_step,
+            self.readings,
             self.mean_loss,
             100.0 * self.mean_active_share,
             self.mean_gradient_norm,
@@ -83,7 +87,7 @@ mod tests {
             let share = if step < 6 { 1.0 } else { 0.25 * (step - 5) as f64 };
             summary.record(step, 8, share, &reading(share));
         }
-        assert_eq!((summary.from_step, summary.steps), (6, 2));
+        assert_eq!((summary.from_step, summary.to_step, summary.readings), (6, 7, 2));
         assert!((summary.mean_active_share - 0.375).abs() < 1e-12);
         assert!((summary.mean_loss - 0.375).abs() < 1e-12);
         assert!((summary.mean_gradient_norm - 0.75).abs() < 1e-12);
@@ -100,7 +104,7 @@ mod tests {
         for step in 8..16 {
             summary.record(step, 16, 0.0, &reading(0.0));
         }
-        assert_eq!((summary.from_step, summary.steps), (12, 4));
+        assert_eq!((summary.from_step, summary.to_step, summary.readings), (12, 15, 4));
         assert_eq!(summary.mean_active_share, 0.0);
     }
 }
