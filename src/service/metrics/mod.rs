@@ -55,6 +55,7 @@ pub struct Metrics {
     retrain_frames: IntCounterVec,
     retrain_steps: IntCounterVec,
     retrain_loss: GaugeVec,
+    retrain_dfsc_active_share: GaugeVec,
     oldest_unacknowledged: GaugeVec,
     retrain_waits: IntCounterVec,
     retrain_state_write_errors: IntCounterVec,
@@ -226,6 +227,17 @@ impl Metrics {
                 let metric = GaugeVec::new(
                     Opts::new("lineguard_retrain_loss", "Loss terms of the latest retraining step."),
                     &["line", "term"],
+                )?;
+                r.register(Box::new(metric.clone()))?;
+                metric
+            },
+            retrain_dfsc_active_share: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "lineguard_retrain_dfsc_active_share",
+                        "Share of the features the DFSC margin selects where it still pushes (latest reading).",
+                    ),
+                    &["line"],
                 )?;
                 r.register(Box::new(metric.clone()))?;
                 metric

@@ -81,6 +81,9 @@ impl RetrainMetrics {
                 self.metrics.retrain_loss.with_label_values(&[self.line.as_str(), term]).set(value);
             }
         }
+        if let Some(activity) = &losses.dfsc_activity {
+            self.metrics.retrain_dfsc_active_share.with_label_values(&[self.line.as_str()]).set(activity.active_share);
+        }
     }
 
     pub fn waited(&self, cause: WaitCause) {
