@@ -34,6 +34,8 @@ pub enum ImageError {
     Decode { origin: String, source: image::ImageError },
     #[error("image {origin} is empty (0 bytes)")]
     Empty { origin: String },
+    #[error("image {origin} is a truncated JPEG (no end-of-image marker): cut short by the camera or the network")]
+    Truncated { origin: String },
     #[error("image {origin} is {width}x{height}: too small (at least {min}x{min} pixels)")]
     TooSmall { origin: String, width: u32, height: u32, min: u32 },
     #[error("image {origin} declares {width}x{height} pixels: too large ({limit}); not decoded")]

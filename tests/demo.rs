@@ -74,3 +74,44 @@ fn the_demo_retrains_under_new_light_and_promotes_a_model_with_fewer_false_alarm
         .collect();
     assert!(parents.windows(2).all(|w| w[0] < w[1]), "promoted from {parents:?}");
 }
+
+/// `lineguard demo --real DIR --model M`: the real juice_bottle images (400x800 JPEG) stream through the
+/// same pipeline. The model is a narrow 3-step one (what it catches is not the point here); every test
+/// image must be scored once, the broken messages, a cut-off JPEG among them, dead-lettered with their
+/// reasons, and the synthetic line's second act must not play.
+#[test]
+fn the_demo_streams_a_real_category_with_a_given_model() {
+    let Some(real) = common::shared_dataset("mvtec_loco_juice_bottle") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.safetensors");
+    common::train_tiny(&real, &model);
+    let workdir = dir.path().join("demo");
+    let output = lineguard_ok(&[
+        "demo",
+        "--real",
+        path_str(&real),
+        "--model",
+        path_str(&model),
+        "--workdir",
+        path_str(&workdir),
+        "--rate",
+        "0",
+        "--cpu",
+    ]);
+    let printed = stdout(&output);
+    let text = std::fs::read_to_string(workdir.join("summary.json")).unwrap();
+    let summary: Value = serde_json::from_str(&text).unwrap();
+    let count_files = |split: &str| lineguard::data::loco::list_images(&real.join("test").join(split)).unwrap().len();
+    let as_built = rows(&summary, "as_built");
+    assert_eq!(as_built.len(), 1, "one model, one scene: {text}");
+    let row = as_built[0];
+    assert_eq!(count(row, "good") as usize, count_files("good"), "{text}");
+    assert_eq!(count(row, "logical") as usize, count_files("logical_anomalies"), "{text}");
+    assert_eq!(count(row, "structural"), 0, "{text}");
+    let mut reasons: Vec<&str> =
+        summary["dead_letters"].as_array().unwrap().iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["decode", "empty", "missing_header"], "{text}");
+    assert!(rows(&summary, "brighter_light").is_empty() && !printed.contains("act 2"), "{printed}");
+    assert!(printed.contains("mvtec_loco_juice_bottle"), "{printed}");
+}

@@ -349,6 +349,14 @@ pub struct DemoArgs {
     /// trays to whichever model serves.
     #[arg(long, default_value_t = 6.0)]
     pub drift_minutes: f64,
+    /// Stream a real category in MVTec LOCO layout instead of the synthetic line (e.g. the official
+    /// juice_bottle folder, or ../shared/datasets/mvtec_loco_juice_bottle): its test images are the frames,
+    /// its validation images set the threshold. Only the first act plays.
+    #[arg(long, value_name = "DIR")]
+    pub real: Option<PathBuf>,
+    /// The model to serve (default: one trained here with the quick recipe, reused when run again).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Run on the CPU even when CUDA is available.
     #[arg(long)]
     pub cpu: bool,

@@ -67,6 +67,9 @@ pub fn decode_within(bytes: &[u8], origin: &str, limits: &DecodeLimits) -> Resul
     if bytes.is_empty() {
         return Err(ImageError::Empty { origin: origin.to_string() });
     }
+    if is_truncated_jpeg(bytes) {
+        return Err(ImageError::Truncated { origin: origin.to_string() });
+    }
     let decode_error = |source| ImageError::Decode { origin: origin.to_string(), source };
     // Guessing the format reads a few magic bytes of an in-memory cursor: it cannot fail with I/O.
     let reader = || ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(image::ImageError::IoError);
@@ -90,6 +93,15 @@ pub fn decode_within(bytes: &[u8], origin: &str, limits: &DecodeLimits) -> Resul
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
     })
+}
+
+/// A JPEG whose end-of-image marker (FF D9) is missing from its tail. JPEG decoders fill a cut-off scan
+/// with grey and report success; scored, such a frame is a false alarm or, worse, a product never
+/// inspected. Inside the entropy-coded data an FF byte is always followed by 00 or a restart marker, so
+/// FF D9 in the tail means the file ended properly (cameras may pad after it).
+fn is_truncated_jpeg(bytes: &[u8]) -> bool {
+    const TAIL: usize = 4096;
+    bytes.starts_with(&[0xFF, 0xD8]) && !bytes[bytes.len().saturating_sub(TAIL)..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
@@ -218,6 +230,25 @@ mod tests {
         bytes[sof + 7..sof + 9].copy_from_slice(&60000u16.to_be_bytes());
         let err = decode(&bytes, "bomb.jpg").unwrap_err();
         assert!(matches!(err, ImageError::TooLarge { width: 60000, height: 60000, .. }), "{err:?}");
+    }
+
+    /// JPEG decoders grey-fill a scan cut short and report success; the cut must be refused instead, a
+    /// complete file (also one padded after its end marker) must decode.
+    #[test]
+    fn a_truncated_jpeg_is_refused_and_a_padded_one_decodes() {
+        let image = RgbImage::from_fn(96, 96, |x, y| image::Rgb([(x * 2) as u8, (y * 2) as u8, ((x * y) % 251) as u8]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        let bytes = out.into_inner();
+        assert!(decode(&bytes, "whole").is_ok());
+        for cut in [bytes.len() / 3, bytes.len() - 2] {
+            let err = decode(&bytes[..cut], "cut.jpg").unwrap_err();
+            assert!(matches!(err, ImageError::Truncated { .. }), "cut at {cut}: {err:?}");
+            assert!(err.to_string().contains("cut.jpg"), "{err}");
+        }
+        let mut padded = bytes.clone();
+        padded.extend([0u8; 300]);
+        assert!(decode(&padded, "padded").is_ok());
     }
 
     #[test]

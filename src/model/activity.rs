@@ -34,13 +34,24 @@ pub struct DfscActivitySummary {
 }
 
 impl DfscActivitySummary {
-    /// Adds step `step` of a run of `total_steps`. Steps before the last quarter are not counted; when
-    /// the run grows (a resumed run with more steps) the last quarter moves and the tally starts over.
-    pub fn record(&mut self, step: u64, total_steps: u64, loss: f64, reading: &DfscActivity) {
-        let last_quarter_from = total_steps - total_steps / 4;
+    /// First step of the last quarter (rounded so that a short run has one).
+    pub fn last_quarter_from(total_steps: u64) -> u64 {
+        total_steps - total_steps.div_ceil(4)
+    }
+
+    /// Adds step `step` of a run of `total_steps` to `summary`, which starts at the first reading of the
+    /// last quarter. Steps before it are not counted; when the run grows (a resumed run with more steps)
+    /// the last quarter moves and the tally starts over.
+    pub fn record(summary: &mut Option<Self>, step: u64, total_steps: u64, loss: f64, reading: &DfscActivity) {
+        let last_quarter_from = Self::last_quarter_from(total_steps);
         if step < last_quarter_from {
             return;
         }
+        let tally = summary.get_or_insert_with(Self::default);
+        tally.add(step, last_quarter_from, loss, reading);
+    }
+
+    fn add(&mut self, step: u64, last_quarter_from: u64, loss: f64, reading: &DfscActivity) {
         if self.readings == 0 || self.from_step < last_quarter_from {
             *self = DfscActivitySummary { from_step: step, ..DfscActivitySummary::default() };
         }
@@ -81,12 +92,14 @@ mod tests {
 
     #[test]
     fn summary_averages_only_the_last_quarter() {
-        let mut summary = DfscActivitySummary::default();
+        let mut summary = None;
         for step in 0..8 {
             // Steps 0..6 are outside the last quarter of 8 and would drag the means to 1.0.
             let share = if step < 6 { 1.0 } else { 0.25 * (step - 5) as f64 };
-            summary.record(step, 8, share, &reading(share));
+            DfscActivitySummary::record(&mut summary, step, 8, share, &reading(share));
+            assert_eq!(summary.is_some(), step >= 6, "no summary before the last quarter");
         }
+        let summary = summary.unwrap();
         assert_eq!((summary.from_step, summary.to_step, summary.readings), (6, 7, 2));
         assert!((summary.mean_active_share - 0.375).abs() < 1e-12);
         assert!((summary.mean_loss - 0.375).abs() < 1e-12);
@@ -96,15 +109,24 @@ mod tests {
 
     #[test]
     fn a_longer_run_restarts_the_tally_at_its_new_last_quarter() {
-        let mut summary = DfscActivitySummary::default();
+        let mut summary = None;
         for step in 6..8 {
-            summary.record(step, 8, 1.0, &reading(1.0));
+            DfscActivitySummary::record(&mut summary, step, 8, 1.0, &reading(1.0));
         }
         // Resumed with 16 steps in all: the last quarter now starts at 12.
         for step in 8..16 {
-            summary.record(step, 16, 0.0, &reading(0.0));
+            DfscActivitySummary::record(&mut summary, step, 16, 0.0, &reading(0.0));
         }
+        let summary = summary.unwrap();
         assert_eq!((summary.from_step, summary.to_step, summary.readings), (12, 15, 4));
         assert_eq!(summary.mean_active_share, 0.0);
+    }
+
+    #[test]
+    fn a_short_run_has_a_last_quarter() {
+        assert_eq!(DfscActivitySummary::last_quarter_from(3), 2);
+        assert_eq!(DfscActivitySummary::last_quarter_from(8), 6);
+        assert_eq!(DfscActivitySummary::last_quarter_from(600), 450);
+        assert_eq!(DfscActivitySummary::last_quarter_from(0), 0);
     }
 }

@@ -352,12 +352,7 @@ impl Trainer {
         }
         if let (Some(loss), Some(reading)) = (losses.dfsc, &losses.dfsc_activity) {
             let total_steps = self.total_steps();
-            self.dfsc_activity.get_or_insert_with(DfscActivitySummary::default).record(
-                self.step,
-                total_steps,
-                loss,
-                reading,
-            );
+            DfscActivitySummary::record(&mut self.dfsc_activity, self.step, total_steps, loss, reading);
         }
         self.step += 1;
         Ok(losses)

@@ -173,12 +173,20 @@ mod tests {
         }
     }
 
-    fn png(width: u32, height: u32) -> Vec<u8> {
+    fn encoded(width: u32, height: u32, format: image::ImageFormat) -> Vec<u8> {
         let mut bytes = Vec::new();
         image::RgbImage::from_pixel(width, height, image::Rgb([200, 10, 10]))
-            .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .write_to(&mut std::io::Cursor::new(&mut bytes), format)
             .unwrap();
         bytes
+    }
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        encoded(width, height, image::ImageFormat::Png)
+    }
+
+    fn jpeg(width: u32, height: u32) -> Vec<u8> {
+        encoded(width, height, image::ImageFormat::Jpeg)
     }
 
     fn frame(payload: Vec<u8>, headers: &[(&str, &str)]) -> RawFrame {
@@ -227,6 +235,7 @@ mod tests {
             (frame(png(48, 40), &[("camera_id", "c"), ("captured_at_ms", "noon")]), RejectReason::BadHeader, "noon"),
             (frame(b"not an image at all".to_vec(), GOOD_HEADERS), RejectReason::Decode, "cannot decode"),
             (frame(png(48, 40)[..60].to_vec(), GOOD_HEADERS), RejectReason::Decode, "cannot decode"),
+            (frame(jpeg(48, 40)[..200].to_vec(), GOOD_HEADERS), RejectReason::Decode, "truncated JPEG"),
         ];
         for (input, expected, needle) in cases {
             let (reason, detail) = reason(prepare(&config(), input));

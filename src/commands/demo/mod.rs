@@ -25,6 +25,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
+use lineguard::data::loco::LocoDataset;
 use lineguard::data::synth::SynthConfig;
 use lineguard::eval::EvalOptions;
 use lineguard::model::config::Recipe;
@@ -45,17 +46,106 @@ const QUICK_RECIPE: &str = include_str!("../../../pipelines/recipes/quick.toml")
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let device = lineguard::torch::select_device(args.cpu);
+    let (data, model_path, model, act_one) = match &args.real {
+        Some(folder) => real_category(args, folder, device)?,
+        None => synthetic_line(args, device)?,
+    };
+
+    log::info!("step 3/4: choosing the alarm threshold on the normal validation images");
+    let (threshold, accept_below) = validation_threshold(&model, &data.join("validation/good"))?;
+    if args.eval {
+        let report = super::eval::evaluate(&model, &data, &EvalOptions::default(), None)?;
+        println!();
+        super::eval::print_table(&report);
+        println!();
+    }
+    drop(model);
+
+    // The light-change act synthesises its trays: it belongs to the synthetic line.
+    let drifted = match args.no_drift || args.real.is_some() {
+        true => None,
+        false => Some(light::drifted_trays(&args.workdir.join("drift"), args.image_size)?),
+    };
+    log::info!("step 4/4: streaming the test images through the pipeline");
+    let runtime = super::runtime()?;
+    runtime.block_on(stream(args, &data, &model_path, threshold, accept_below, act_one, drifted))
+}
+
+/// The demo's short schedule at the demo's image size and steps.
+fn quick_recipe(args: &DemoArgs) -> anyhow::Result<Recipe> {
     let mut recipe = Recipe::from_toml(QUICK_RECIPE, Path::new("pipelines/recipes/quick.toml"), Some(args.preset))?;
     recipe.image_size = args.image_size as i64;
     if let Some(steps) = args.steps {
         recipe.train.steps = steps;
     }
     recipe.validate()?;
-    let data = args.workdir.join("data");
-    let model_path = args
-        .workdir
-        .join(format!("model-{}-{}px-{}steps.safetensors", args.preset, args.image_size, recipe.train.steps));
+    Ok(recipe)
+}
 
+/// `--model` when given; else the model trained on `data` for these settings, reused unless `--retrain`.
+fn model_for(args: &DemoArgs, data: &Path, name: &str, device: tch::Device) -> anyhow::Result<(PathBuf, EfficientAd)> {
+    if let Some(path) = &args.model {
+        log::info!("step 2/4: serving the model {}", path.display());
+        let model = EfficientAd::load(path, device).with_context(|| format!("loading --model {}", path.display()))?;
+        return Ok((path.clone(), model));
+    }
+    let recipe = quick_recipe(args)?;
+    let path = args
+        .workdir
+        .join(format!("model-{name}{}-{}px-{}steps.safetensors", args.preset, args.image_size, recipe.train.steps));
+    if path.exists() && !args.retrain {
+        log::info!("step 2/4: reusing the model {} (pass --retrain to train again)", path.display());
+        let model = EfficientAd::load(&path, device)?;
+        return Ok((path, model));
+    }
+    log::info!("step 2/4: training a {} model for {} steps at {} px", args.preset, recipe.train.steps, args.image_size);
+    let model = super::train::train(data, &path, recipe, None, None, device)?;
+    Ok((path, model))
+}
+
+/// A real category instead of the synthetic line: its test images, in random order, are the first act.
+fn real_category(
+    args: &DemoArgs,
+    folder: &Path,
+    device: tch::Device,
+) -> anyhow::Result<(PathBuf, PathBuf, EfficientAd, Batch)> {
+    let dataset = LocoDataset::open(folder)
+        .with_context(|| format!("--real {}: expected an MVTec LOCO category folder", folder.display()))?;
+    let mut frames: Vec<PathBuf> =
+        [&dataset.test_good, &dataset.test_logical, &dataset.test_structural].into_iter().flatten().cloned().collect();
+    anyhow::ensure!(!frames.is_empty(), "--real {}: no test images", folder.display());
+    frames.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
+    let category = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    log::info!(
+        "step 1/4: the real images of {} ({} good, {} logical, {} structural test images)",
+        folder.display(),
+        dataset.test_good.len(),
+        dataset.test_logical.len(),
+        dataset.test_structural.len()
+    );
+    if args.model.is_none() {
+        log::warn!(
+            "no --model: the demo trains its quick CPU recipe on {category}, minutes instead of the paper's GPU \
+             recipe, so expect far weaker detection than BENCHMARKS.md reports"
+        );
+    }
+    let (model_path, model) = model_for(args, folder, &format!("{category}-"), device)?;
+    let act_one = Batch {
+        prefix: format!("real-{}", std::process::id()),
+        scene: Scene::AsBuilt,
+        frames,
+        with_broken: true,
+        title: format!(
+            "act 1: {category} — its {} test images, shuffled, then three broken messages",
+            dataset.test_good.len() + dataset.test_logical.len() + dataset.test_structural.len()
+        ),
+    };
+    Ok((folder.to_path_buf(), model_path, model, act_one))
+}
+
+/// The synthetic line: synthesised (or reused) in the work folder, with a model trained on it.
+fn synthetic_line(args: &DemoArgs, device: tch::Device) -> anyhow::Result<(PathBuf, PathBuf, EfficientAd, Batch)> {
+    let data = args.workdir.join("data");
     let synth = SynthConfig { seed: 7, image_size: args.image_size, ..SynthConfig::default() };
     let marker = data.join("synth.json");
     let existing: Option<SynthConfig> =
@@ -69,37 +159,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
         super::synth::generate(&synth, &data)?;
     }
-
-    let model = if model_path.exists() && !args.retrain {
-        log::info!("step 2/4: reusing the model {} (pass --retrain to train again)", model_path.display());
-        EfficientAd::load(&model_path, device)?
-    } else {
-        log::info!(
-            "step 2/4: training a {} model for {} steps at {} px",
-            args.preset,
-            recipe.train.steps,
-            args.image_size
-        );
-        super::train::train(&data, &model_path, recipe, None, None, device)?
+    let (model_path, model) = model_for(args, &data, "", device)?;
+    let frames = shuffled_trays(&data.join("test"), 7)?;
+    let act_one = Batch {
+        prefix: format!("demo-{}", std::process::id()),
+        scene: Scene::AsBuilt,
+        title: format!("act 1: the line as built — {} test trays, shuffled, then three broken messages", frames.len()),
+        frames,
+        with_broken: true,
     };
-
-    log::info!("step 3/4: choosing the alarm threshold on the normal validation trays");
-    let (threshold, accept_below) = validation_threshold(&model, &data.join("validation/good"))?;
-    if args.eval {
-        let report = super::eval::evaluate(&model, &data, &EvalOptions::default(), None)?;
-        println!();
-        super::eval::print_table(&report);
-        println!();
-    }
-    drop(model);
-
-    let drifted = match args.no_drift {
-        true => None,
-        false => Some(light::drifted_trays(&args.workdir.join("drift"), args.image_size)?),
-    };
-    log::info!("step 4/4: streaming the test trays through the pipeline");
-    let runtime = super::runtime()?;
-    runtime.block_on(stream(args, &data, &model_path, threshold, accept_below, drifted))
+    Ok((data, model_path, model, act_one))
 }
 
 /// The alarm threshold is the highest score of a normal validation image: no false alarm on validation,
@@ -146,6 +215,8 @@ struct Batch {
     frames: Vec<PathBuf>,
     /// Whether three broken messages follow the frames.
     with_broken: bool,
+    /// What the batch shows, printed when it starts (empty: nothing printed).
+    title: String,
 }
 
 /// How a phase of the demo ended.
@@ -160,6 +231,7 @@ async fn stream(
     model_path: &Path,
     threshold: f32,
     accept_below: f32,
+    act_one: Batch,
     drifted: Option<DriftedTrays>,
 ) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.workdir)?;
@@ -250,14 +322,7 @@ async fn stream(
         started: Instant::now(),
         rate: args.rate,
     };
-    let pid = std::process::id();
-    let act_one = Batch {
-        prefix: format!("demo-{pid}"),
-        scene: Scene::AsBuilt,
-        frames: shuffled_trays(&data.join("test"), 7)?,
-        with_broken: true,
-    };
-    println!("act 1: the line as built — {} test trays, shuffled, then three broken messages", act_one.frames.len());
+    println!("{}", act_one.title);
     let mut ended = line.stream_batch(&act_one).await?;
     let mut act_two = ActTwo::default();
     if let (Some(trays), Ended::Done) = (drifted, &ended) {
@@ -313,6 +378,7 @@ async fn play_act_two(
         scene: Scene::BrighterLight,
         frames,
         with_broken: false,
+        title: String::new(),
     };
     let mut act = ActTwo::default();
     println!(
