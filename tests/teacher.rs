@@ -113,15 +113,21 @@ fn distillation_targets_fit_the_teacher_and_resume_exactly() {
     }
 }
 
-#[test]
-fn a_distilled_teacher_trains_a_model_and_the_quality_benchmark_reports_every_run() {
-    let Some(files) = few_images(4) else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let images = dir.path().join("images");
+/// A folder `images` in `dir` holding the first `n` ImageNet samples (None without the shared data).
+fn image_folder(dir: &Path, n: usize) -> Option<PathBuf> {
+    let files = few_images(n)?;
+    let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     for file in &files {
         std::fs::copy(file, images.join(file.file_name().unwrap())).unwrap();
     }
+    Some(images)
+}
+
+#[test]
+fn a_distilled_teacher_trains_a_model_and_the_quality_benchmark_reports_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(images) = image_folder(dir.path(), 4) else { return };
     let teacher = dir.path().join("teacher.safetensors");
     let backbone = backbone_checkpoint();
     let output = lineguard_ok(&[
@@ -218,13 +224,8 @@ fn a_distilled_teacher_trains_a_model_and_the_quality_benchmark_reports_every_ru
 /// seed still missing; a last one finds everything done.
 #[test]
 fn gpu_quality_script_rehearses_on_the_cpu_and_resumes_across_windows() {
-    let Some(files) = few_images(4) else { return };
     let dir = tempfile::tempdir().unwrap();
-    let images = dir.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    for file in &files {
-        std::fs::copy(file, images.join(file.file_name().unwrap())).unwrap();
-    }
+    let Some(images) = image_folder(dir.path(), 4) else { return };
     let data = dir.path().join("synth");
     common::synth_small(&data, 4, 3, 3);
     let backbone = backbone_checkpoint();

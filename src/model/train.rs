@@ -305,7 +305,9 @@ impl Trainer {
             };
             let term = dfsc_loss(target, prediction, &distinctiveness, &recipe.dfsc);
             let weighted = &term.loss * recipe.dfsc.alpha;
-            let activity = (self.step % self.dfsc_activity_every.max(1) == 0).then(|| DfscActivity {
+            // Every few steps, and at the last one, so that every run has a reading in its last quarter.
+            let read_now = self.step % self.dfsc_activity_every.max(1) == 0 || self.step + 1 == train.steps;
+            let activity = read_now.then(|| DfscActivity {
                 active_share: term.active_share.double_value(&[]),
                 gradient_norm: gradient_norm(&weighted, &autoencoder),
                 autoencoder_gradient_norm: gradient_norm(&ae_loss, &autoencoder),
