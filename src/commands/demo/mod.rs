@@ -9,6 +9,9 @@
 //!    operator marks them normal on the feedback topic, the quiet line lets the trainer learn and gate
 //!    candidates until one is promoted and hot-swapped, and fresh drifted trays show the new model's false
 //!    alarms and catches beside the old one's ([`tally`]).
+//!
+//! With `--real DIR` the first act streams a real MVTec LOCO category's test images instead, scored by
+//! `--model` (or a quick model trained here), and the second act, which synthesises its trays, is skipped.
 
 mod light;
 mod tally;
