@@ -33,14 +33,16 @@ pub fn import(args: &ImportTeacherArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A teacher that an earlier distillation wrote, to continue: its file, provenance and step count.
-struct Previous {
+/// A teacher that an earlier distillation wrote, to continue: where it is, its file, provenance and step
+/// count.
+struct Previous<'a> {
+    path: &'a std::path::Path,
     file: TensorFile,
     provenance: Value,
     steps: u64,
 }
 
-fn previous_teacher(path: &std::path::Path, image_size: i64) -> anyhow::Result<Previous> {
+fn previous_teacher(path: &std::path::Path, image_size: i64) -> anyhow::Result<Previous<'_>> {
     let file =
         TensorFile::load(path, tch::Device::Cpu).with_context(|| format!("reading teacher {}", path.display()))?;
     let provenance: Value =
@@ -59,25 +61,23 @@ fn previous_teacher(path: &std::path::Path, image_size: i64) -> anyhow::Result<P
         "--continue-from {}: distilled at {previous_size:?} px, this run is at {image_size} px",
         path.display()
     );
-    Ok(Previous { file, provenance, steps })
+    Ok(Previous { path, file, provenance, steps })
 }
 
 pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
     let mut previous = args.continue_from.as_deref().map(|p| previous_teacher(p, args.image_size)).transpose()?;
-    if let (Some(done), Some(path)) = (&previous, &args.continue_from) {
-        if done.steps >= args.steps {
-            if path != &args.out {
-                std::fs::copy(path, &args.out)
-                    .with_context(|| format!("copying {} to {}", path.display(), args.out.display()))?;
-            }
-            println!(
-                "teacher {} already has {} of {} steps; nothing to distil",
-                path.display(),
-                done.steps,
-                args.steps
-            );
-            return Ok(());
+    if let Some(done) = previous.as_ref().filter(|done| done.steps >= args.steps) {
+        if done.path != args.out {
+            std::fs::copy(done.path, &args.out)
+                .with_context(|| format!("copying {} to {}", done.path.display(), args.out.display()))?;
         }
+        println!(
+            "teacher {} already has {} of {} steps; nothing to distil",
+            done.path.display(),
+            done.steps,
+            args.steps
+        );
+        return Ok(());
     }
     let device = lineguard::torch::select_device(args.cpu);
     let backbone = EfficientNetLite0::load(&args.backbone, device).with_context(|| {
@@ -122,9 +122,9 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
         distiller
     } else {
         let mut distiller = Distiller::new(config, backbone, &pixels)?;
-        if let (Some(done), Some(path)) = (previous.as_mut(), &args.continue_from) {
-            distiller.warm_start(&mut done.file, path, done.steps)?;
-            log::info!("continuing {} at step {} of {}", path.display(), done.steps, args.steps);
+        if let Some(done) = previous.as_mut() {
+            distiller.warm_start(&mut done.file, done.path, done.steps)?;
+            log::info!("continuing {} at step {} of {}", done.path.display(), done.steps, args.steps);
         }
         distiller
     };

@@ -67,12 +67,13 @@ pub enum DfscSelection {
 #[serde(rename_all = "snake_case")]
 pub enum DfscSource {
     /// The squared difference of the pair itself. The margin is then applied where the pair is already
-    /// furthest apart, so it is mostly met without a push (measured: the hinge falls to ~0.01).
+    /// furthest apart: the term stays small in value (~0.01), though its hinge still pushes at about 29%
+    /// of the selected locations (BENCHMARKS.md, "Which reading of the DFSC loss?").
     Pair,
     /// The teacher–student squared difference that the hard feature loss thresholds: the features the
     /// student finds hardest to imitate, i.e. what the teacher says that is distinctive. The margin keeps
-    /// the autoencoder from copying the teacher there, and it binds (the pair is not selected for being
-    /// apart already).
+    /// the autoencoder from copying the teacher there, and it binds at nearly every selected location
+    /// (the pair is not selected for being apart already).
     TeacherStudent,
 }
 

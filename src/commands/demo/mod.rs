@@ -118,6 +118,7 @@ fn real_category(
         [&dataset.test_good, &dataset.test_logical, &dataset.test_structural].into_iter().flatten().cloned().collect();
     anyhow::ensure!(!frames.is_empty(), "--real {}: no test images", folder.display());
     frames.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
+    let count = frames.len();
     let category = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     log::info!(
         "step 1/4: the real images of {} ({} good, {} logical, {} structural test images)",
@@ -138,10 +139,7 @@ fn real_category(
         scene: Scene::AsBuilt,
         frames,
         with_broken: true,
-        title: format!(
-            "act 1: {category} — its {} test images, shuffled, then three broken messages",
-            dataset.test_good.len() + dataset.test_logical.len() + dataset.test_structural.len()
-        ),
+        title: format!("act 1: {category} — its {count} test images, shuffled, then three broken messages"),
     };
     Ok((folder.to_path_buf(), model_path, model, act_one))
 }
