@@ -108,6 +108,10 @@ fn synth_train_predict_eval_round_trip() {
         let spro = report["au_spro"][key].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&auroc) && (0.0..=1.0).contains(&spro), "{report}");
     }
+    // The scores come with the model they belong to: its steps and how its DFSC term acted (a 2-step run
+    // is read at its last step).
+    assert_eq!(report["model"]["trained_steps"], 2, "{report}");
+    assert_eq!(report["model"]["dfsc_activity"]["to_step"], 1, "{report}");
 
     // An empty split is null, not an error.
     std::fs::remove_dir_all(data.join("test/structural_anomalies")).unwrap();
