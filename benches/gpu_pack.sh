@@ -6,6 +6,9 @@
 # (with an unfinished teacher in the tree it does not: that window only distils). The re-encoding uses Pillow from PyPI, in a
 # virtual environment under .tools/.
 # Then: run(command="GPU_PACK=.gpu benches/gpu_quality.sh", carry=[".gpu"], ...).
+#
+# PURPOSE=serving fills it for benches/gpu_serving.sh instead: the binary, the nisshi broker (stripped,
+# gzipped: ~22 MiB) and the first 64 juice_bottle test/good frames (400x800).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +22,19 @@ rm -rf "$PACK" && mkdir -p "$PACK"
 cargo build --release --locked
 strip -o "$PACK/lineguard" target/release/lineguard
 gzip -9 "$PACK/lineguard"
+limit=$((63 * 1048576))
+travelling() { echo $(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + $(du -sb "$PACK" | cut -f1) )); }
+
+if [ "${PURPOSE:-quality}" = serving ]; then
+    strip -o "$PACK/nisshi" .tools/bin/nisshi
+    gzip -9 "$PACK/nisshi"
+    mkdir -p "$PACK/frames"
+    find "$SHARED/mvtec_loco_juice_bottle/test/good" -maxdepth 1 -type f | sort | head -64 \
+        | xargs -I{} cp {} "$PACK/frames/"
+    echo "working tree + pack: $(( $(travelling) / 1048576 )) MiB (at most 64 MiB travel)"
+    [ "$(travelling)" -lt "$limit" ] || { echo "too large to travel" >&2; exit 1; }
+    exit 0
+fi
 
 teacher_steps=0
 if [ -f "$TEACHER" ]; then
@@ -47,8 +63,6 @@ PY
 else
     echo "the teacher at $TEACHER is complete ($teacher_steps steps): no backbone, no ImageNet samples"
 fi
-limit=$((63 * 1048576))
-travelling() { echo $(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + $(du -sb "$PACK" | cut -f1) )); }
 data_bytes=$(du -sb "$SHARED/mvtec_loco_juice_bottle" | cut -f1)
 if [ $(( $(travelling) + data_bytes )) -lt "$limit" ]; then
     cp -r "$SHARED/mvtec_loco_juice_bottle" "$PACK/"

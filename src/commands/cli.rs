@@ -50,6 +50,9 @@ pub enum Command {
     /// Detection quality benchmark: trains both presets (DFSC at several margins) on a dataset at one
     /// budget and seed, evaluates each, and writes a results table beside the paper's numbers.
     BenchQuality(BenchQualityArgs),
+    /// Serving speed on this machine: model-only images/s per precision and batch, the end-to-end curve
+    /// through a local broker and the pipeline at rising offered rates, and inference beside a trainer.
+    BenchServing(BenchServingArgs),
     /// Score images or folders of images and write heatmap pictures.
     Predict(PredictArgs),
     /// Image AUROC and pixel AU-sPRO of a model on a dataset's test split.
@@ -223,6 +226,74 @@ pub enum QualityBudget {
     Cpu,
     /// The paper's recipe: 256 px, 70000 steps per run. Meant for a GPU.
     Full,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchServingArgs {
+    /// Where serving.json and serving.md go (rewritten as each measurement finishes).
+    #[arg(long, default_value = "runs/bench-serving")]
+    pub out_dir: PathBuf,
+    /// A trained model to measure; default: the DFSC preset's architecture with untrained weights.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Model input side for the untrained model.
+    #[arg(long, default_value_t = 256)]
+    pub side: i64,
+    /// Feature channels of the untrained model (384 is the real size; fewer only for quick rehearsals).
+    #[arg(long)]
+    pub channels: Option<i64>,
+    /// Precisions to measure (comma-separated: f32, bf16, f16); the first also serves beside the trainer.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,bf16,f16")]
+    pub precisions: Vec<lineguard::model::Precision>,
+    /// Model-only batch sizes (comma-separated); the largest is the pipeline's `max_batch`.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,16,32,64")]
+    pub batches: Vec<i64>,
+    /// Seconds of calls per model-only case and per trainer-sharing window.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Image folder (searched recursively) whose first `--distinct-frames` images are streamed, re-encoded
+    /// as JPEG; default: synthetic trays at the model's side.
+    #[arg(long)]
+    pub frames: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub distinct_frames: usize,
+    /// Seconds of frames per offered rate; 0 skips the end-to-end measurement.
+    #[arg(long, default_value_t = 5.0)]
+    pub stream_seconds: f64,
+    /// First offered rate (frames/s); default: a quarter of the best model-only rate.
+    #[arg(long)]
+    pub start_rate: Option<f64>,
+    /// Each step offers this many times the previous step's rate.
+    #[arg(long, default_value_t = 1.5)]
+    pub rate_factor: f64,
+    /// Most offered rates per precision before the flat-out step.
+    #[arg(long, default_value_t = 8)]
+    pub max_steps: usize,
+    #[arg(long, value_enum, default_value = "f16")]
+    pub map_format: lineguard::service::settings::MapFormat,
+    #[arg(long, default_value_t = 2)]
+    pub max_batch_wait_ms: u64,
+    #[arg(long, default_value_t = 512)]
+    pub max_in_flight: usize,
+    /// Partitions of the frames topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Consumers' `fetch.wait.max.ms`. The local nisshi broker polls for new records with halving sleeps
+    /// within this wait (Kafka answers when records arrive), so librdkafka's 500 ms adds ~250 ms per hop.
+    #[arg(long, default_value_t = 10)]
+    pub fetch_wait_ms: u64,
+    /// Alone / beside-a-trainer rounds; 0 skips that measurement.
+    #[arg(long, default_value_t = 3)]
+    pub trainer_rounds: usize,
+    /// CPU threads of the trainer (as `retrain.threads`).
+    #[arg(long, default_value_t = 1)]
+    pub trainer_threads: usize,
+    /// Measure on the CPU even when a GPU is present.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Stop at once unless libtorch sees a CUDA device (a lent GPU's window is too short to waste).
+    #[arg(long)]
+    pub require_cuda: bool,
 }
 
 #[derive(Debug, Args)]

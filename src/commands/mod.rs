@@ -2,6 +2,7 @@
 //! [`cli`] declares the arguments; [`run`] dispatches to the subcommand's file; the library does the work.
 
 mod bench_quality;
+mod bench_serving;
 mod broker;
 pub mod cli;
 mod demo;
@@ -28,6 +29,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ImportTeacher(args) => teacher::import(&args).map(|_| ExitCode::SUCCESS),
         Command::DistillTeacher(args) => teacher::distill(&args).map(|_| ExitCode::SUCCESS),
         Command::BenchQuality(args) => bench_quality::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::BenchServing(args) => bench_serving::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Predict(args) => predict::run(&args),
         Command::Eval(args) => eval::run(&args).map(|_| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(&args),

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 
 use crate::error::WeightsError;
-use crate::model::EfficientAd;
+use crate::model::{EfficientAd, Precision};
 use crate::service::frame::{PreparedFrame, ScoredFrame, SinkItem};
 use crate::service::metrics::{LineHealth, LineMetrics, Queue};
 
@@ -92,11 +92,13 @@ pub fn check_servable(model: &EfficientAd) -> Result<(), WeightsError> {
     Ok(())
 }
 
-/// Starts the stage. It ends when `input` is closed and drained (shutdown) or the sink is gone; a
+/// Starts the stage, scoring in `precision` (every model it is given, swapped ones included, is converted on
+/// this thread). It ends when `input` is closed and drained (shutdown) or the sink is gone; a
 /// libtorch failure ends it with the error (the frames of that batch stay unacknowledged, so they are
 /// consumed again after a restart).
 pub fn spawn(
     model: EfficientAd,
+    precision: Precision,
     batching: Batching,
     input: Receiver<PreparedFrame>,
     to_sink: mpsc::Sender<SinkItem>,
@@ -112,12 +114,12 @@ pub fn spawn(
     let threads = tch::get_num_threads().max(1) as usize;
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
         crate::torch::use_threads(threads);
-        let mut model = model;
+        let mut model = model.with_precision(precision);
         let mut swaps = swaps;
         metrics.model_loaded(model.info.model_version, model.info.created_unix);
         let install = |model: &mut EfficientAd, new: EfficientAd| {
             log::info!("model version {} replaces version {}", new.info.model_version, model.info.model_version);
-            *model = new;
+            *model = new.with_precision(precision);
             serving.store(model.info.model_version, Ordering::Relaxed);
             metrics.model_loaded(model.info.model_version, model.info.created_unix);
         };
@@ -333,7 +335,8 @@ mod tests {
         broken.map_quantiles =
             Some(crate::model::MapQuantiles { student_teacher: (f64::NAN, 1.0), autoencoder: (0.0, 1.0) });
         let batching = Batching { max_batch: 1, max_wait: Duration::from_millis(1) };
-        let (stage, swapper) = spawn(broken, batching, input, to_sink, metrics, health.clone()).unwrap();
+        let (stage, swapper) =
+            spawn(broken, Precision::F32, batching, input, to_sink, metrics, health.clone()).unwrap();
         let scored = |item: Option<SinkItem>| match item {
             Some(SinkItem::Scored(frame)) => frame,
             other => panic!("expected a scored frame, got {other:?}"),
@@ -363,7 +366,8 @@ mod tests {
         let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let batching = Batching { max_batch: 2, max_wait: Duration::from_millis(1) };
         let health = Arc::new(LineHealth::default());
-        let (stage, swapper) = spawn(tiny_model(1, 128), batching, input, to_sink, metrics, health).unwrap();
+        let (stage, swapper) =
+            spawn(tiny_model(1, 128), Precision::F32, batching, input, to_sink, metrics, health).unwrap();
         let version = |item: SinkItem| match item {
             SinkItem::Scored(frame) => {
                 assert_eq!(frame.map.len(), 128 * 128);

@@ -329,12 +329,13 @@ async fn start_line(
     let (model, from_topic) =
         loaded.map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
     log::info!(
-        "line {name}: model {} version {} ({} px, {}) on {}",
+        "line {name}: model {} version {} ({} px, {}) on {} in {}",
         if from_topic { "from the models topic".to_string() } else { line.model.display().to_string() },
         model.info.model_version,
         model.recipe.image_size,
         model.recipe.preset,
-        crate::torch::describe(device)
+        crate::torch::describe(device),
+        line.precision
     );
     health.model_loaded.store(true, Ordering::Relaxed);
     let side = model.recipe.image_size as u32;
@@ -383,6 +384,7 @@ async fn start_line(
     let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
     let (infer, swapper) = crate::service::infer::spawn(
         model,
+        line.precision,
         batching,
         infer_queue,
         to_sink.clone(),

@@ -1,0 +1,86 @@
+//! The serving benchmark's GPU script, rehearsed on the CPU at toy sizes so that it cannot rot between
+//! lent windows: both runs of `benches/gpu_serving.sh` through a real broker and the real pipeline,
+//! checked for every measurement the GPU window is meant to bring back.
+
+mod common;
+
+use std::path::Path;
+
+use serde_json::Value;
+
+fn report(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn number(value: &Value) -> f64 {
+    value.as_f64().unwrap_or_else(|| panic!("not a number: {value}"))
+}
+
+#[test]
+fn gpu_serving_script_rehearses_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("synth");
+    common::synth_small(&data, 1, 1, 2);
+    let results = dir.path().join("results");
+    let output = std::process::Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu_serving.sh"))
+        .env("LINEGUARD", env!("CARGO_BIN_EXE_lineguard"))
+        .env("NISSHI", common::kafka::nisshi())
+        .env("REQUIRE_CUDA", "0")
+        .env("PRECISIONS", "f32,bf16")
+        .env("PRECISION", "f32")
+        .env("FRAMES", data.join("test"))
+        .env(
+            "SERVING_ARGS",
+            "--cpu --side 128 --channels 8 --batches 1,2 --seconds 0.2 --stream-seconds 1 --max-steps 2 \
+             --distinct-frames 4",
+        )
+        .env("RESULTS", &results)
+        .env_remove("OUT")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", common::stdout(&output), common::stderr(&output));
+    assert!(output.status.success(), "{text}");
+    assert!(std::fs::read_to_string(results.join("gpu-serving.log")).unwrap().contains("done"), "{text}");
+
+    let synthetic = report(&results.join("synthetic/serving.json"));
+    let rows = synthetic["model_only"].as_array().unwrap();
+    let cases: Vec<(String, i64)> =
+        rows.iter().map(|r| (r["precision"].as_str().unwrap().to_string(), r["batch"].as_i64().unwrap())).collect();
+    let expected = [("f32", 1), ("f32", 2), ("bf16", 1), ("bf16", 2)].map(|(p, b)| (p.to_string(), b));
+    assert_eq!(cases, expected);
+    for row in rows {
+        assert!(number(&row["images_per_second"]) > 0.0, "{row}");
+        let difference = number(&row["map_difference_vs_f32"]);
+        match row["precision"].as_str() {
+            Some("f32") => assert_eq!(difference, 0.0, "{row}"),
+            _ => assert!(difference > 0.0 && difference < 0.05, "bf16 rounds, a little: {row}"),
+        }
+    }
+
+    for (report, precisions) in
+        [(&synthetic, &["f32", "bf16"][..]), (&report(&results.join("frames/serving.json")), &["f32"])]
+    {
+        let steps = report["end_to_end"].as_array().unwrap();
+        for precision in precisions {
+            let mine: Vec<&Value> = steps.iter().filter(|s| s["precision"] == *precision).collect();
+            assert!(mine.len() >= 2, "at least one offered rate and flat out: {steps:?}");
+            let flat_out = mine.last().unwrap();
+            assert!(flat_out["offered_per_second"].is_null(), "the curve ends flat out: {flat_out}");
+            for step in &mine {
+                assert!(number(&step["achieved_per_second"]) > 0.0, "{step}");
+                let (p50, p99) = (number(&step["latency_p50_ms"]), number(&step["latency_p99_ms"]));
+                assert!(p50 > 0.0 && p50 <= p99, "{step}");
+                assert!(number(&step["in_pipeline_p50_ms"]) <= p50, "the pipeline's share is part of it: {step}");
+                assert!(number(&step["cpu_ms_per_frame"]["inference"]) > 0.0, "{step}");
+                assert!(step["stage_p50_ms"]["4 inference"].as_f64().is_some(), "{step}");
+                assert!(number(&step["mean_batch"]) >= 1.0, "{step}");
+            }
+        }
+    }
+    let sharing = &synthetic["trainer_sharing"];
+    assert!(number(&sharing["trainer_steps_per_second"]) > 0.0, "the trainer ran: {sharing}");
+    assert!(number(&sharing["ratio"]) > 0.0, "{sharing}");
+    assert!(std::fs::read_to_string(results.join("synthetic/serving.md")).unwrap().contains("## Sharing the device"));
+}
