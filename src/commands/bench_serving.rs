@@ -40,6 +40,8 @@ use super::cli::BenchServingArgs;
 #[derive(Debug, Default, Serialize)]
 struct Report {
     device: String,
+    /// The host CPU's model name and the vector extensions that decide CPU speed (machines differ).
+    cpu: String,
     image_size: i64,
     channels: i64,
     model: String,
@@ -107,6 +109,7 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
     let model = bench_model(args, device)?;
     let mut report = Report {
         device: lineguard::torch::describe(device),
+        cpu: cpu_description(),
         image_size: model.recipe.image_size,
         channels: model.recipe.channels,
         model: args.model.as_ref().map_or("untrained DFSC preset".into(), |p| p.display().to_string()),
@@ -131,6 +134,30 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
     }
     println!("{}", markdown(&report));
     Ok(())
+}
+
+/// `model name` from /proc/cpuinfo with the extensions libtorch's CPU kernels use when present: on a CPU
+/// with AMX, bf16 inference is faster than f32; on one with AVX2 only, slower.
+fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.split_once(':'))
+            .map(|(_, value)| value.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let present: Vec<&str> = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"]
+        .into_iter()
+        .filter(|wanted| flags.split_whitespace().any(|flag| flag == *wanted))
+        .collect();
+    format!(
+        "{} ({} cores; {})",
+        field("model name"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        present.join(" ")
+    )
 }
 
 fn bench_model(args: &BenchServingArgs, device: Device) -> anyhow::Result<EfficientAd> {
@@ -640,9 +667,9 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
 
 fn markdown(report: &Report) -> String {
     let mut out = format!(
-        "# Serving speed: {}, {} px, {} channels, {}\n\n`{}`\n\n## Model only (host tensor → maps on the host)\n\n\
+        "# Serving speed: {}, {} px, {} channels, {}\n\nCPU: {}\n\n`{}`\n\n## Model only (host tensor → maps on the host)\n\n\
          | precision | batch | images/s | calls | max map difference vs f32 (of range) |\n|---|---|---|---|---|\n",
-        report.device, report.image_size, report.channels, report.model, report.command
+        report.device, report.image_size, report.channels, report.model, report.cpu, report.command
     );
     for row in &report.model_only {
         out += &format!(

@@ -117,19 +117,62 @@ pub fn to_input(image: &RgbImage, side: u32) -> Tensor {
 
 /// The same values as [`to_input`] as a plain channel-major vector (thread-friendly, no libtorch).
 pub fn to_planar(image: &RgbImage, side: u32) -> Vec<f32> {
-    let resized = if image.width() == side && image.height() == side {
-        image.clone()
-    } else {
-        image::imageops::resize(image, side, side, FilterType::Triangle)
-    };
+    let resized = resize_square(image, side);
     let pixels = (side * side) as usize;
     let mut planar = vec![0f32; 3 * pixels];
-    for (i, pixel) in resized.pixels().enumerate() {
-        for c in 0..3 {
-            planar[c * pixels + i] = (pixel[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
-        }
+    let (red, rest) = planar.split_at_mut(pixels);
+    let (green, blue) = rest.split_at_mut(pixels);
+    let levels = &*NORMALISED_LEVELS;
+    for (i, rgb) in resized.chunks_exact(3).enumerate() {
+        red[i] = levels[0][rgb[0] as usize];
+        green[i] = levels[1][rgb[1] as usize];
+        blue[i] = levels[2][rgb[2] as usize];
     }
     planar
+}
+
+/// Each channel's 256 possible values, normalised: a table lookup instead of a division per value.
+static NORMALISED_LEVELS: std::sync::LazyLock<[[f32; 256]; 3]> = std::sync::LazyLock::new(|| {
+    std::array::from_fn(|c| std::array::from_fn(|level| (level as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]))
+});
+
+thread_local! {
+    /// The resizer keeps its coefficient and scratch buffers between frames of the same size.
+    static RESIZER: std::cell::RefCell<fast_image_resize::Resizer> =
+        std::cell::RefCell::new(fast_image_resize::Resizer::new());
+}
+
+/// RGB bytes of `image` resized to `side`x`side` with a bilinear (triangle) convolution whose support
+/// widens with the reduction, as `image`'s `FilterType::Triangle` (it was the resizer before; values
+/// agree within a level or two, see the tests), in SIMD: about 10 times faster on a 400x800 frame.
+fn resize_square(image: &RgbImage, side: u32) -> Vec<u8> {
+    if image.width() == side && image.height() == side {
+        return image.as_raw().clone();
+    }
+    use fast_image_resize::{images::Image, images::ImageRef, FilterType as Filter, PixelType, ResizeAlg};
+    let options = fast_image_resize::ResizeOptions::new().resize_alg(ResizeAlg::Convolution(Filter::Bilinear));
+    let resized = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)
+        .map_err(|err| err.to_string())
+        .and_then(|source| {
+            let mut target = Image::new(side, side, PixelType::U8x3);
+            RESIZER
+                .with_borrow_mut(|resizer| resizer.resize(&source, &mut target, &options))
+                .map(|()| target.into_vec())
+                .map_err(|err| err.to_string())
+        });
+    match resized {
+        Ok(bytes) => bytes,
+        // An RgbImage always has a valid 3-byte-per-pixel buffer, so this is not expected; if the SIMD
+        // resizer ever refuses one, the portable one gives the same picture.
+        Err(err) => {
+            log::warn!(
+                "fast resize refused a {}x{} image ({err}); using the portable one",
+                image.width(),
+                image.height()
+            );
+            image::imageops::resize(image, side, side, FilterType::Triangle).into_raw()
+        }
+    }
 }
 
 fn channel_stats(device: Device) -> (Tensor, Tensor) {
@@ -174,6 +217,41 @@ mod tests {
         let mut out = std::io::Cursor::new(Vec::new());
         image.write_to(&mut out, image::ImageFormat::Png).unwrap();
         out.into_inner()
+    }
+
+    /// Models trained before the SIMD resizer see the same inputs within rounding: it is compared with
+    /// the portable triangle filter it replaced, on a frame with edges, gradients and noise, reduced
+    /// unevenly (400x800 to 256, as juice_bottle frames) and enlarged.
+    #[test]
+    fn the_simd_resize_matches_the_portable_triangle_filter() {
+        let mut state = 12345u32;
+        let frame = RgbImage::from_fn(400, 800, |x, y| {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let noise = (state >> 24) as u8 / 8;
+            let edge = if (x / 37 + y / 53) % 2 == 0 { 200 } else { 30 };
+            image::Rgb([edge + noise, (x * 255 / 400) as u8, (y * 255 / 800) as u8])
+        });
+        for (source, side) in [(&frame, 256), (&image::imageops::crop_imm(&frame, 0, 0, 100, 100).to_image(), 128)] {
+            let portable = image::imageops::resize(source, side, side, FilterType::Triangle).into_raw();
+            let simd = resize_square(source, side);
+            assert_eq!(simd.len(), portable.len());
+            let largest = simd.iter().zip(&portable).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            let mean = simd.iter().zip(&portable).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / simd.len() as f64;
+            eprintln!("{}x{} to {side}: largest difference {largest}, mean {mean:.3}", source.width(), source.height());
+            assert!(largest <= 2 && mean < 0.5, "largest {largest}, mean {mean}");
+        }
+        let same = RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]));
+        assert_eq!(resize_square(&same, 64), same.into_raw(), "the right size is not resampled");
+    }
+
+    #[test]
+    fn normalised_levels_are_imagenet_statistics() {
+        let one = RgbImage::from_pixel(1, 1, image::Rgb([0, 128, 255]));
+        let planar = to_planar(&one, 1);
+        for (c, level) in [0u8, 128, 255].into_iter().enumerate() {
+            let expected = (level as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+            assert!((planar[c] - expected).abs() < 1e-6, "channel {c}: {} vs {expected}", planar[c]);
+        }
     }
 
     #[test]

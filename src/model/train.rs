@@ -306,7 +306,7 @@ impl Trainer {
             let term = dfsc_loss(target, prediction, &distinctiveness, &recipe.dfsc);
             let weighted = &term.loss * recipe.dfsc.alpha;
             // Every few steps, and at the last one, so that every run has a reading in its last quarter.
-            let read_now = self.step % self.dfsc_activity_every.max(1) == 0 || self.step + 1 == train.steps;
+            let read_now = self.step.is_multiple_of(self.dfsc_activity_every.max(1)) || self.step + 1 == train.steps;
             let activity = read_now.then(|| DfscActivity {
                 active_share: term.active_share.double_value(&[]),
                 gradient_norm: gradient_norm(&weighted, &autoencoder),

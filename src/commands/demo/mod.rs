@@ -547,7 +547,7 @@ impl DemoLine<'_> {
             if fewer_false_alarms && promoted_at.is_none() {
                 promoted_at = Some(waiting.elapsed());
             }
-            if checks % 3 == 0 {
+            if checks.is_multiple_of(3) {
                 println!("{}", self.tally.live_line(Scene::BrighterLight, self.started.elapsed(), &retrain));
                 self.gates.print_new();
             }

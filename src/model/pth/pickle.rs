@@ -482,7 +482,7 @@ fn long_value(digits: Vec<u8>) -> Value {
 }
 
 fn pairs(items: Vec<Value>, at: usize) -> Result<Vec<(Value, Value)>, PickleError> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(malformed(at, "odd number of items for a dict"));
     }
     let mut iter = items.into_iter();

@@ -147,7 +147,7 @@ impl ReplayBuffer {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        let held_out = seq % self.limits.holdout_every as u64 == 0;
+        let held_out = seq.is_multiple_of(self.limits.holdout_every as u64);
         let part = if held_out { "held_out" } else { "recent" };
         let path = self.write(part, seq, id, bytes)?;
         let entry = Entry { seq, id, path, input };
