@@ -4,8 +4,10 @@
 //!
 //!     cargo bench --bench decode                                  # juice_bottle's 400x800 frames, 256 px
 //!     cargo bench --bench decode -- --frames DIR --side 256 --rounds 5
+//!     cargo bench --bench decode -- --enlarge 4     # frames enlarged 4x first (1600x3200)
 //!
-//! Frames are re-encoded as JPEG (quality 90) first, as cameras send them.
+//! Frames are re-encoded as JPEG (quality 90) first, as cameras send them; `--enlarge` resizes them first
+//! (Catmull-Rom) to stand in for high-resolution cameras.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,6 +22,7 @@ fn main() {
     let rounds: usize = arg(&args, "--rounds", 5);
     let side: u32 = arg(&args, "--side", 256);
     let count: usize = arg(&args, "--count", 32);
+    let enlarge: u32 = arg(&args, "--enlarge", 1);
     let default_frames =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/mvtec_loco_juice_bottle/test/good");
     let folder: PathBuf = arg(&args, "--frames", default_frames);
@@ -33,7 +36,11 @@ fn main() {
     let jpegs: Vec<Vec<u8>> = paths
         .iter()
         .map(|path| {
-            let image = lineguard::data::preprocess::load_image(path).expect("an image");
+            let mut image = lineguard::data::preprocess::load_image(path).expect("an image");
+            if enlarge > 1 {
+                let (w, h) = (image.width() * enlarge, image.height() * enlarge);
+                image = image::imageops::resize(&image, w, h, image::imageops::FilterType::CatmullRom);
+            }
             let mut bytes = Vec::new();
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&image).expect("encoded");
             bytes
@@ -49,41 +56,44 @@ fn main() {
         jpegs.iter().map(Vec::len).sum::<usize>() / jpegs.len() / 1024
     );
 
-    let (mut decoding, mut preparing, mut whole, mut portable) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Per round: medians per frame of each step.
+    let mut steps: Vec<(&str, Vec<f64>)> = [
+        "decode JPEG at full size",
+        "resize to the side and normalise (SIMD resize, table lookup)",
+        "for comparison: the former portable resize alone",
+        "whole",
+    ]
+    .into_iter()
+    .map(|name| (name, Vec::new()))
+    .collect();
     for round in 0..=rounds {
-        let mut decode_ms = Vec::new();
-        let mut prepare_ms = Vec::new();
-        let mut whole_ms = Vec::new();
-        let mut portable_ms = Vec::new();
+        let mut samples = vec![Vec::new(); steps.len()];
         for bytes in &jpegs {
             let started = Instant::now();
             let image = decode(bytes, "frame").expect("decodes");
             let decoded = Instant::now();
-            let planar = to_planar(&image, side);
+            let full = to_planar(&image, side);
             let done = Instant::now();
-            assert_eq!(planar.len(), 3 * (side * side) as usize);
-            decode_ms.push((decoded - started).as_secs_f64() * 1e3);
-            prepare_ms.push((done - decoded).as_secs_f64() * 1e3);
-            whole_ms.push((done - started).as_secs_f64() * 1e3);
-            // The resizer the decode pool used before (image's portable triangle filter), alone.
             let before = Instant::now();
             let resized = image::imageops::resize(&image, side, side, image::imageops::FilterType::Triangle);
-            portable_ms.push(before.elapsed().as_secs_f64() * 1e3);
+            let portable = before.elapsed();
             assert_eq!(resized.width(), side);
+            assert_eq!(full.len(), 3 * (side * side) as usize);
+            for (i, took) in [decoded - started, done - decoded, portable, done - started].into_iter().enumerate() {
+                samples[i].push(took.as_secs_f64() * 1e3);
+            }
         }
         if round > 0 {
             // Round 0 warms caches and the allocator.
-            decoding.push(median(&decode_ms));
-            preparing.push(median(&prepare_ms));
-            whole.push(median(&whole_ms));
-            portable.push(median(&portable_ms));
+            for ((_, medians), frame_samples) in steps.iter_mut().zip(&samples) {
+                medians.push(median(frame_samples));
+            }
         }
     }
     println!("| step (one thread) | ms per frame |");
     println!("|---|---|");
-    println!("| decode JPEG | {:.2} |", median(&decoding));
-    println!("| resize to {side} px and normalise (SIMD resize, table lookup) | {:.2} |", median(&preparing));
-    println!("| for comparison: the former portable resize alone | {:.2} |", median(&portable));
-    println!("| whole | {:.2} |", median(&whole));
-    println!("| frames/s per core | {:.0} |", 1e3 / median(&whole));
+    for (name, medians) in &steps {
+        println!("| {name} | {:.2} |", median(medians));
+    }
+    println!("| frames/s per core | {:.0} |", 1e3 / median(&steps[3].1));
 }
