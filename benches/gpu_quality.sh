@@ -8,8 +8,9 @@
 #   3. a CUDA inference check with `predict`.
 # Everything worth keeping is written into RESULTS ($OUT on a lent machine) as soon as it exists, so a
 # timeout still returns what finished: teacher.safetensors (only when it changed), quality-seed<S>.json
-# and quality-seed<S>.md per finished seed, summary.md, gpu-quality.log. Commit them (the teacher to
-# $TEACHER, the rest to DONE) and the next window goes on from there.
+# and quality-seed<S>.md per finished seed, pretrained-juice_bottle-dfsc.safetensors (seed 42's default
+# DFSC model in f16, once), summary.md, gpu-quality.log. Commit them (the teacher to $TEACHER, the
+# rest to DONE) and the next window goes on from there.
 #
 # On a lent machine, after `benches/gpu_pack.sh` here (it fills .gpu/ with what must travel):
 #   run(command="GPU_PACK=.gpu benches/gpu_quality.sh", carry=[".gpu"], timeout_s=580)
@@ -123,6 +124,14 @@ for seed in $SEEDS; do
         grep -E "time budget|steps in|DFSC over|written|rror|CUDA" "$log" || true
     done >> "$LOG"
 done
+
+# The pretrained model users run (issue 11 part 5): the default configuration (DFSC, margin 0.4) of seed
+# 42, whatever its score, stored in f16 only when no check-image score moves by more than 1e-3.
+if [ -f "$WORK/quality-seed42/dfsc_m0.4.safetensors" ] && [ ! -f "$DONE/pretrained-juice_bottle-dfsc.safetensors" ]; then
+    "$LINEGUARD" model compact --model "$WORK/quality-seed42/dfsc_m0.4.safetensors" \
+        --out "$RESULTS/pretrained-juice_bottle-dfsc.safetensors" --check "$DATA/validation/good" \
+        "$DATA/test/good" ${PREDICT_ARGS:-} 2>&1 | tee -a "$LOG" || stamp "the f16 copy was refused or failed"
+fi
 
 stamp "CUDA inference check"
 model=$(ls "$WORK"/quality-seed*/dfsc_m*.safetensors 2>/dev/null | head -1 || true)

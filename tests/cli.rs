@@ -249,3 +249,75 @@ fn an_unreachable_broker_is_named() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("cannot reach Kafka at 127.0.0.1:1"), "{}", stderr(&out));
 }
+
+/// `model compact` writes a half-size copy only after checking the scores on images; the copy serves with
+/// the scores it was checked for.
+#[test]
+fn model_compact_writes_a_checked_half_size_copy_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::synth_small(&data, 3, 2, 2);
+    let model = dir.path().join("model.safetensors");
+    common::train_tiny(&data, &model);
+    let compact = dir.path().join("model-f16.safetensors");
+    let check = [data.join("test/good"), data.join("test/logical_anomalies")];
+    let (good, logical) = (path_str(&check[0]), path_str(&check[1]));
+
+    let refused = lineguard(&[
+        "model",
+        "compact",
+        "--model",
+        path_str(&model),
+        "--out",
+        path_str(&compact),
+        "--check",
+        good,
+        logical,
+        "--tolerance",
+        "0",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("more than the tolerance"), "{}", stderr(&refused));
+    assert!(!compact.exists(), "nothing written when a score moved too much");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert!(!leftovers.iter().any(|name| name.to_string_lossy().contains("checking")), "{leftovers:?}");
+
+    let out = lineguard_ok(&[
+        "model",
+        "compact",
+        "--model",
+        path_str(&model),
+        "--out",
+        path_str(&compact),
+        "--check",
+        good,
+        logical,
+    ]);
+    assert!(stdout(&out).contains("largest score difference on 4 images"), "{}", stdout(&out));
+    let size = |path: &std::path::Path| std::fs::metadata(path).unwrap().len() as f64;
+    assert!(size(&compact) < 0.55 * size(&model), "{} vs {}", size(&compact), size(&model));
+
+    let scores = |model: &std::path::Path| -> Vec<f64> {
+        let heatmaps = dir.path().join("heatmaps");
+        let out = lineguard_ok(&[
+            "predict",
+            "--model",
+            path_str(model),
+            "--out",
+            path_str(&heatmaps),
+            "--json",
+            good,
+            logical,
+        ]);
+        stdout(&out)
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["score"].as_f64().unwrap())
+            .collect()
+    };
+    let (original, compacted) = (scores(&model), scores(&compact));
+    assert_eq!(original.len(), 4);
+    for (a, b) in original.iter().zip(&compacted) {
+        assert!((a - b).abs() <= 1e-3, "{a} vs {b}");
+    }
+}

@@ -265,23 +265,28 @@ fn gpu_quality_script_rehearses_on_the_cpu_and_resumes_across_windows() {
     let log = std::fs::read_to_string(first.join("gpu-quality.log")).unwrap();
     assert!(log.contains("images scored"), "{log}");
 
-    // The next window: the committed teacher goes on to 3 steps, seed 1 is not run again.
+    // The next window: the committed teacher goes on to 3 steps, seed 1 is not run again; seed 42's default
+    // DFSC model comes back in f16, checked, as the pretrained model.
     let second = dir.path().join("window-2");
-    let text = window(&second, &first.join("teacher.safetensors"), &first, "3", "1 2");
+    let text = window(&second, &first.join("teacher.safetensors"), &first, "3", "1 42");
     assert!(text.contains("seed 1: done in an earlier window"), "{text}");
     let provenance = teacher_provenance(&second.join("teacher.safetensors"));
     assert_eq!(
         (provenance["config"]["steps"].as_u64(), provenance["continued_from"]["config"]["steps"].as_u64()),
         (Some(3), Some(2))
     );
-    assert!(second.join("quality-seed2.json").is_file() && !second.join("quality-seed1.json").exists());
+    assert!(second.join("quality-seed42.json").is_file() && !second.join("quality-seed1.json").exists());
     let summary = std::fs::read_to_string(second.join("summary.md")).unwrap();
-    assert!(summary.contains("quality-seed1") && summary.contains("quality-seed2"), "{summary}");
+    assert!(summary.contains("quality-seed1") && summary.contains("quality-seed42"), "{summary}");
+    let pretrained = second.join("pretrained-juice_bottle-dfsc.safetensors");
+    assert!(text.contains("largest score difference"), "{text}");
+    assert_eq!(lineguard::model::EfficientAd::load(&pretrained, Device::Cpu).unwrap().info.trained_steps, 2);
 
-    // Nothing left: the complete teacher is not sent back again.
+    // Nothing left: the complete teacher and the pretrained model are not sent back again.
     let third = dir.path().join("window-3");
-    let text = window(&third, &second.join("teacher.safetensors"), &second, "3", "2");
+    let text = window(&third, &second.join("teacher.safetensors"), &second, "3", "42");
     assert!(text.contains("is complete") && !third.join("teacher.safetensors").exists(), "{text}");
+    assert!(!third.join("pretrained-juice_bottle-dfsc.safetensors").exists(), "{text}");
 }
 
 fn teacher_provenance(path: &Path) -> serde_json::Value {

@@ -472,6 +472,28 @@ pub enum ModelAction {
     /// the models topic, which every replica follows (run it where the trainer's state_dir is, e.g.
     /// `kubectl exec` into the trainer). The trainer continues training from it.
     Rollback(RollbackArgs),
+    /// Write a copy of a model file with its weights in f16 (half the size), after checking on images that
+    /// every score stays within --tolerance of the original's; refused, and nothing written, otherwise.
+    Compact(CompactArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The model file (from `lineguard train`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Where the f16 copy goes.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Images or folders of images scored by both files; use real images of the line.
+    #[arg(long, required = true, num_args = 1..)]
+    pub check: Vec<PathBuf>,
+    /// Largest allowed difference of an image score.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tolerance: f32,
+    /// Score on the CPU even when a GPU is present.
+    #[arg(long)]
+    pub cpu: bool,
 }
 
 #[derive(Debug, Args)]

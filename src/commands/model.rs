@@ -1,4 +1,5 @@
-//! `lineguard model list | rollback`: the versions a line's trainer keeps, and going back to one.
+//! `lineguard model list | rollback`: the versions a line's trainer keeps, and going back to one;
+//! `lineguard model compact`: a half-size copy of a model file, checked on images.
 
 use std::process::ExitCode;
 
@@ -7,11 +8,12 @@ use lineguard::service::retrain::gate::GateReport;
 use lineguard::service::retrain::store::VersionStore;
 use lineguard::service::settings::{RetrainSettings, Settings};
 
-use super::cli::{ModelAction, ModelArgs, ModelLineArgs};
+use super::cli::{CompactArgs, ModelAction, ModelArgs, ModelLineArgs};
 
 pub fn run(args: &ModelArgs) -> anyhow::Result<ExitCode> {
     match &args.action {
         ModelAction::List(target) => list(target),
+        ModelAction::Compact(compact_args) => compact(compact_args),
         ModelAction::Rollback(rollback) => {
             let (settings, retrain, store) = open(&rollback.target)?;
             let line = &rollback.target.line;
@@ -94,5 +96,52 @@ fn list(target: &ModelLineArgs) -> anyhow::Result<ExitCode> {
             println!("  {}", report.summary());
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the f16 copy next to its destination, scores every check image with both files, and moves it
+/// into place only when no score moved by more than the tolerance.
+fn compact(args: &CompactArgs) -> anyhow::Result<ExitCode> {
+    let device = lineguard::torch::select_device(args.cpu);
+    let original = lineguard::model::EfficientAd::load(&args.model, device)?;
+    let images = super::predict::expand(&args.check)?;
+    anyhow::ensure!(!images.is_empty(), "no check images");
+    let file_name = args.out.file_name().with_context(|| format!("{} names no file", args.out.display()))?;
+    let staged = args.out.with_file_name(format!(".{}.checking", file_name.to_string_lossy()));
+    original.save_f16(&staged)?;
+    let checked = (|| -> anyhow::Result<f32> {
+        let compacted = lineguard::model::EfficientAd::load(&staged, device)?;
+        let mut largest = 0f32;
+        for path in &images {
+            let before = lineguard::eval::score_image(&original, path)?.score;
+            let after = lineguard::eval::score_image(&compacted, path)?.score;
+            largest = largest.max((before - after).abs());
+        }
+        Ok(largest)
+    })();
+    let largest = match checked {
+        Ok(largest) if largest <= args.tolerance => largest,
+        other => {
+            let _ = std::fs::remove_file(&staged);
+            let largest = other?;
+            anyhow::bail!(
+                "in f16 a score moved by {largest:.2e} on the {} check images, more than the tolerance {:.0e};                  {} not written",
+                images.len(),
+                args.tolerance,
+                args.out.display()
+            );
+        }
+    };
+    std::fs::rename(&staged, &args.out).with_context(|| format!("moving the copy to {}", args.out.display()))?;
+    let size = |path: &std::path::Path| std::fs::metadata(path).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
+    println!(
+        "{}: {:.1} MB (f16 weights; was {:.1} MB); largest score difference on {} images: {largest:.2e} (tolerance \
+         {:.0e})",
+        args.out.display(),
+        size(&args.out),
+        size(&args.model),
+        images.len(),
+        args.tolerance
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -36,6 +36,8 @@ use weights::TensorFile;
 pub const MODEL_FORMAT: &str = "lineguard-efficientad";
 /// Bumped when the tensor layout or metadata of model files changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
+/// The networks whose weights a model file holds, as tensor-name prefixes.
+const NETWORKS: [&str; 3] = ["teacher", "student", "autoencoder"];
 
 /// Validation quantiles (low, high) of each raw map, used to put both maps on one scale.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -278,6 +280,21 @@ impl EfficientAd {
         self.to_tensor_file().save(path)
     }
 
+    /// Writes the model with the networks' weights in f16: half the file (about 16 MB instead of 33 for
+    /// the real size). Loading converts them back to f32, so scores move by the weights' rounding; check
+    /// them on real images before shipping such a file (`lineguard model compact` does).
+    pub fn save_f16(&self, path: &Path) -> Result<(), WeightsError> {
+        let mut file = self.to_tensor_file();
+        for (name, tensor) in file.tensors.iter_mut() {
+            // The teacher statistics stay f32: they are small and set the scale of every feature.
+            if NETWORKS.iter().any(|network| name.starts_with(&format!("{network}."))) {
+                *tensor = tensor.to_kind(Kind::Half);
+            }
+        }
+        file.metadata.insert("weights_storage".into(), "f16".into());
+        file.save(path)
+    }
+
     pub(crate) fn to_tensor_file(&self) -> TensorFile {
         let mut file = TensorFile::default();
         weights::export_store(&self.teacher_vs, "teacher", &mut file.tensors);
@@ -407,6 +424,25 @@ mod tests {
         let b = loaded.anomaly_maps(&x, 100, 60).unwrap();
         assert_eq!(a.size(), vec![2, 100, 60]);
         assert!(a.equal(&b));
+    }
+
+    #[test]
+    fn f16_storage_halves_the_weights_and_loads_back_as_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = EfficientAd::new(small_recipe(), Device::Cpu).unwrap();
+        model.map_quantiles = Some(MapQuantiles { student_teacher: (0.1, 0.5), autoencoder: (0.2, 0.9) });
+        let (full, half) = (dir.path().join("f32.safetensors"), dir.path().join("f16.safetensors"));
+        model.save(&full).unwrap();
+        model.save_f16(&half).unwrap();
+        let size = |path: &Path| std::fs::metadata(path).unwrap().len() as f64;
+        assert!(size(&half) < 0.55 * size(&full), "{} vs {}", size(&half), size(&full));
+        let loaded = EfficientAd::load(&half, Device::Cpu).unwrap();
+        assert_eq!(loaded.precision(), Precision::F32, "f16 storage, f32 compute");
+        let x = Tensor::rand([2, 3, 128, 128], (Kind::Float, Device::Cpu));
+        let (a, b) = (model.anomaly_maps(&x, 128, 128).unwrap(), loaded.anomaly_maps(&x, 128, 128).unwrap());
+        let range = (a.max() - a.min()).double_value(&[]);
+        let error = (&a - &b).abs().max().double_value(&[]) / range;
+        assert!(error > 0.0 && error < 5e-3, "{error}");
     }
 
     /// Reduced precision rounds only the networks: the maps stay close to f32's, relative to their range.

@@ -18,14 +18,16 @@ pub struct TensorFile {
     pub metadata: HashMap<String, String>,
 }
 
-struct F32View {
+/// A tensor's bytes as stored: f16 and bf16 tensors as they are (half-size files), everything else as f32.
+struct StoredView {
+    dtype: Dtype,
     shape: Vec<usize>,
     bytes: Vec<u8>,
 }
 
-impl View for &F32View {
+impl View for &StoredView {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -38,12 +40,17 @@ impl View for &F32View {
     }
 }
 
-fn to_view(tensor: &Tensor) -> F32View {
-    let cpu = tensor.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+fn to_view(tensor: &Tensor) -> StoredView {
+    let (dtype, kind, width) = match tensor.kind() {
+        Kind::Half => (Dtype::F16, Kind::Half, 2),
+        Kind::BFloat16 => (Dtype::BF16, Kind::BFloat16, 2),
+        _ => (Dtype::F32, Kind::Float, 4),
+    };
+    let cpu = tensor.detach().to_device(Device::Cpu).to_kind(kind).contiguous();
     let numel = cpu.numel();
-    let mut bytes = vec![0u8; numel * 4];
+    let mut bytes = vec![0u8; numel * width];
     cpu.copy_data_u8(&mut bytes, numel);
-    F32View { shape: cpu.size().iter().map(|&d| d as usize).collect(), bytes }
+    StoredView { dtype, shape: cpu.size().iter().map(|&d| d as usize).collect(), bytes }
 }
 
 impl TensorFile {
@@ -54,7 +61,7 @@ impl TensorFile {
 
     /// The safetensors bytes of the file; `origin` names it in errors.
     pub fn to_bytes(&self, origin: &Path) -> Result<Vec<u8>, WeightsError> {
-        let views: Vec<(String, F32View)> = self.tensors.iter().map(|(k, v)| (k.clone(), to_view(v))).collect();
+        let views: Vec<(String, StoredView)> = self.tensors.iter().map(|(k, v)| (k.clone(), to_view(v))).collect();
         let metadata = Some(self.metadata.clone());
         safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), &metadata)
             .map_err(|e| WeightsError::Format { path: origin.to_path_buf(), reason: e.to_string() })
