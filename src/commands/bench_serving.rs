@@ -2,8 +2,9 @@
 //! run (issue 12). Everything is written to `serving.json` and `serving.md` as soon as it is measured, so a
 //! run cut short (a lent GPU's window) still leaves what finished.
 //!
-//! 1. **Model only**: images/s for each precision × batch, timed from a host tensor to the maps back on the
-//!    host (as the paper times EfficientAD), the median over calls; and how far each reduced precision's
+//! 1. **Model only**: images/s for each precision × batch, timed from the frames' bytes on the host to the
+//!    maps back on the host (as the paper times EfficientAD, with the service's normalisation on the
+//!    device), the median over calls; and how far each reduced precision's
 //!    maps are from f32's on the same images.
 //! 2. **End to end**: JPEG frames through a local broker and the real pipeline (decode pool, batched
 //!    inference, results and maps published, offsets committed) at rising offered rates until the
@@ -184,14 +185,14 @@ fn measure_model_only(
 ) -> anyhow::Result<()> {
     let side = reference.recipe.image_size;
     tch::manual_seed(17);
-    let probe = Tensor::rand([4, 3, side, side], (Kind::Float, Device::Cpu));
+    let probe = host_frames(4, side);
     let reference_maps = maps_on_host(reference, &probe)?;
     let range = (reference_maps.max() - reference_maps.min()).double_value(&[]).max(f64::MIN_POSITIVE);
     for &precision in &args.precisions {
         let model = copy(precision)?;
         let difference = (maps_on_host(&model, &probe)? - &reference_maps).abs().max().double_value(&[]) / range;
         for &batch in &args.batches {
-            let images = Tensor::rand([batch, 3, side, side], (Kind::Float, Device::Cpu));
+            let images = host_frames(batch, side);
             for _ in 0..3 {
                 let _ = maps_on_host(&model, &images)?; // warm-up: allocator, cuDNN's kernel choice
             }
@@ -217,11 +218,18 @@ fn measure_model_only(
     Ok(())
 }
 
-/// Host images → maps back on the host (the copy back waits for the device).
-fn maps_on_host(model: &EfficientAd, images: &Tensor) -> anyhow::Result<Tensor> {
+/// Host frames → maps back on the host (the copy back waits for the device), as the inference stage does
+/// it: RGB bytes [B, side, side, 3] copied to the device and normalised there.
+fn maps_on_host(model: &EfficientAd, frames: &Tensor) -> anyhow::Result<Tensor> {
     let side = model.recipe.image_size;
-    let maps = model.anomaly_maps(&images.to_device(model.device()), side, side)?;
+    let images = lineguard::data::preprocess::normalise_bytes(&frames.to_device(model.device()));
+    let maps = model.anomaly_maps(&images, side, side)?;
     Ok(maps.to_device(Device::Cpu))
+}
+
+/// Random RGB frames as the decode pool hands them over: bytes [count, side, side, 3] on the host.
+fn host_frames(count: i64, side: i64) -> Tensor {
+    Tensor::randint(256, [count, side, side, 3], (Kind::Uint8, Device::Cpu))
 }
 
 fn measure_end_to_end(args: &BenchServingArgs, model: &EfficientAd, report: &mut Report) -> anyhow::Result<()> {
@@ -587,7 +595,7 @@ fn measure_trainer_sharing(
     device: Device,
 ) -> anyhow::Result<TrainerSharing> {
     let side = model.recipe.image_size;
-    let images = Tensor::rand([batch, 3, side, side], (Kind::Float, Device::Cpu));
+    let images = host_frames(batch, side);
     // Images/s over at least `duration`, and until `done()`.
     let rate_for = |duration: f64, done: &dyn Fn() -> bool| -> anyhow::Result<f64> {
         let started = Instant::now();
@@ -667,7 +675,7 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
 
 fn markdown(report: &Report) -> String {
     let mut out = format!(
-        "# Serving speed: {}, {} px, {} channels, {}\n\nCPU: {}\n\n`{}`\n\n## Model only (host tensor → maps on the host)\n\n\
+        "# Serving speed: {}, {} px, {} channels, {}\n\nCPU: {}\n\n`{}`\n\n## Model only (frame bytes on the host → maps on the host)\n\n\
          | precision | batch | images/s | calls | max map difference vs f32 (of range) |\n|---|---|---|---|---|\n",
         report.device, report.image_size, report.channels, report.model, report.cpu, report.command
     );

@@ -117,7 +117,7 @@ pub fn to_input(image: &RgbImage, side: u32) -> Tensor {
 
 /// The same values as [`to_input`] as a plain channel-major vector (thread-friendly, no libtorch).
 pub fn to_planar(image: &RgbImage, side: u32) -> Vec<f32> {
-    let resized = resize_square(image, side);
+    let resized = resized_rgb(image, side);
     let pixels = (side * side) as usize;
     let mut planar = vec![0f32; 3 * pixels];
     let (red, rest) = planar.split_at_mut(pixels);
@@ -145,7 +145,7 @@ thread_local! {
 /// RGB bytes of `image` resized to `side`x`side` with a bilinear (triangle) convolution whose support
 /// widens with the reduction, as `image`'s `FilterType::Triangle` (it was the resizer before; values
 /// agree within a level or two, see the tests), in SIMD: about 10 times faster on a 400x800 frame.
-fn resize_square(image: &RgbImage, side: u32) -> Vec<u8> {
+pub fn resized_rgb(image: &RgbImage, side: u32) -> Vec<u8> {
     if image.width() == side && image.height() == side {
         return image.as_raw().clone();
     }
@@ -185,6 +185,14 @@ fn channel_stats(device: Device) -> (Tensor, Tensor) {
 pub fn denormalise(images: &Tensor) -> Tensor {
     let (mean, std) = channel_stats(images.device());
     images * std + mean
+}
+
+/// Interleaved RGB bytes [B, side, side, 3] (from [`resized_rgb`]) to normalised inputs [B, 3, side,
+/// side], on the bytes' device: the same values as [`to_planar`]. The streaming service moves frames to
+/// the model's device as bytes, a quarter of the f32 input's size, and normalises them there.
+pub fn normalise_bytes(bytes: &Tensor) -> Tensor {
+    let (mean, std) = channel_stats(bytes.device());
+    (bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0 - mean) / std
 }
 
 pub fn normalise(pixels: &Tensor) -> Tensor {
@@ -233,7 +241,7 @@ mod tests {
         });
         for (source, side) in [(&frame, 256), (&image::imageops::crop_imm(&frame, 0, 0, 100, 100).to_image(), 128)] {
             let portable = image::imageops::resize(source, side, side, FilterType::Triangle).into_raw();
-            let simd = resize_square(source, side);
+            let simd = resized_rgb(source, side);
             assert_eq!(simd.len(), portable.len());
             let largest = simd.iter().zip(&portable).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
             let mean = simd.iter().zip(&portable).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / simd.len() as f64;
@@ -241,7 +249,22 @@ mod tests {
             assert!(largest <= 2 && mean < 0.5, "largest {largest}, mean {mean}");
         }
         let same = RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]));
-        assert_eq!(resize_square(&same, 64), same.into_raw(), "the right size is not resampled");
+        assert_eq!(resized_rgb(&same, 64), same.into_raw(), "the right size is not resampled");
+    }
+
+    /// The service's path (bytes, normalised by libtorch on the model's device) and the offline one
+    /// (`to_planar`) give the model the same input.
+    #[test]
+    fn bytes_normalised_by_libtorch_equal_the_planar_input() {
+        let image =
+            RgbImage::from_fn(90, 70, |x, y| image::Rgb([(x * 3) as u8, (y * 3) as u8, ((x + y) * 7 % 256) as u8]));
+        let side = 64;
+        let bytes = Tensor::from_slice(&resized_rgb(&image, side)).reshape([1, side as i64, side as i64, 3]);
+        let normalised = normalise_bytes(&bytes);
+        let planar = to_input(&image, side).unsqueeze(0);
+        assert_eq!(normalised.size(), planar.size());
+        let difference = (normalised - planar).abs().max().double_value(&[]);
+        assert!(difference < 1e-6, "{difference}");
     }
 
     #[test]

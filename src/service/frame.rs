@@ -75,13 +75,14 @@ pub struct CameraInfo {
     pub captured_at_ms: i64,
 }
 
-/// Decoded and normalised, ready for the model.
+/// Decoded and resized, ready for the model.
 #[derive(Debug)]
 pub struct PreparedFrame {
     pub meta: FrameMeta,
     pub camera: CameraInfo,
-    /// Channel-major normalised pixels at the model's side (see `data::preprocess::to_planar`).
-    pub input: Vec<f32>,
+    /// Interleaved RGB bytes resized to the model's side (`data::preprocess::resized_rgb`); the inference
+    /// stage normalises them on the model's device (a quarter of the bytes of f32 inputs to copy there).
+    pub input: Vec<u8>,
     pub original_size: (u32, u32),
     pub prepared_at: Instant,
     /// The encoded image, kept only on lines that retrain (an accepted frame is published as received).

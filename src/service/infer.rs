@@ -1,6 +1,7 @@
 //! The inference stage: one OS thread that owns the model (libtorch tensors are `Send` but not `Sync`),
 //! gathers prepared frames into batches (up to `max_batch`, or whatever arrived `max_batch_wait` after
-//! the first frame), scores them without gradients, and hands each scored frame to the sink.
+//! the first frame), copies their bytes to the model's device, normalises and scores them without gradients,
+//! and hands each scored frame to the sink.
 //!
 //! The model is replaceable at runtime through a [`ModelSwapper`]: a new model is picked up between two
 //! batches, so no frame is ever scored by a half-loaded model and every result names the version that
@@ -207,7 +208,8 @@ fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFram
     for frame in &batch {
         pixels.extend_from_slice(&frame.input);
     }
-    let images = Tensor::from_slice(&pixels).reshape([count as i64, 3, side, side]).to_device(model.device());
+    let bytes = Tensor::from_slice(&pixels).reshape([count as i64, side, side, 3]).to_device(model.device());
+    let images = crate::data::preprocess::normalise_bytes(&bytes);
     // Servability is checked before a model reaches this thread, so the maps can always be normalised.
     let maps = match model.anomaly_maps(&images, side, side) {
         Ok(maps) => maps,
@@ -313,7 +315,7 @@ mod tests {
                 timings: StageTimings::default(),
             },
             camera: CameraInfo { camera_id: "c".into(), line_id: "l".into(), captured_at_ms: 0 },
-            input: vec![0.1; 3 * 128 * 128],
+            input: vec![26; 3 * 128 * 128],
             original_size: (128, 128),
             prepared_at: Instant::now(),
             payload: None,

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! - [`source`]: Kafka consumer group → [`frame::RawFrame`], in-flight limit, offset commits;
-//! - [`preprocess`]: the CPU pool that checks the message contract, decodes and normalises (with
+//! - [`preprocess`]: the CPU pool that checks the message contract, decodes and resizes (with
 //!   [`crate::data::preprocess`], the code that prepares training images);
 //! - [`infer`]: dynamic batching and the model on CUDA or CPU, hot-swappable;
 //! - [`sink`]: results, anomaly maps and dead letters to Kafka, then the frame's [`ack`], which moves

@@ -1,6 +1,6 @@
 //! The preprocessing stage: a pool of OS threads (decoding is CPU work and must not stall the async
-//! Kafka I/O) that checks each consumed frame against the message contract, decodes it and normalises it
-//! for the model. Usable frames go on to `infer`; the others go straight to the sink's dead-letter path
+//! Kafka I/O) that checks each consumed frame against the message contract, decodes it and resizes it to
+//! the model's side (RGB bytes; `infer` normalises them on the model's device). Usable frames go on to `infer`; the others go straight to the sink's dead-letter path
 //! with the reason, so a bad message never stops the line.
 
 use std::thread::JoinHandle;
@@ -72,7 +72,7 @@ pub fn spawn(
         .collect()
 }
 
-/// Checks, decodes and normalises one frame.
+/// Checks, decodes and resizes one frame.
 pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Box<RejectedFrame>> {
     let started = Instant::now();
     let RawFrame { mut meta, payload, ack } = frame;
@@ -102,7 +102,7 @@ pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Bo
     match checked {
         Ok((camera, image)) => {
             let original_size = (image.width(), image.height());
-            let input = crate::data::preprocess::to_planar(&image, config.side);
+            let input = crate::data::preprocess::resized_rgb(&image, config.side);
             meta.timings.preprocess = started.elapsed().as_secs_f64();
             let payload = config.keep_payload.then_some(payload);
             Ok(PreparedFrame { meta, camera, input, original_size, prepared_at: Instant::now(), payload, ack })
@@ -216,9 +216,11 @@ mod tests {
     }
 
     #[test]
-    fn a_valid_frame_is_normalised_at_the_model_side() {
-        let prepared = prepare(&config(), frame(png(48, 40), GOOD_HEADERS)).unwrap();
-        assert_eq!(prepared.input.len(), 3 * 32 * 32);
+    fn a_valid_frame_is_resized_to_the_model_side() {
+        let bytes = png(48, 40);
+        let prepared = prepare(&config(), frame(bytes.clone(), GOOD_HEADERS)).unwrap();
+        let decoded = crate::data::preprocess::decode(&bytes, "png").unwrap();
+        assert_eq!(prepared.input, crate::data::preprocess::resized_rgb(&decoded, 32), "RGB bytes at 32x32");
         assert_eq!(prepared.original_size, (48, 40));
         assert_eq!(prepared.camera.camera_id, "cam-1");
         assert_eq!(prepared.camera.line_id, "juice", "line defaults to the pipeline's line");
