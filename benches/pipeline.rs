@@ -143,15 +143,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("scratch folder");
     let data = dir.path().join("data");
     let per_split = count.div_ceil(3);
-    let synth = SynthConfig {
-        seed: 3,
-        image_size: side,
-        train: 1,
-        validation: 1,
-        test_good: per_split,
-        test_logical: per_split,
-        test_structural: per_split,
-    };
+    let synth = SynthConfig::test_frames(3, side, per_split);
     lineguard::data::synth::generate(&synth, &data, &mut || {}).expect("synthetic frames");
     let mut frames = Vec::new();
     for split in ["good", "logical_anomalies", "structural_anomalies"] {

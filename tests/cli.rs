@@ -263,19 +263,13 @@ fn model_compact_writes_a_checked_half_size_copy_or_nothing() {
     let check = [data.join("test/good"), data.join("test/logical_anomalies")];
     let (good, logical) = (path_str(&check[0]), path_str(&check[1]));
 
-    let refused = lineguard(&[
-        "model",
-        "compact",
-        "--model",
-        path_str(&model),
-        "--out",
-        path_str(&compact),
-        "--check",
-        good,
-        logical,
-        "--tolerance",
-        "0",
-    ]);
+    let compact_args = |extra: &[&'static str]| -> Vec<&str> {
+        let mut args = vec!["model", "compact", "--model", path_str(&model), "--out", path_str(&compact)];
+        args.extend(["--check", good, logical]);
+        args.extend(extra);
+        args
+    };
+    let refused = lineguard(&compact_args(&["--tolerance", "0"]));
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("more than the tolerance"), "{}", stderr(&refused));
     assert!(!compact.exists(), "nothing written when a score moved too much");
@@ -283,17 +277,7 @@ fn model_compact_writes_a_checked_half_size_copy_or_nothing() {
         std::fs::read_dir(dir.path()).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
     assert!(!leftovers.iter().any(|name| name.to_string_lossy().contains("checking")), "{leftovers:?}");
 
-    let out = lineguard_ok(&[
-        "model",
-        "compact",
-        "--model",
-        path_str(&model),
-        "--out",
-        path_str(&compact),
-        "--check",
-        good,
-        logical,
-    ]);
+    let out = lineguard_ok(&compact_args(&[]));
     assert!(stdout(&out).contains("largest score difference on 4 images"), "{}", stdout(&out));
     let size = |path: &std::path::Path| std::fs::metadata(path).unwrap().len() as f64;
     assert!(size(&compact) < 0.55 * size(&model), "{} vs {}", size(&compact), size(&model));

@@ -266,15 +266,7 @@ fn jpeg_frames(args: &BenchServingArgs, scratch: &Path) -> anyhow::Result<Vec<Pa
         None => {
             let side = (args.side as u32).clamp(128, 512);
             let per_split = args.distinct_frames.div_ceil(3).max(1);
-            let config = lineguard::data::synth::SynthConfig {
-                seed: 3,
-                image_size: side,
-                train: 1,
-                validation: 1,
-                test_good: per_split,
-                test_logical: per_split,
-                test_structural: per_split,
-            };
+            let config = lineguard::data::synth::SynthConfig::test_frames(3, side, per_split);
             lineguard::data::synth::generate(&config, &scratch.join("synth"), &mut || {})?;
             images_under(&scratch.join("synth").join("test"))?
         }

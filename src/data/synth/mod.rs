@@ -131,6 +131,20 @@ impl Default for SynthConfig {
 }
 
 impl SynthConfig {
+    /// Only test images, `per_kind` of each kind (and one train and validation image, which every
+    /// dataset needs): frames for benchmarks and demos that stream images rather than train.
+    pub fn test_frames(seed: u64, image_size: u32, per_kind: usize) -> SynthConfig {
+        SynthConfig {
+            seed,
+            image_size,
+            train: 1,
+            validation: 1,
+            test_good: per_kind,
+            test_logical: per_kind,
+            test_structural: per_kind,
+        }
+    }
+
     /// Checks the size range and the per-split counts.
     pub fn validate(&self) -> Result<(), SynthError> {
         if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&self.image_size) {
