@@ -61,6 +61,9 @@ struct ModelOnlyRow {
     calls: usize,
     /// Largest |maps − f32 maps| over the f32 maps' range, on the same images.
     map_difference_vs_f32: f64,
+    /// On CUDA: whether cuDNN chose its kernels by timing them (the service turns it on; one row measures
+    /// the first precision at the largest batch without it).
+    cudnn_benchmark: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,10 +104,6 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
     let device = lineguard::torch::select_device(args.cpu);
     if args.require_cuda && !device.is_cuda() {
         bail!("--require-cuda: libtorch sees no CUDA device");
-    }
-    if device.is_cuda() {
-        // Input sizes are fixed per batch size: let cuDNN pick its fastest kernels once.
-        tch::Cuda::cudnn_set_benchmark(true);
     }
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let model = bench_model(args, device)?;
@@ -188,32 +187,53 @@ fn measure_model_only(
     let probe = host_frames(4, side);
     let reference_maps = maps_on_host(reference, &probe)?;
     let range = (reference_maps.max() - reference_maps.min()).double_value(&[]).max(f64::MIN_POSITIVE);
+    let cuda = reference.device().is_cuda();
+    let mut cases: Vec<(Precision, i64, Option<bool>)> = Vec::new();
+    if cuda {
+        // cuDNN's heuristic choice first, then (as the service runs) its timed choice for every case.
+        let largest = args.batches.iter().copied().max().unwrap_or(1);
+        cases.push((args.precisions.first().copied().unwrap_or_default(), largest, Some(false)));
+    }
     for &precision in &args.precisions {
-        let model = copy(precision)?;
-        let difference = (maps_on_host(&model, &probe)? - &reference_maps).abs().max().double_value(&[]) / range;
-        for &batch in &args.batches {
-            let images = host_frames(batch, side);
-            for _ in 0..3 {
-                let _ = maps_on_host(&model, &images)?; // warm-up: allocator, cuDNN's kernel choice
-            }
-            let mut calls = Vec::new();
-            let started = Instant::now();
-            while started.elapsed().as_secs_f64() < args.seconds || calls.len() < 3 {
-                let call = Instant::now();
-                let _ = maps_on_host(&model, &images)?;
-                calls.push(call.elapsed().as_secs_f64());
-            }
-            let images_per_second = batch as f64 / median(&calls);
-            log::info!("model only, {precision}, batch {batch}: {images_per_second:.1} images/s");
-            report.model_only.push(ModelOnlyRow {
-                precision,
-                batch,
-                images_per_second,
-                calls: calls.len(),
-                map_difference_vs_f32: difference,
-            });
-            write_report(report, &args.out_dir)?;
+        cases.extend(args.batches.iter().map(|&batch| (precision, batch, cuda.then_some(true))));
+    }
+    let mut differences: Vec<(Precision, f64)> = Vec::new();
+    for (precision, batch, cudnn_benchmark) in cases {
+        if let Some(on) = cudnn_benchmark {
+            tch::Cuda::cudnn_set_benchmark(on);
         }
+        let model = copy(precision)?;
+        let difference = match differences.iter().find(|(p, _)| *p == precision) {
+            Some((_, difference)) => *difference,
+            None => {
+                let maps = maps_on_host(&model, &probe)?;
+                let difference = (maps - &reference_maps).abs().max().double_value(&[]) / range;
+                differences.push((precision, difference));
+                difference
+            }
+        };
+        let images = host_frames(batch, side);
+        for _ in 0..3 {
+            let _ = maps_on_host(&model, &images)?; // warm-up: allocator, cuDNN's kernel choice
+        }
+        let mut calls = Vec::new();
+        let started = Instant::now();
+        while started.elapsed().as_secs_f64() < args.seconds || calls.len() < 3 {
+            let call = Instant::now();
+            let _ = maps_on_host(&model, &images)?;
+            calls.push(call.elapsed().as_secs_f64());
+        }
+        let images_per_second = batch as f64 / median(&calls);
+        log::info!("model only, {precision}, batch {batch}: {images_per_second:.1} images/s");
+        report.model_only.push(ModelOnlyRow {
+            precision,
+            batch,
+            images_per_second,
+            calls: calls.len(),
+            map_difference_vs_f32: difference,
+            cudnn_benchmark,
+        });
+        write_report(report, &args.out_dir)?;
     }
     Ok(())
 }
@@ -668,13 +688,19 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
 fn markdown(report: &Report) -> String {
     let mut out = format!(
         "# Serving speed: {}, {} px, {} channels, {}\n\nCPU: {}\n\n`{}`\n\n## Model only (frame bytes on the host → maps on the host)\n\n\
-         | precision | batch | images/s | calls | max map difference vs f32 (of range) |\n|---|---|---|---|---|\n",
+         | precision | batch | images/s | calls | max map difference vs f32 (of range) | cuDNN benchmark |\n\
+         |---|---|---|---|---|---|\n",
         report.device, report.image_size, report.channels, report.model, report.cpu, report.command
     );
     for row in &report.model_only {
         out += &format!(
-            "| {} | {} | {:.1} | {} | {:.1e} |\n",
-            row.precision, row.batch, row.images_per_second, row.calls, row.map_difference_vs_f32
+            "| {} | {} | {:.1} | {} | {:.1e} | {} |\n",
+            row.precision,
+            row.batch,
+            row.images_per_second,
+            row.calls,
+            row.map_difference_vs_f32,
+            row.cudnn_benchmark.map_or("-", |on| if on { "on" } else { "off" })
         );
     }
     if !report.end_to_end.is_empty() {

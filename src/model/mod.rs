@@ -446,7 +446,7 @@ mod tests {
     }
 
     /// Reduced precision rounds only the networks: the maps stay close to f32's, relative to their range.
-    /// (Measured on the CI's CPU at 128 px, 16 channels, random weights: f16 6e-4, bf16 3e-3 of the range.)
+    /// (Measured on a Xeon with AMX at 128 px, 16 channels, random weights: f16 6e-4, bf16 3e-3 of the range.)
     #[test]
     fn reduced_precision_maps_stay_close_to_f32() {
         let mut model = EfficientAd::new(small_recipe(), Device::Cpu).unwrap();
