@@ -46,10 +46,19 @@ fn gpu_serving_script_rehearses_on_the_cpu() {
 
     let synthetic = report(&results.join("synthetic/serving.json"));
     let rows = synthetic["model_only"].as_array().unwrap();
-    let cases: Vec<(String, i64)> =
-        rows.iter().map(|r| (r["precision"].as_str().unwrap().to_string(), r["batch"].as_i64().unwrap())).collect();
+    let cases = |channels_last: bool| -> Vec<(String, i64)> {
+        rows.iter()
+            .filter(|r| r["channels_last"] == channels_last)
+            .map(|r| (r["precision"].as_str().unwrap().to_string(), r["batch"].as_i64().unwrap()))
+            .collect()
+    };
     let expected = [("f32", 1), ("f32", 2), ("bf16", 1), ("bf16", 2)].map(|(p, b)| (p.to_string(), b));
-    assert_eq!(cases, expected);
+    assert_eq!(cases(true), expected, "every precision and batch, as the service feeds the model");
+    assert_eq!(
+        cases(false),
+        [("f32", 2), ("bf16", 2)].map(|(p, b)| (p.to_string(), b)),
+        "the largest batch, channel-major"
+    );
     for row in rows {
         assert!(number(&row["images_per_second"]) > 0.0, "{row}");
         let difference = number(&row["map_difference_vs_f32"]);

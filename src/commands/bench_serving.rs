@@ -64,6 +64,10 @@ struct ModelOnlyRow {
     /// On CUDA: whether cuDNN chose its kernels by timing them (the service turns it on; one row measures
     /// the first precision at the largest batch without it).
     cudnn_benchmark: Option<bool>,
+    /// Whether the input reached the networks in channels-last memory order, as the service's normalisation
+    /// of interleaved RGB bytes leaves it (oneDNN and cuDNN then keep that order through the
+    /// convolutions); one row per precision measures the contiguous channel-major order for comparison.
+    channels_last: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -185,20 +189,23 @@ fn measure_model_only(
     let side = reference.recipe.image_size;
     tch::manual_seed(17);
     let probe = host_frames(4, side);
-    let reference_maps = maps_on_host(reference, &probe)?;
+    let reference_maps = maps_on_host(reference, &probe, true)?;
     let range = (reference_maps.max() - reference_maps.min()).double_value(&[]).max(f64::MIN_POSITIVE);
     let cuda = reference.device().is_cuda();
-    let mut cases: Vec<(Precision, i64, Option<bool>)> = Vec::new();
+    let largest = args.batches.iter().copied().max().unwrap_or(1);
+    // (precision, batch, cuDNN benchmark, channels-last input)
+    let mut cases: Vec<(Precision, i64, Option<bool>, bool)> = Vec::new();
     if cuda {
         // cuDNN's heuristic choice first, then (as the service runs) its timed choice for every case.
-        let largest = args.batches.iter().copied().max().unwrap_or(1);
-        cases.push((args.precisions.first().copied().unwrap_or_default(), largest, Some(false)));
+        cases.push((args.precisions.first().copied().unwrap_or_default(), largest, Some(false), true));
     }
     for &precision in &args.precisions {
-        cases.extend(args.batches.iter().map(|&batch| (precision, batch, cuda.then_some(true))));
+        // The channel-major input order, next to the same case in channels-last order.
+        cases.push((precision, largest, cuda.then_some(true), false));
+        cases.extend(args.batches.iter().map(|&batch| (precision, batch, cuda.then_some(true), true)));
     }
     let mut differences: Vec<(Precision, f64)> = Vec::new();
-    for (precision, batch, cudnn_benchmark) in cases {
+    for (precision, batch, cudnn_benchmark, channels_last) in cases {
         if let Some(on) = cudnn_benchmark {
             tch::Cuda::cudnn_set_benchmark(on);
         }
@@ -206,7 +213,7 @@ fn measure_model_only(
         let difference = match differences.iter().find(|(p, _)| *p == precision) {
             Some((_, difference)) => *difference,
             None => {
-                let maps = maps_on_host(&model, &probe)?;
+                let maps = maps_on_host(&model, &probe, true)?;
                 let difference = (maps - &reference_maps).abs().max().double_value(&[]) / range;
                 differences.push((precision, difference));
                 difference
@@ -214,17 +221,18 @@ fn measure_model_only(
         };
         let images = host_frames(batch, side);
         for _ in 0..3 {
-            let _ = maps_on_host(&model, &images)?; // warm-up: allocator, cuDNN's kernel choice
+            let _ = maps_on_host(&model, &images, channels_last)?; // warm-up: allocator, cuDNN's kernel choice
         }
         let mut calls = Vec::new();
         let started = Instant::now();
         while started.elapsed().as_secs_f64() < args.seconds || calls.len() < 3 {
             let call = Instant::now();
-            let _ = maps_on_host(&model, &images)?;
+            let _ = maps_on_host(&model, &images, channels_last)?;
             calls.push(call.elapsed().as_secs_f64());
         }
         let images_per_second = batch as f64 / median(&calls);
-        log::info!("model only, {precision}, batch {batch}: {images_per_second:.1} images/s");
+        let order = if channels_last { "" } else { " (channel-major input)" };
+        log::info!("model only, {precision}, batch {batch}{order}: {images_per_second:.1} images/s");
         report.model_only.push(ModelOnlyRow {
             precision,
             batch,
@@ -232,6 +240,7 @@ fn measure_model_only(
             calls: calls.len(),
             map_difference_vs_f32: difference,
             cudnn_benchmark,
+            channels_last,
         });
         write_report(report, &args.out_dir)?;
     }
@@ -240,9 +249,10 @@ fn measure_model_only(
 
 /// Host frames → maps back on the host (the copy back waits for the device), as the inference stage does
 /// it: RGB bytes [B, side, side, 3] copied to the device and normalised there.
-fn maps_on_host(model: &EfficientAd, frames: &Tensor) -> anyhow::Result<Tensor> {
+fn maps_on_host(model: &EfficientAd, frames: &Tensor, channels_last: bool) -> anyhow::Result<Tensor> {
     let side = model.recipe.image_size;
     let images = lineguard::data::preprocess::normalise_bytes(&frames.to_device(model.device()));
+    let images = if channels_last { images } else { images.contiguous() };
     let maps = model.anomaly_maps(&images, side, side)?;
     Ok(maps.to_device(Device::Cpu))
 }
@@ -613,7 +623,7 @@ fn measure_trainer_sharing(
         let started = Instant::now();
         let mut scored = 0;
         while started.elapsed().as_secs_f64() < duration || scored == 0 || !done() {
-            let _ = maps_on_host(&model, &images)?;
+            let _ = maps_on_host(&model, &images, true)?;
             scored += batch;
         }
         Ok(scored as f64 / started.elapsed().as_secs_f64())
@@ -688,19 +698,20 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
 fn markdown(report: &Report) -> String {
     let mut out = format!(
         "# Serving speed: {}, {} px, {} channels, {}\n\nCPU: {}\n\n`{}`\n\n## Model only (frame bytes on the host → maps on the host)\n\n\
-         | precision | batch | images/s | calls | max map difference vs f32 (of range) | cuDNN benchmark |\n\
-         |---|---|---|---|---|---|\n",
+         | precision | batch | images/s | calls | max map difference vs f32 (of range) | cuDNN benchmark | input order |\n\
+         |---|---|---|---|---|---|---|\n",
         report.device, report.image_size, report.channels, report.model, report.cpu, report.command
     );
     for row in &report.model_only {
         out += &format!(
-            "| {} | {} | {:.1} | {} | {:.1e} | {} |\n",
+            "| {} | {} | {:.1} | {} | {:.1e} | {} | {} |\n",
             row.precision,
             row.batch,
             row.images_per_second,
             row.calls,
             row.map_difference_vs_f32,
-            row.cudnn_benchmark.map_or("-", |on| if on { "on" } else { "off" })
+            row.cudnn_benchmark.map_or("-", |on| if on { "on" } else { "off" }),
+            if row.channels_last { "channels-last" } else { "channel-major" }
         );
     }
     if !report.end_to_end.is_empty() {
