@@ -803,6 +803,7 @@ mod tests {
         let line = "4242 (rdk:broker (1)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0 100 0 0";
         let (name, seconds) = parse_stat(line).unwrap();
         assert_eq!(name, "rdk:broker (1)");
+        // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         assert!((seconds - 300.0 / ticks).abs() < 1e-9, "{seconds}");
         assert_eq!(thread_group(&name), "kafka clients (pipeline and bench)");
