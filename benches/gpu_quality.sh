@@ -67,11 +67,7 @@ REQUIRE_CUDA=${REQUIRE_CUDA:-1}
 mkdir -p "$WORK" "$RESULTS"
 LOG="$RESULTS/gpu-quality.log"
 
-if [ -z "${LIBTORCH_LIB:-}" ] && torch_dir=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null); then
-    LIBTORCH_LIB=$torch_dir/lib
-fi
-[ -n "${LIBTORCH_LIB:-}" ] && export LD_LIBRARY_PATH="$LIBTORCH_LIB:${LD_LIBRARY_PATH:-}"
-export RUST_LOG=${RUST_LOG:-info}
+source benches/gpu_libtorch.sh
 stamp() { printf '[gpu-quality %s] %s\n' "$(date +%T)" "$*" | tee -a "$LOG"; }
 # Progress lines are many; the log keeps the lines that say what happened.
 keep() { grep -vE ": [0-9]+/[0-9]+ " | tee -a "$LOG" || true; }

@@ -48,11 +48,7 @@ mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu-serving.log"
 export LINEGUARD_NISSHI=$NISSHI
 
-if [ -z "${LIBTORCH_LIB:-}" ] && torch_dir=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null); then
-    LIBTORCH_LIB=$torch_dir/lib
-fi
-[ -n "${LIBTORCH_LIB:-}" ] && export LD_LIBRARY_PATH="$LIBTORCH_LIB:${LD_LIBRARY_PATH:-}"
-export RUST_LOG=${RUST_LOG:-info}
+source benches/gpu_libtorch.sh
 stamp() { printf '[gpu-serving %s] %s\n' "$(date +%T)" "$*" | tee -a "$LOG"; }
 # The pipeline's per-partition lines are many; the log keeps what the benchmark says.
 keep() { grep -E "bench_serving|ERROR|WARN|rror" | tee -a "$LOG" || true; }

@@ -53,6 +53,17 @@ struct Report {
     trainer_sharing: Option<TrainerSharing>,
 }
 
+impl Report {
+    /// The highest model-only rate measured in `precision` (0 before any).
+    fn best_model_only(&self, precision: Precision) -> f64 {
+        self.model_only
+            .iter()
+            .filter(|row| row.precision == precision)
+            .map(|row| row.images_per_second)
+            .fold(0.0, f64::max)
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct ModelOnlyRow {
     precision: Precision,
@@ -193,56 +204,48 @@ fn measure_model_only(
     let range = (reference_maps.max() - reference_maps.min()).double_value(&[]).max(f64::MIN_POSITIVE);
     let cuda = reference.device().is_cuda();
     let largest = args.batches.iter().copied().max().unwrap_or(1);
-    // (precision, batch, cuDNN benchmark, channels-last input)
-    let mut cases: Vec<(Precision, i64, Option<bool>, bool)> = Vec::new();
-    if cuda {
-        // cuDNN's heuristic choice first, then (as the service runs) its timed choice for every case.
-        cases.push((args.precisions.first().copied().unwrap_or_default(), largest, Some(false), true));
-    }
-    for &precision in &args.precisions {
-        // The channel-major input order, next to the same case in channels-last order.
-        cases.push((precision, largest, cuda.then_some(true), false));
-        cases.extend(args.batches.iter().map(|&batch| (precision, batch, cuda.then_some(true), true)));
-    }
-    let mut differences: Vec<(Precision, f64)> = Vec::new();
-    for (precision, batch, cudnn_benchmark, channels_last) in cases {
-        if let Some(on) = cudnn_benchmark {
-            tch::Cuda::cudnn_set_benchmark(on);
-        }
+    for (index, &precision) in args.precisions.iter().enumerate() {
         let model = copy(precision)?;
-        let difference = match differences.iter().find(|(p, _)| *p == precision) {
-            Some((_, difference)) => *difference,
-            None => {
-                let maps = maps_on_host(&model, &probe, true)?;
-                let difference = (maps - &reference_maps).abs().max().double_value(&[]) / range;
-                differences.push((precision, difference));
-                difference
+        let maps = maps_on_host(&model, &probe, true)?;
+        let difference = (maps - &reference_maps).abs().max().double_value(&[]) / range;
+        // (batch, cuDNN benchmark, channels-last input)
+        let mut cases: Vec<(i64, Option<bool>, bool)> = Vec::new();
+        if cuda && index == 0 {
+            // cuDNN's heuristic choice first, then (as the service runs) its timed choice for every case.
+            cases.push((largest, Some(false), true));
+        }
+        // The channel-major input order, next to the same case in channels-last order.
+        cases.push((largest, cuda.then_some(true), false));
+        cases.extend(args.batches.iter().map(|&batch| (batch, cuda.then_some(true), true)));
+        for (batch, cudnn_benchmark, channels_last) in cases {
+            if let Some(on) = cudnn_benchmark {
+                tch::Cuda::cudnn_set_benchmark(on);
             }
-        };
-        let images = host_frames(batch, side);
-        for _ in 0..3 {
-            let _ = maps_on_host(&model, &images, channels_last)?; // warm-up: allocator, cuDNN's kernel choice
+            let images = host_frames(batch, side);
+            for _ in 0..3 {
+                let _ = maps_on_host(&model, &images, channels_last)?; // warm-up: allocator, cuDNN's kernel choice
+            }
+            let mut calls = Vec::new();
+            let started = Instant::now();
+            while started.elapsed().as_secs_f64() < args.seconds || calls.len() < 3 {
+                let call = Instant::now();
+                let _ = maps_on_host(&model, &images, channels_last)?;
+                calls.push(call.elapsed().as_secs_f64());
+            }
+            let images_per_second = batch as f64 / median(&calls);
+            let order = if channels_last { "" } else { " (channel-major input)" };
+            log::info!("model only, {precision}, batch {batch}{order}: {images_per_second:.1} images/s");
+            report.model_only.push(ModelOnlyRow {
+                precision,
+                batch,
+                images_per_second,
+                calls: calls.len(),
+                map_difference_vs_f32: difference,
+                cudnn_benchmark,
+                channels_last,
+            });
+            write_report(report, &args.out_dir)?;
         }
-        let mut calls = Vec::new();
-        let started = Instant::now();
-        while started.elapsed().as_secs_f64() < args.seconds || calls.len() < 3 {
-            let call = Instant::now();
-            let _ = maps_on_host(&model, &images, channels_last)?;
-            calls.push(call.elapsed().as_secs_f64());
-        }
-        let images_per_second = batch as f64 / median(&calls);
-        let order = if channels_last { "" } else { " (channel-major input)" };
-        log::info!("model only, {precision}, batch {batch}{order}: {images_per_second:.1} images/s");
-        report.model_only.push(ModelOnlyRow {
-            precision,
-            batch,
-            images_per_second,
-            calls: calls.len(),
-            map_difference_vs_f32: difference,
-            cudnn_benchmark,
-            channels_last,
-        });
-        write_report(report, &args.out_dir)?;
     }
     Ok(())
 }
@@ -274,12 +277,7 @@ fn measure_end_to_end(args: &BenchServingArgs, model: &EfficientAd, report: &mut
         .context("the end-to-end measurement needs the nisshi broker (scripts/setup.sh installs it)")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     for &precision in &args.precisions {
-        let best_model_only = report
-            .model_only
-            .iter()
-            .filter(|row| row.precision == precision)
-            .map(|row| row.images_per_second)
-            .fold(1.0, f64::max);
+        let best_model_only = report.best_model_only(precision).max(1.0);
         let line = StreamLine { args, brokers: broker.bootstrap(), broker_pid: broker.pid(), model: &model_path };
         runtime.block_on(line.curve(precision, &frames, best_model_only, report))?;
     }
@@ -328,10 +326,7 @@ fn images_under(folder: &Path) -> anyhow::Result<Vec<PathBuf>> {
     for path in entries {
         if path.is_dir() {
             found.extend(images_under(&path)?);
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
-            Some("png" | "jpg" | "jpeg")
-        ) {
+        } else if lineguard::data::loco::is_image(&path) {
             found.push(path);
         }
     }
@@ -749,12 +744,7 @@ fn markdown(report: &Report) -> String {
                 .filter(|s| s.precision == precision && s.offered_per_second.is_none())
                 .map(|s| s.achieved_per_second)
                 .fold(0.0, f64::max);
-            let best_model = report
-                .model_only
-                .iter()
-                .filter(|r| r.precision == precision)
-                .map(|r| r.images_per_second)
-                .fold(0.0, f64::max);
+            let best_model = report.best_model_only(precision);
             if best_model > 0.0 && best_stream > 0.0 {
                 out += &format!(
                     "\n{precision}: end to end flat out / best model-only = {best_stream:.1} / {best_model:.1} = {:.2}\n",

@@ -191,8 +191,7 @@ pub fn denormalise(images: &Tensor) -> Tensor {
 /// side], on the bytes' device: the same values as [`to_planar`]. The streaming service moves frames to
 /// the model's device as bytes, a quarter of the f32 input's size, and normalises them there.
 pub fn normalise_bytes(bytes: &Tensor) -> Tensor {
-    let (mean, std) = channel_stats(bytes.device());
-    (bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0 - mean) / std
+    normalise(&(bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0))
 }
 
 pub fn normalise(pixels: &Tensor) -> Tensor {
