@@ -365,6 +365,41 @@ mod tests {
         assert_eq!(stage.join().unwrap(), Ok(()));
     }
 
+    /// The stage scores in its precision, with its first model and with swapped-in ones: a bf16 stage's
+    /// score of a frame is close to an f32 stage's but not equal (bf16 keeps 8 bits of mantissa).
+    #[test]
+    fn the_stage_scores_every_model_in_its_precision() {
+        let tracker = crate::service::ack::OffsetTracker::new();
+        let score = |precision: Precision, swap: bool| -> f32 {
+            let (to_infer, input) = crossbeam_channel::bounded(8);
+            let (to_sink, mut output) = mpsc::channel(8);
+            let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
+            let batching = Batching { max_batch: 1, max_wait: Duration::from_millis(1) };
+            let health = Arc::new(LineHealth::default());
+            let (stage, swapper) =
+                spawn(tiny_model(1, 128), precision, batching, input, to_sink, metrics, health).unwrap();
+            if swap {
+                swapper.swap(tiny_model(2, 128)).unwrap();
+            }
+            let mut frame = prepared(&tracker, 0);
+            frame.input = (0..3 * 128 * 128).map(|i| (i * 7 % 251) as u8).collect();
+            to_infer.send(frame).unwrap();
+            let score = match output.blocking_recv() {
+                Some(SinkItem::Scored(frame)) => frame.score,
+                other => panic!("expected a scored frame, got {other:?}"),
+            };
+            drop(to_infer);
+            assert_eq!(stage.join().unwrap(), Ok(()));
+            score
+        };
+        for swap in [false, true] {
+            let (full, reduced) = (score(Precision::F32, swap), score(Precision::Bf16, swap));
+            assert!(full.is_finite() && reduced.is_finite());
+            assert_ne!(full, reduced, "swap {swap}: the bf16 stage rounds");
+            assert!((full - reduced).abs() < 0.05 * full.abs().max(1e-3), "swap {swap}: {full} vs {reduced}");
+        }
+    }
+
     #[test]
     fn a_swapped_model_scores_from_the_next_batch_on() {
         let tracker = crate::service::ack::OffsetTracker::new();

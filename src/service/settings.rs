@@ -774,6 +774,18 @@ threshold = 0.4
     }
 
     #[test]
+    fn precision_is_read_from_the_file_and_the_environment_and_checked() {
+        assert_eq!(parse(MINIMAL, &[]).unwrap().lines["juice"].precision, Precision::F32, "f32 by default");
+        let in_file = MINIMAL.replace("threshold = 0.4", "threshold = 0.4\nprecision = \"bf16\"");
+        assert_eq!(parse(&in_file, &[]).unwrap().lines["juice"].precision, Precision::Bf16);
+        let from_env = parse(MINIMAL, &[("LINEGUARD__LINES__JUICE__PRECISION", "f16")]).unwrap();
+        assert_eq!(from_env.lines["juice"].precision, Precision::F16);
+        let wrong = MINIMAL.replace("threshold = 0.4", "threshold = 0.4\nprecision = \"int8\"");
+        let error = parse(&wrong, &[]).unwrap_err().to_string();
+        assert!(error.contains("int8"), "{error}");
+    }
+
+    #[test]
     fn secret_files_lose_one_trailing_newline_only() {
         let dir = tempfile::tempdir().unwrap();
         for (written, read) in [("key", "key"), ("key\n", "key"), ("key\r\n", "key"), ("key\n\n", "key\n")] {
