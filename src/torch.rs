@@ -3,7 +3,7 @@
 //! library by hand before any other tch call registers its CUDA hooks. A CUDA query made before that caches
 //! the CPU-only answer for the life of the process, hence [`init`] first thing in `main`.
 
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 use tch::Device;
 
@@ -34,21 +34,62 @@ pub fn select_device(force_cpu: bool) -> Device {
 }
 
 pub fn describe(device: Device) -> String {
+    describe_threads(device, tch::get_num_threads().max(1) as usize)
+}
+
+/// [`describe`] for a thread that will run with `threads` libtorch CPU threads.
+pub fn describe_threads(device: Device, threads: usize) -> String {
     match device {
-        Device::Cpu => format!("CPU ({} threads)", tch::get_num_threads()),
+        Device::Cpu => format!("CPU ({threads} threads)"),
         Device::Cuda(i) => format!("CUDA device {i}"),
         other => format!("{other:?}"),
     }
 }
 
+/// libtorch CPU threads for the threads that ask for them with [`use_threads`], once
+/// [`make_parallelism_opt_in`] ran; `None` before.
+static OPT_IN_THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Makes libtorch's CPU parallelism opt-in for this process: every thread that has not asked for threads
+/// with [`use_threads`] runs libtorch work on one core. Returns the number of threads libtorch would have
+/// used (the cores, or `OMP_NUM_THREADS`), which [`parallel_threads`] keeps for the threads that opt in.
+/// Call it first thing, before any libtorch work, in processes where several threads use libtorch (the
+/// service: inference, trainer, model loading).
+///
+/// Why: libgomp gives every thread that runs a parallel region its own team of worker threads, and keeps
+/// the team after the region ends. Once the process's teams hold more threads than there are cores, libgomp
+/// stops letting idle workers spin between regions: they sleep and must be woken for each of the model's
+/// hundreds of parallel regions. Measured on 2 cores (`cargo bench --bench threads`; 128 px, batch 1):
+/// inference on a spawned thread took 78 ms in f32 and 31 ms in bf16 while the main thread held an idle
+/// team, 71 and 21 ms without one.
+pub fn make_parallelism_opt_in() -> usize {
+    *OPT_IN_THREADS.get_or_init(|| {
+        let count = tch::get_num_threads().max(1) as usize;
+        tch::set_num_threads(1);
+        count
+    })
+}
+
+/// The libtorch CPU threads a thread doing the heavy work (inference) should use: what
+/// [`make_parallelism_opt_in`] kept, else the calling thread's current count.
+pub fn parallel_threads() -> usize {
+    OPT_IN_THREADS.get().copied().unwrap_or_else(|| tch::get_num_threads().max(1) as usize)
+}
+
 /// Gives the calling thread its own number of CPU threads for libtorch operations, so a background
 /// trainer can be held to one core while inference keeps the others. libtorch's OpenMP thread count is
-/// per calling thread, but its first parallel operation in a thread re-applies the last process-wide
-/// value; running one such operation first makes this thread's setting stick.
+/// per calling thread, but its first parallel operation in a thread applies the last process-wide value
+/// (which every `set_num_threads` also sets); running one such operation first makes this thread's setting
+/// stick. Where parallelism is opt-in, the process-wide value goes back to one afterwards, from a
+/// short-lived thread, so threads that start libtorch work later stay on one core.
 pub fn use_threads(count: usize) {
     let _ = tch::get_num_threads();
     let _ = tch::Tensor::ones([1 << 16], (tch::Kind::Float, Device::Cpu)).sum(tch::Kind::Float);
     tch::set_num_threads(count.max(1) as i32);
+    if OPT_IN_THREADS.get().is_some() {
+        // Joining cannot fail: the closure does not panic on a count of one.
+        let _ = std::thread::spawn(|| tch::set_num_threads(1)).join();
+    }
 }
 
 /// Lowers the calling thread's CPU scheduling priority to the minimum (nice 19), so that on a busy

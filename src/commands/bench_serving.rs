@@ -116,6 +116,8 @@ struct TrainerSharing {
 }
 
 pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
+    // As `lineguard run` does: the measuring threads are the only ones with libtorch parallelism.
+    lineguard::torch::make_parallelism_opt_in();
     let device = lineguard::torch::select_device(args.cpu);
     if args.require_cuda && !device.is_cuda() {
         bail!("--require-cuda: libtorch sees no CUDA device");
@@ -123,7 +125,7 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let model = bench_model(args, device)?;
     let mut report = Report {
-        device: lineguard::torch::describe(device),
+        device: lineguard::torch::describe_threads(device, lineguard::torch::parallel_threads()),
         cpu: cpu_description(),
         image_size: model.recipe.image_size,
         channels: model.recipe.channels,
@@ -137,14 +139,18 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
         Ok(EfficientAd::from_bytes(&model_bytes, Path::new("<bench>"), device)?.with_precision(precision))
     };
 
-    measure_model_only(args, &model, &copy, &mut report)?;
+    // Model-only rates measured on a thread like the pipeline's inference thread.
+    super::on_parallel_thread("model-only", || measure_model_only(args, &copy(Precision::F32)?, &copy, &mut report))?;
     if args.stream_seconds > 0.0 {
         measure_end_to_end(args, &model, &mut report)?;
     }
     if args.trainer_rounds > 0 {
         let precision = args.precisions.first().copied().unwrap_or_default();
         let batch = args.batches.iter().copied().max().unwrap_or(1);
-        report.trainer_sharing = Some(measure_trainer_sharing(args, copy(precision)?, &model_bytes, batch, device)?);
+        let sharing = super::on_parallel_thread("model-only", || {
+            measure_trainer_sharing(args, copy(precision)?, &model_bytes, batch, device)
+        })?;
+        report.trainer_sharing = Some(sharing);
         write_report(&report, &args.out_dir)?;
     }
     println!("{}", markdown(&report));

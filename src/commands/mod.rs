@@ -150,6 +150,22 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
+/// Runs `work` on a thread named `name` that has the libtorch CPU threads the process started with, and
+/// waits for it. Commands that made libtorch parallelism opt-in (`torch::make_parallelism_opt_in`) do
+/// their heavy libtorch work this way: the thread's libgomp workers end with it, where the main thread's
+/// would sit idle beside the inference stage's for the rest of the run.
+pub fn on_parallel_thread<T: Send>(name: &str, work: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new().name(name.into()).spawn_scoped(scope, || {
+            lineguard::torch::use_threads(lineguard::torch::parallel_threads());
+            work()
+        })?;
+        thread
+            .join()
+            .map_err(|panic| anyhow::anyhow!("{name} failed: {}", lineguard::service::panic_message(&*panic)))?
+    })
+}
+
 /// Completes on SIGTERM (Kubernetes, `kill`) or Ctrl-C.
 pub async fn termination() {
     #[cfg(unix)]

@@ -15,6 +15,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&settings)?);
         return Ok(ExitCode::SUCCESS);
     }
+    // Before any libtorch work: inference (and the trainer, as configured) are the only threads with
+    // libtorch parallelism, which keeps libgomp's idle workers spinning between the model's layers.
+    lineguard::torch::make_parallelism_opt_in();
     let runtime = super::runtime()?;
     let role = match args.role {
         RoleArg::All => Role::All,

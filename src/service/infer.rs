@@ -111,8 +111,8 @@ pub fn spawn(
     let serving = Arc::new(AtomicU64::new(model.info.model_version));
     let swapper =
         ModelSwapper { sender, side: model.recipe.image_size, queued: queued.clone(), serving: serving.clone() };
-    // A background trainer may set its own thread count; inference keeps the one it started with.
-    let threads = tch::get_num_threads().max(1) as usize;
+    // A background trainer may set its own thread count; inference keeps the one the process started with.
+    let threads = crate::torch::parallel_threads();
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
         crate::torch::use_threads(threads);
         let mut model = model.with_precision(precision);

@@ -47,7 +47,7 @@ pub mod pipeline;
 pub mod retrain;
 
 /// The message of a caught panic (stages catch their own so the line can say which one failed).
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<String>()
         .cloned()

@@ -334,7 +334,7 @@ async fn start_line(
         model.info.model_version,
         model.recipe.image_size,
         model.recipe.preset,
-        crate::torch::describe(device),
+        crate::torch::describe_threads(device, crate::torch::parallel_threads()),
         line.precision
     );
     health.model_loaded.store(true, Ordering::Relaxed);

@@ -48,21 +48,26 @@ use tally::{fmt_ms, RetrainingSummary, Scene, Summary, Tally, SPLITS};
 const QUICK_RECIPE: &str = include_str!("../../../pipelines/recipes/quick.toml");
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    // As `lineguard run` does. Training and validation run on a thread of their own that ends before the
+    // streaming starts, taking its libtorch worker threads with it (see `make_parallelism_opt_in`).
+    lineguard::torch::make_parallelism_opt_in();
     let device = lineguard::torch::select_device(args.cpu);
-    let (data, model_path, model, act_one) = match &args.real {
-        Some(folder) => real_category(args, folder, device)?,
-        None => synthetic_line(args, device)?,
+    let prepare = || -> anyhow::Result<_> {
+        let (data, model_path, model, act_one) = match &args.real {
+            Some(folder) => real_category(args, folder, device)?,
+            None => synthetic_line(args, device)?,
+        };
+        log::info!("step 3/4: choosing the alarm threshold on the normal validation images");
+        let (threshold, accept_below) = validation_threshold(&model, &data.join("validation/good"))?;
+        if args.eval {
+            let report = super::eval::evaluate(&model, &data, &EvalOptions::default(), None)?;
+            println!();
+            super::eval::print_table(&report);
+            println!();
+        }
+        Ok((data, model_path, threshold, accept_below, act_one))
     };
-
-    log::info!("step 3/4: choosing the alarm threshold on the normal validation images");
-    let (threshold, accept_below) = validation_threshold(&model, &data.join("validation/good"))?;
-    if args.eval {
-        let report = super::eval::evaluate(&model, &data, &EvalOptions::default(), None)?;
-        println!();
-        super::eval::print_table(&report);
-        println!();
-    }
-    drop(model);
+    let (data, model_path, threshold, accept_below, act_one) = super::on_parallel_thread("training", prepare)?;
 
     // The light-change act synthesises its trays: it belongs to the synthetic line.
     let drifted = match args.no_drift || args.real.is_some() {

@@ -1,0 +1,94 @@
+//! Inference on a spawned thread (as the service's inference stage runs) with and without a libgomp team
+//! on the main thread: what `torch::make_parallelism_opt_in` is for. Each case runs in its own process
+//! (a team, once made, lives as long as its thread), the cases alternate over rounds, medians per call.
+//!
+//!     cargo bench --bench threads                       # f32, batch 1, 128 px, the real 384 channels
+//!     cargo bench --bench threads -- --precision bf16 --batch 8 --rounds 5 --calls 15
+//!
+//! Cases:
+//! - `main-team`: the main thread builds the model with libtorch's default threads (a team of workers
+//!   that then sits idle), the spawned thread scores;
+//! - `opt-in`: parallelism opt-in first, so the main thread has no team; the spawned thread opts in;
+//! - `main-thread`: the main thread scores (the old model-only measurement).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+mod common;
+
+use common::{arg, median};
+use lineguard::model::config::{Preset, Recipe};
+use lineguard::model::{EfficientAd, MapQuantiles, Precision};
+use tch::{Device, Kind, Tensor};
+
+const CASES: [&str; 3] = ["main-team", "opt-in", "main-thread"];
+const CHILD: &str = "LINEGUARD_BENCH_THREADS_CASE";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds: usize = arg(&args, "--rounds", 3);
+    match std::env::var(CHILD) {
+        Ok(case) => println!("{}", run_case(&case, &args)),
+        Err(_) => {
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+            for round in 0..rounds {
+                for (case, time) in CASES.iter().zip(&mut times) {
+                    let output = Command::new(std::env::current_exe().expect("own path"))
+                        .args(&args[1..])
+                        .env(CHILD, case)
+                        .output()
+                        .expect("the bench can run itself");
+                    assert!(output.status.success(), "{case}: {}", String::from_utf8_lossy(&output.stderr));
+                    let ms: f64 = String::from_utf8_lossy(&output.stdout).trim().parse().expect("a time");
+                    println!("round {round}: {case:<12} {ms:7.1} ms per call");
+                    time.push(ms);
+                }
+            }
+            let reference = median(&times[2]);
+            println!("\nmedians over {rounds} rounds (ratio to the main thread):");
+            for (case, time) in CASES.iter().zip(&times) {
+                println!("  {case:<12} {:7.1} ms  {:.2}", median(time), median(time) / reference);
+            }
+        }
+    }
+}
+
+/// Median milliseconds per call of `--calls` calls (after two warm-up calls) in one case.
+fn run_case(case: &str, args: &[String]) -> f64 {
+    let side: i64 = arg(args, "--side", 128);
+    let batch: i64 = arg(args, "--batch", 1);
+    let calls: usize = arg(args, "--calls", 15);
+    let precision: String = arg(args, "--precision", "f32".to_string());
+    let precision = <Precision as clap::ValueEnum>::from_str(&precision, true).expect("--precision f32|bf16|f16");
+    if case == "opt-in" {
+        lineguard::torch::make_parallelism_opt_in();
+    }
+    let recipe = Recipe { image_size: side, ..Recipe::preset(Preset::Dfsc) };
+    let mut model = EfficientAd::new(recipe, Device::Cpu).expect("a model");
+    model.map_quantiles = Some(MapQuantiles { student_teacher: (0.0, 1.0), autoencoder: (0.0, 1.0) });
+    let score = move |model: &EfficientAd| {
+        // Channels-last input, as the inference stage normalises frames from bytes.
+        let images = Tensor::rand([batch, side, side, 3], (Kind::Float, Device::Cpu)).permute([0, 3, 1, 2]);
+        let mut times = Vec::new();
+        for call in 0..calls + 2 {
+            let started = Instant::now();
+            let _ = model.anomaly_maps(&images, side, side).expect("maps").to_device(Device::Cpu);
+            if call >= 2 {
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        median(&times)
+    };
+    if case == "main-thread" {
+        return score(&model.with_precision(precision));
+    }
+    let bytes = model.to_bytes().expect("model bytes");
+    std::thread::spawn(move || {
+        lineguard::torch::use_threads(lineguard::torch::parallel_threads());
+        let model = EfficientAd::from_bytes(&bytes, Path::new("<bench>"), Device::Cpu).expect("a model");
+        score(&model.with_precision(precision))
+    })
+    .join()
+    .expect("the scoring thread")
+}
