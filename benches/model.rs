@@ -52,10 +52,12 @@ fn main() {
 
     let mut cases: Vec<Case> = Vec::new();
     for side in [128_i64, 256] {
-        for preset in [Preset::Dfsc, Preset::EfficientadS] {
+        for (preset, channels_last) in [(Preset::Dfsc, false), (Preset::Dfsc, true), (Preset::EfficientadS, false)] {
             let mut t = trainer(preset, side, device);
+            t.channels_last = channels_last;
+            let order = if channels_last { ", channels-last" } else { "" };
             cases.push(Case {
-                name: format!("train step {preset} {side}px (batch 1)"),
+                name: format!("train step {preset} {side}px (batch 1{order})"),
                 samples_ms: Vec::new(),
                 per: 1.0,
                 run: Box::new(move || {
@@ -99,6 +101,12 @@ fn main() {
         (find("train step dfsc 256px (batch 1)"), find("train step efficientad_s 256px (batch 1)"))
     {
         println!("ratio train step dfsc / efficientad_s at 256 px: {:.2}", a / b);
+    }
+    for side in [128, 256] {
+        let order = |suffix: &str| find(&format!("train step dfsc {side}px (batch 1{suffix})"));
+        if let (Some(a), Some(b)) = (order(", channels-last"), order("")) {
+            println!("ratio train step dfsc channels-last / channel-major at {side} px: {:.2}", a / b);
+        }
     }
     if let (Some(a), Some(b)) =
         (find("inference 256px batch 1 (per image)"), find("inference 256px batch 8 (per image)"))

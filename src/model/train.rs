@@ -155,6 +155,8 @@ pub struct Trainer {
     /// Steps between two readings of the DFSC term's activity. A reading costs two small backward passes
     /// and host synchronisations, noticeable on a GPU at a few milliseconds per step.
     pub dfsc_activity_every: u64,
+    /// Feed training batches in channels-last memory order.
+    pub channels_last: bool,
     images: Tensor,
     natural_images: Vec<PathBuf>,
 }
@@ -214,6 +216,7 @@ impl Trainer {
             step: 0,
             dfsc_activity: None,
             dfsc_activity_every: 10,
+            channels_last: false,
             images,
             natural_images,
         };
@@ -273,6 +276,7 @@ impl Trainer {
         let n = self.images.size()[0];
         let indices: Vec<i64> = (0..train.batch_size).map(|_| rng.gen_range(0..n)).collect();
         let batch = self.images.index_select(0, &Tensor::from_slice(&indices).to_device(self.model.device));
+        let batch = if self.channels_last { preprocess::channels_last(&batch) } else { batch };
 
         let teacher = self.model.teacher_features(&batch);
         let student = self.model.student.forward(&batch);
