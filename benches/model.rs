@@ -13,7 +13,7 @@ use common::median;
 
 use lineguard::model::config::{Preset, Recipe};
 use lineguard::model::train::Trainer;
-use lineguard::model::{EfficientAd, MapQuantiles};
+use lineguard::model::{EfficientAd, MapQuantiles, Precision};
 use tch::{Device, Kind, Tensor};
 
 struct Case {
@@ -52,12 +52,20 @@ fn main() {
 
     let mut cases: Vec<Case> = Vec::new();
     for side in [128_i64, 256] {
-        for (preset, channels_last) in [(Preset::Dfsc, false), (Preset::Dfsc, true), (Preset::EfficientadS, false)] {
+        let variants = [
+            (Preset::Dfsc, false, Precision::F32),
+            (Preset::Dfsc, true, Precision::F32),
+            (Preset::Dfsc, true, Precision::Bf16),
+            (Preset::EfficientadS, false, Precision::F32),
+        ];
+        for (preset, channels_last, precision) in variants {
             let mut t = trainer(preset, side, device);
             t.channels_last = channels_last;
+            t.model.recipe.train.precision = precision;
             let order = if channels_last { ", channels-last" } else { "" };
+            let precision = if precision == Precision::F32 { String::new() } else { format!(", {precision}") };
             cases.push(Case {
-                name: format!("train step {preset} {side}px (batch 1{order})"),
+                name: format!("train step {preset} {side}px (batch 1{order}{precision})"),
                 samples_ms: Vec::new(),
                 per: 1.0,
                 run: Box::new(move || {
@@ -106,6 +114,9 @@ fn main() {
         let order = |suffix: &str| find(&format!("train step dfsc {side}px (batch 1{suffix})"));
         if let (Some(a), Some(b)) = (order(", channels-last"), order("")) {
             println!("ratio train step dfsc channels-last / channel-major at {side} px: {:.2}", a / b);
+        }
+        if let (Some(a), Some(b)) = (order(", channels-last, bf16"), order(", channels-last")) {
+            println!("ratio train step dfsc bf16 / f32 (channels-last) at {side} px: {:.2}", a / b);
         }
     }
     if let (Some(a), Some(b)) =

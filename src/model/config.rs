@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::Precision;
 use crate::error::ConfigError;
 
 /// The two starting points of the paper's ablation.
@@ -143,6 +144,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Write a resumable checkpoint every this many steps (0 = only at the end).
     pub checkpoint_every: u64,
+    /// The format the student's and autoencoder's convolutions compute in while training: `f32`, or
+    /// `bf16` (mixed precision: weights, optimiser state, losses and the teacher's targets stay f32).
+    /// `f16` is refused: it would need loss scaling.
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -161,6 +166,7 @@ impl Default for TrainConfig {
             imagenet_penalty_dir: None,
             seed: 42,
             checkpoint_every: 1000,
+            precision: Precision::F32,
         }
     }
 }
@@ -307,6 +313,9 @@ impl Recipe {
         if t.steps == 0 {
             problems.push("train.steps = 0: must be at least 1".into());
         }
+        if t.precision == Precision::F16 {
+            problems.push("train.precision = \"f16\": f16 training needs loss scaling; use \"bf16\" or \"f32\"".into());
+        }
         if t.batch_size < 1 || t.batch_size > MAX_BATCH_SIZE {
             problems.push(format!("train.batch_size = {}: must be from 1 to {MAX_BATCH_SIZE}", t.batch_size));
         }
@@ -417,6 +426,12 @@ mod tests {
         let recipe = Recipe::load(Some(&path), Some(Preset::Dfsc)).unwrap();
         assert!(recipe.dfsc.enabled);
         assert_eq!(recipe.train.steps, 10);
+
+        std::fs::write(&path, "[train]\nprecision = \"bf16\"\n").unwrap();
+        assert_eq!(Recipe::load(Some(&path), None).unwrap().train.precision, crate::model::Precision::Bf16);
+        std::fs::write(&path, "[train]\nprecision = \"f16\"\n").unwrap();
+        let err = Recipe::load(Some(&path), None).unwrap_err().to_string();
+        assert!(err.contains("train.precision") && err.contains("loss scaling"), "{err}");
 
         std::fs::write(&path, "[train]\nstepz = 10\n").unwrap();
         let err = Recipe::load(Some(&path), None).unwrap_err().to_string();

@@ -2,74 +2,104 @@
 //! student, and the autoencoder in EfficientAD's plain and DFSC's InstanceNorm variants.
 
 use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::config::AutoencoderVariant;
+
+/// A 2-D convolution that can also compute in a narrower format than its weights (mixed-precision
+/// training): input and a cast copy of the weights go in as `compute`, the output comes back as f32, and
+/// gradients flow back through the casts to the f32 weights, which the optimiser keeps updating in f32.
+#[derive(Debug)]
+struct Conv {
+    layer: nn::Conv2D,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv {
+    fn new(p: nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> Conv {
+        let config = nn::ConvConfig { stride, padding, ..Default::default() };
+        Conv { layer: nn::conv2d(p, in_channels, out_channels, kernel, config), stride, padding }
+    }
+
+    /// `compute` = `Kind::Float`: in the weights' own format (f32, or the narrower format a scoring model
+    /// was converted to).
+    fn forward(&self, xs: &Tensor, compute: Kind) -> Tensor {
+        if compute == Kind::Float {
+            return xs.apply(&self.layer);
+        }
+        let bias = self.layer.bs.as_ref().map(|b| b.to_kind(compute));
+        xs.to_kind(compute)
+            .conv2d(&self.layer.ws.to_kind(compute), bias, [self.stride; 2], [self.padding; 2], [1, 1], 1)
+            .to_kind(Kind::Float)
+    }
+}
 
 /// PDN-S without padding: each output feature sees a 33x33 patch.
 #[derive(Debug)]
 pub struct Pdn {
-    conv1: nn::Conv2D,
-    conv2: nn::Conv2D,
-    conv3: nn::Conv2D,
-    conv4: nn::Conv2D,
+    conv1: Conv,
+    conv2: Conv,
+    conv3: Conv,
+    conv4: Conv,
 }
 
 impl Pdn {
     pub fn new(p: &nn::Path, out_channels: i64) -> Pdn {
-        let plain = nn::ConvConfig::default();
         Pdn {
-            conv1: nn::conv2d(p / "conv1", 3, 128, 4, plain),
-            conv2: nn::conv2d(p / "conv2", 128, 256, 4, plain),
-            conv3: nn::conv2d(p / "conv3", 256, 256, 3, plain),
-            conv4: nn::conv2d(p / "conv4", 256, out_channels, 4, plain),
+            conv1: Conv::new(p / "conv1", 3, 128, 4, 1, 0),
+            conv2: Conv::new(p / "conv2", 128, 256, 4, 1, 0),
+            conv3: Conv::new(p / "conv3", 256, 256, 3, 1, 0),
+            conv4: Conv::new(p / "conv4", 256, out_channels, 4, 1, 0),
         }
+    }
+
+    /// The forward pass with its convolutions computing in `compute` (see [`Conv`]); f32 out.
+    pub fn forward_in(&self, xs: &Tensor, compute: Kind) -> Tensor {
+        let pool = |t: Tensor| t.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
+        let xs = pool(self.conv1.forward(xs, compute).relu());
+        let xs = pool(self.conv2.forward(&xs, compute).relu());
+        let xs = self.conv3.forward(&xs, compute).relu();
+        self.conv4.forward(&xs, compute)
     }
 }
 
 impl Module for Pdn {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let pool = |t: Tensor| t.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
-        let xs = pool(xs.apply(&self.conv1).relu());
-        let xs = pool(xs.apply(&self.conv2).relu());
-        let xs = xs.apply(&self.conv3).relu();
-        xs.apply(&self.conv4)
+        self.forward_in(xs, Kind::Float)
     }
 }
 
 /// Encoder to a 64-channel 1x1 code, decoder by bilinear upsampling back to the feature side.
 #[derive(Debug)]
 pub struct Autoencoder {
-    encoder: Vec<nn::Conv2D>,
-    decoder: Vec<nn::Conv2D>,
-    head_conv: nn::Conv2D,
-    output_conv: nn::Conv2D,
+    encoder: Vec<Conv>,
+    decoder: Vec<Conv>,
+    head_conv: Conv,
+    output_conv: Conv,
     variant: AutoencoderVariant,
     upsample_sides: [i64; 7],
 }
 
 impl Autoencoder {
     pub fn new(p: &nn::Path, out_channels: i64, image_side: i64, variant: AutoencoderVariant) -> Autoencoder {
-        let strided = nn::ConvConfig { stride: 2, padding: 1, ..Default::default() };
         let enc = p / "encoder";
         let encoder = vec![
-            nn::conv2d(&enc / "conv1", 3, 32, 4, strided),
-            nn::conv2d(&enc / "conv2", 32, 32, 4, strided),
-            nn::conv2d(&enc / "conv3", 32, 64, 4, strided),
-            nn::conv2d(&enc / "conv4", 64, 64, 4, strided),
-            nn::conv2d(&enc / "conv5", 64, 64, 4, strided),
+            Conv::new(&enc / "conv1", 3, 32, 4, 2, 1),
+            Conv::new(&enc / "conv2", 32, 32, 4, 2, 1),
+            Conv::new(&enc / "conv3", 32, 64, 4, 2, 1),
+            Conv::new(&enc / "conv4", 64, 64, 4, 2, 1),
+            Conv::new(&enc / "conv5", 64, 64, 4, 2, 1),
             // Kernel 8 at 256 px; scaled with the input so the code stays 1x1 at other sizes.
-            nn::conv2d(&enc / "conv6", 64, 64, image_side / 32, nn::ConvConfig::default()),
+            Conv::new(&enc / "conv6", 64, 64, image_side / 32, 1, 0),
         ];
         let dec = p / "decoder";
-        let padded = nn::ConvConfig { padding: 2, ..Default::default() };
-        let decoder = (1..=6).map(|i| nn::conv2d(&dec / format!("conv{i}"), 64, 64, 4, padded)).collect();
-        let same = nn::ConvConfig { padding: 1, ..Default::default() };
+        let decoder = (1..=6).map(|i| Conv::new(&dec / format!("conv{i}"), 64, 64, 4, 1, 2)).collect();
         Autoencoder {
             encoder,
             decoder,
-            head_conv: nn::conv2d(&dec / "conv7", 64, 64, 3, same),
-            output_conv: nn::conv2d(&dec / "conv8", 64, out_channels, 3, same),
+            head_conv: Conv::new(&dec / "conv7", 64, 64, 3, 1, 1),
+            output_conv: Conv::new(&dec / "conv8", 64, out_channels, 3, 1, 1),
             variant,
             upsample_sides: upsample_sides(image_side),
         }
@@ -83,10 +113,15 @@ impl Autoencoder {
     }
 
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.forward_in(xs, train, Kind::Float)
+    }
+
+    /// The forward pass with its convolutions computing in `compute` (see [`Conv`]); f32 out.
+    pub fn forward_in(&self, xs: &Tensor, train: bool, compute: Kind) -> Tensor {
         let last = self.encoder.len() - 1;
         let mut xs = xs.shallow_clone();
         for (i, conv) in self.encoder.iter().enumerate() {
-            xs = xs.apply(conv);
+            xs = conv.forward(&xs, compute);
             if i < last {
                 xs = self.activate(xs);
             }
@@ -95,11 +130,11 @@ impl Autoencoder {
             xs = xs.relu();
         }
         for (conv, side) in self.decoder.iter().zip(self.upsample_sides) {
-            xs = upsample(&xs, side).apply(conv);
+            xs = conv.forward(&upsample(&xs, side), compute);
             xs = self.activate(xs).dropout(0.2, train);
         }
-        xs = upsample(&xs, self.upsample_sides[6]).apply(&self.head_conv);
-        self.activate(xs).apply(&self.output_conv)
+        xs = self.head_conv.forward(&upsample(&xs, self.upsample_sides[6]), compute);
+        self.output_conv.forward(&self.activate(xs), compute)
     }
 }
 
@@ -153,6 +188,35 @@ mod tests {
             }
         }
         assert_eq!(upsample_sides(256), [3, 8, 15, 32, 63, 127, 56]);
+    }
+
+    #[test]
+    fn mixed_precision_convolutions_follow_f32_and_train_the_f32_weights() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let pdn = Pdn::new(&vs.root(), 16);
+        let ae = Autoencoder::new(&(&vs.root() / "ae"), 16, 128, AutoencoderVariant::InstanceNorm);
+        let x = Tensor::randn([2, 3, 128, 128], (Kind::Float, Device::Cpu));
+        for (f32_out, bf16_out) in [
+            (pdn.forward(&x), pdn.forward_in(&x, Kind::BFloat16)),
+            (ae.forward_in(&x, false, Kind::Float), ae.forward_in(&x, false, Kind::BFloat16)),
+        ] {
+            assert_eq!(bf16_out.kind(), Kind::Float);
+            let range = (f32_out.max() - f32_out.min()).double_value(&[]);
+            let difference = (&bf16_out - &f32_out).abs();
+            let (mean, max) = (difference.mean(Kind::Float).double_value(&[]), difference.max().double_value(&[]));
+            // bf16 keeps 8 significant bits; through 14 random layers and instance norms the largest
+            // error reaches a few hundredths of the range, the mean stays far below.
+            assert!(mean > 0.0 && mean < 0.01 * range && max < 0.1 * range, "mean {mean}, max {max} of {range}");
+        }
+        pdn.forward_in(&x, Kind::BFloat16).square().sum(Kind::Float).backward();
+        for (name, weight) in vs.variables() {
+            if name.starts_with("conv") {
+                let grad = weight.grad();
+                assert!(grad.defined() && grad.kind() == Kind::Float, "{name}");
+                assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name}");
+            }
+        }
     }
 
     #[test]

@@ -278,8 +278,10 @@ impl Trainer {
         let batch = self.images.index_select(0, &Tensor::from_slice(&indices).to_device(self.model.device));
         let batch = if self.channels_last { preprocess::channels_last(&batch) } else { batch };
 
+        // The frozen teacher's targets stay f32; the trained networks' convolutions compute in `compute`.
+        let compute = train.precision.kind();
         let teacher = self.model.teacher_features(&batch);
-        let student = self.model.student.forward(&batch);
+        let student = self.model.student.forward_in(&batch, compute);
         let hard = hard_feature_loss(&teacher, &student.narrow(1, 0, c), train.hard_quantile);
 
         // EfficientAD feeds a colour-jittered copy to the autoencoder branch; DFSC feeds the same image.
@@ -287,13 +289,13 @@ impl Trainer {
         let (teacher_ae, student_on_ae_input, ae_input) = if train.augmentation {
             let jittered = preprocess::jitter(&batch, rng.gen_range(0..3), rng.gen_range(0.8..1.2));
             let teacher_ae = self.model.teacher_features(&jittered);
-            let student_on_jittered = self.model.student.forward(&jittered);
+            let student_on_jittered = self.model.student.forward_in(&jittered, compute);
             (teacher_ae, student_on_jittered, jittered)
         } else {
             (teacher.shallow_clone(), student.shallow_clone(), batch.shallow_clone())
         };
         let student_ae = student_on_ae_input.narrow(1, c, c);
-        let autoencoder = self.model.autoencoder.forward_t(&ae_input, true);
+        let autoencoder = self.model.autoencoder.forward_in(&ae_input, true, compute);
         let ae_loss = mse(&teacher_ae, &autoencoder);
         let stae_loss = mse(&autoencoder, &student_ae);
         let mut total = &hard + &ae_loss + &stae_loss;
@@ -328,7 +330,7 @@ impl Trainer {
             let image = preprocess::load_image(path)?;
             let natural =
                 preprocess::to_input(&image, recipe.image_size as u32).unsqueeze(0).to_device(self.model.device);
-            let loss = imagenet_penalty(&self.model.student.forward(&natural).narrow(1, 0, c));
+            let loss = imagenet_penalty(&self.model.student.forward_in(&natural, compute).narrow(1, 0, c));
             total += &loss;
             Some(loss.double_value(&[]))
         };
@@ -506,6 +508,7 @@ pub fn map_quantiles(model: &EfficientAd, validation: &Tensor) -> Result<MapQuan
 mod tests {
     use super::*;
     use crate::model::config::Preset;
+    use crate::model::Precision;
 
     fn tiny_recipe(preset: Preset, steps: u64) -> Recipe {
         let mut recipe = Recipe::preset(preset);
@@ -560,6 +563,27 @@ mod tests {
         }
         assert!(last.hard < first.hard, "hard loss {} → {}", first.hard, last.hard);
         assert!(last.autoencoder < first.autoencoder, "ae loss {} → {}", first.autoencoder, last.autoencoder);
+    }
+
+    #[test]
+    fn bf16_training_starts_from_the_f32_loss_and_keeps_f32_weights() {
+        let data = images(2);
+        let mut f32_trainer = Trainer::new(tiny_recipe(Preset::Dfsc, 4), data.shallow_clone(), Device::Cpu).unwrap();
+        // The same weights and teacher statistics, copied rather than re-drawn: tests running in parallel
+        // share libtorch's random generator.
+        let bytes = f32_trainer.model.to_bytes().unwrap();
+        let mut model = EfficientAd::from_bytes(&bytes, Path::new("<test>"), Device::Cpu).unwrap();
+        model.recipe.train.precision = Precision::Bf16;
+        let mut bf16_trainer = Trainer::continue_from(model, data).unwrap();
+        // The hard feature loss uses no dropout: both precisions see exactly the same computation.
+        let (f32_hard, bf16_hard) = (f32_trainer.step().unwrap().hard, bf16_trainer.step().unwrap().hard);
+        assert!(f32_hard != bf16_hard && (f32_hard - bf16_hard).abs() < 0.05 * f32_hard, "{f32_hard} vs {bf16_hard}");
+        while !bf16_trainer.is_done() {
+            assert!(bf16_trainer.step().unwrap().total.is_finite());
+        }
+        for (name, tensor) in bf16_trainer.parameters() {
+            assert_eq!(tensor.kind(), Kind::Float, "{name}");
+        }
     }
 
     #[test]
