@@ -29,6 +29,7 @@
 #   SEEDS             training seeds                          (42 7 1234)
 #   MARGINS           DFSC margins                            (0.4,1.0)
 #   TRAIN_MINUTES     per-run training time cap               (unset: the full 70000 steps)
+#   TRAIN_PRECISION   train.precision of every run            (f32; bf16: mixed precision)
 #   PARALLEL          runs sharing the device                 (3)
 #   DONE              results of earlier windows              (benches/results/gpu)
 #   WORK              models and per-run logs                 (runs/gpu-quality)
@@ -108,6 +109,7 @@ for seed in $SEEDS; do
     stamp "quality benchmark, seed $seed"
     "$LINEGUARD" bench-quality --data "$DATA" --teacher "$WORK/teacher.safetensors" --budget full \
         "${train_cap[@]}" --seed "$seed" --margins "$MARGINS" --parallel "$PARALLEL" \
+        --train-precision "${TRAIN_PRECISION:-f32}" \
         --saturation-scale "$SATURATION_SCALE" --out-dir "$WORK/quality-seed$seed" ${BENCH_ARGS:-} 2>&1 | keep
     if [ -f "$WORK/quality-seed$seed/results.json" ]; then
         cp "$WORK/quality-seed$seed/results.json" "$RESULTS/quality-seed$seed.json"

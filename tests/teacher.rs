@@ -229,7 +229,7 @@ fn gpu_quality_script_rehearses_on_the_cpu_and_resumes_across_windows() {
     let data = dir.path().join("synth");
     common::synth_small(&data, 4, 3, 3);
     let backbone = backbone_checkpoint();
-    let window = |results: &Path, teacher: &Path, done: &Path, distill_steps: &str, seeds: &str| {
+    let window = |results: &Path, teacher: &Path, done: &Path, distill_steps: &str, seeds: &str, precision: &str| {
         let output = std::process::Command::new("bash")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu_quality.sh"))
             .env("LINEGUARD", env!("CARGO_BIN_EXE_lineguard"))
@@ -239,6 +239,7 @@ fn gpu_quality_script_rehearses_on_the_cpu_and_resumes_across_windows() {
             .env("BENCH_ARGS", "--image-size 128 --steps 2 --cpu")
             .env("PREDICT_ARGS", "--cpu")
             .env("SEEDS", seeds)
+            .env("TRAIN_PRECISION", precision)
             .env("MARGINS", "0.4")
             .env("PARALLEL", "1")
             .env("SATURATION_SCALE", "1")
@@ -257,7 +258,7 @@ fn gpu_quality_script_rehearses_on_the_cpu_and_resumes_across_windows() {
         text
     };
     let first = dir.path().join("window-1");
-    window(&first, &dir.path().join("no-teacher-yet.safetensors"), &dir.path().join("nothing-done"), "2", "1");
+    window(&first, &dir.path().join("no-teacher-yet.safetensors"), &dir.path().join("nothing-done"), "2", "1", "f32");
     assert_eq!(teacher_provenance(&first.join("teacher.safetensors"))["config"]["steps"], 2);
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(first.join("quality-seed1.json")).unwrap()).unwrap();
@@ -265,10 +266,10 @@ fn gpu_quality_script_rehearses_on_the_cpu_and_resumes_across_windows() {
     let log = std::fs::read_to_string(first.join("gpu-quality.log")).unwrap();
     assert!(log.contains("images scored"), "{log}");
 
-    // The next window: the committed teacher goes on to 3 steps, seed 1 is not run again; seed 42's default
-    // DFSC model comes back in f16, checked, as the pretrained model.
+    // The next window: the committed teacher goes on to 3 steps, seed 1 is not run again; seed 42 trains in
+    // mixed precision, and its default DFSC model comes back in f16, checked, as the pretrained model.
     let second = dir.path().join("window-2");
-    let text = window(&second, &first.join("teacher.safetensors"), &first, "3", "1 42");
+    let text = window(&second, &first.join("teacher.safetensors"), &first, "3", "1 42", "bf16");
     assert!(text.contains("seed 1: done in an earlier window"), "{text}");
     let provenance = teacher_provenance(&second.join("teacher.safetensors"));
     assert_eq!(
@@ -280,11 +281,16 @@ fn gpu_quality_script_rehearses_on_the_cpu_and_resumes_across_windows() {
     assert!(summary.contains("quality-seed1") && summary.contains("quality-seed42"), "{summary}");
     let pretrained = second.join("pretrained-juice_bottle-dfsc.safetensors");
     assert!(text.contains("largest score difference"), "{text}");
-    assert_eq!(lineguard::model::EfficientAd::load(&pretrained, Device::Cpu).unwrap().info.trained_steps, 2);
+    let pretrained = lineguard::model::EfficientAd::load(&pretrained, Device::Cpu).unwrap();
+    assert_eq!(pretrained.info.trained_steps, 2);
+    assert_eq!(pretrained.recipe.train.precision, lineguard::model::Precision::Bf16);
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(second.join("quality-seed42.json")).unwrap()).unwrap();
+    assert_eq!(results["train_precision"], "bf16", "{results}");
 
     // Nothing left: the complete teacher and the pretrained model are not sent back again.
     let third = dir.path().join("window-3");
-    let text = window(&third, &second.join("teacher.safetensors"), &second, "3", "42");
+    let text = window(&third, &second.join("teacher.safetensors"), &second, "3", "42", "f32");
     assert!(text.contains("is complete") && !third.join("teacher.safetensors").exists(), "{text}");
     assert!(!third.join("pretrained-juice_bottle-dfsc.safetensors").exists(), "{text}");
 }

@@ -109,6 +109,8 @@ pub fn run(args: &BenchQualityArgs) -> anyhow::Result<()> {
         "teacher": teacher,
         "recipe": recipe.as_ref().map(|r| r.display().to_string()),
         "image_size": image_size,
+        // None: each recipe's own (f32 unless the --config file says otherwise).
+        "train_precision": args.train_precision.map(|p| p.to_string()),
         "seed": args.seed,
         "parallel": args.parallel,
         "machine": machine,
@@ -162,6 +164,9 @@ fn execute(
     }
     if let Some(steps) = steps {
         train.args(["--steps", &steps.to_string()]);
+    }
+    if let Some(precision) = args.train_precision {
+        train.args(["--precision", &precision.to_string()]);
     }
     train.args(["--image-size", &image_size.to_string(), "--seed", &args.seed.to_string()]);
     if let Some(margin) = run.margin {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use lineguard::model::config::Preset;
+use lineguard::model::Precision;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -122,6 +123,9 @@ pub struct RecipeArgs {
     /// Override train.seed.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Override train.precision: `bf16` trains in mixed precision (faster on GPUs and on CPUs with AMX).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// Teacher weights (safetensors, keys conv1.weight ... conv4.bias). Default: a random teacher.
     #[arg(long)]
     pub teacher: Option<PathBuf>,
@@ -317,6 +321,9 @@ pub struct BenchQualityArgs {
     /// Override the budget's steps per run.
     #[arg(long)]
     pub steps: Option<u64>,
+    /// train.precision of every run (`bf16`: mixed precision).
+    #[arg(long, value_enum)]
+    pub train_precision: Option<Precision>,
     /// Image side for every run (default 256, the paper's).
     #[arg(long)]
     pub image_size: Option<i64>,

@@ -27,6 +27,9 @@ pub fn recipe_from_args(args: &RecipeArgs) -> anyhow::Result<Recipe> {
     if let Some(seed) = args.seed {
         recipe.train.seed = seed;
     }
+    if let Some(precision) = args.precision {
+        recipe.train.precision = precision;
+    }
     if let Some(teacher) = &args.teacher {
         recipe.teacher = Some(teacher.clone());
     }
