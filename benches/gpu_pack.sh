@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fills .gpu/ with what benches/gpu_quality.sh needs on a lent GPU machine, which reaches nothing and
-# receives at most 64 MiB (the working tree included): the release binary (stripped, gzipped), the
+# receives at most 64 MiB (the working tree included): the release binary and the model bench (stripped,
+# gzipped), the
 # EfficientNet-Lite0 checkpoint and the ImageNet samples re-encoded at 256 px (shorter side; JPEG quality
 # 70) while the committed teacher ($TEACHER) is not complete, and juice_bottle as it is when it still fits
 # (with an unfinished teacher in the tree it does not: that window only distils). The re-encoding uses Pillow from PyPI, in a
@@ -35,6 +36,11 @@ if [ "${PURPOSE:-quality}" = serving ]; then
     [ "$(travelling)" -lt "$limit" ] || { echo "too large to travel" >&2; exit 1; }
     exit 0
 fi
+
+# The model bench (training steps in f32 and bf16 side by side), run first in the window.
+bench=$(cargo bench --locked --bench model --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+strip -o "$PACK/bench-model" "$bench" && gzip -9 "$PACK/bench-model"
 
 teacher_steps=0
 if [ -f "$TEACHER" ]; then

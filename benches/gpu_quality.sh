@@ -88,6 +88,14 @@ if [ "$REQUIRE_CUDA" = 1 ] && ! grep -q "CUDA device" "$WORK/probe.log"; then
     exit 3
 fi
 
+# Training speed per precision on this device (issue 11, part 1), from the model bench that gpu_pack.sh
+# packs: f32 and bf16 training steps side by side, 100 s at most.
+if [ -n "${GPU_PACK:-}" ] && [ -f "$GPU_PACK/bench-model.gz" ]; then
+    gunzip -kf "$GPU_PACK/bench-model.gz" && chmod +x "$GPU_PACK/bench-model"
+    stamp "training speed: cargo bench --bench model -- --cuda --rounds 3"
+    timeout 100 "$GPU_PACK/bench-model" --cuda --rounds 3 2>/dev/null | tee -a "$LOG" || stamp "the model bench failed"
+fi
+
 stamp "teacher: towards $DISTILL_STEPS steps"
 continue_from=(); [ -f "$TEACHER" ] && continue_from=(--continue-from "$TEACHER")
 "$LINEGUARD" distill-teacher --images "$IMAGES" --backbone "$BACKBONE" --out "$WORK/teacher.safetensors" \
