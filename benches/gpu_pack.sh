@@ -3,7 +3,7 @@
 # receives at most 64 MiB (the working tree included): the release binary (stripped, gzipped), the
 # EfficientNet-Lite0 checkpoint and the ImageNet samples re-encoded at 256 px (shorter side; JPEG quality
 # 70) while the committed teacher ($TEACHER) is not complete, and juice_bottle as it is when it still fits
-# (with an unfinished teacher in the tree it does not: that window only distils), then the model bench
+# (measured with the unfinished teacher: 60 MiB in all with the model bench), then the model bench
 # (stripped, gzipped, 1.4 MB) when room is left. The re-encoding uses Pillow from PyPI, in a
 # virtual environment under .tools/.
 # Then: run(command="GPU_PACK=.gpu benches/gpu_quality.sh", carry=[".gpu"], ...).
