@@ -58,8 +58,8 @@ static OPT_IN_THREADS: OnceLock<usize> = OnceLock::new();
 ///
 /// Why: libgomp gives every thread that runs a parallel region its own team of worker threads, and keeps
 /// the team after the region ends. Once the process's teams hold more threads than there are cores, libgomp
-/// stops letting idle workers spin between regions: they sleep and must be woken for each of the model's
-/// hundreds of parallel regions. Measured on 2 cores (`cargo bench --bench threads`; 128 px, batch 1):
+/// cuts the time idle workers spin between regions to almost nothing (its throttled spin count): they sleep
+/// and must be woken for each of the model's hundreds of parallel regions. Measured on 2 cores (`cargo bench --bench threads`; 128 px, batch 1):
 /// inference on a spawned thread took 78 ms in f32 and 31 ms in bf16 while the main thread held an idle
 /// team, 71 and 21 ms without one.
 pub fn make_parallelism_opt_in() -> usize {
