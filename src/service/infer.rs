@@ -328,22 +328,41 @@ mod tests {
         }
     }
 
+    /// A running stage with a 1 ms batch wait: where frames go in, where results come out, its thread and
+    /// its swapper.
+    struct RunningStage {
+        to_infer: Sender<PreparedFrame>,
+        output: mpsc::Receiver<SinkItem>,
+        stage: JoinHandle<Result<(), String>>,
+        swapper: ModelSwapper,
+    }
+
+    fn start_stage(
+        model: EfficientAd,
+        precision: Precision,
+        max_batch: usize,
+        health: Arc<LineHealth>,
+    ) -> RunningStage {
+        let (to_infer, input) = crossbeam_channel::bounded(8);
+        let (to_sink, output) = mpsc::channel(8);
+        let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
+        let batching = Batching { max_batch, max_wait: Duration::from_millis(1) };
+        let (stage, swapper) = spawn(model, precision, batching, input, to_sink, metrics, health).unwrap();
+        RunningStage { to_infer, output, stage, swapper }
+    }
+
     /// Before: `f32::max` skipped the NaN values and the frame was scored on the rest, `normal`.
     #[test]
     fn non_finite_maps_have_no_score_and_make_the_line_unready_until_a_good_model_serves() {
         let tracker = crate::service::ack::OffsetTracker::new();
-        let (to_infer, input) = crossbeam_channel::bounded(8);
-        let (to_sink, mut output) = mpsc::channel(8);
-        let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let health = Arc::new(LineHealth::default());
         health.model_loaded.store(true, Ordering::Relaxed);
         health.joined_group.store(true, Ordering::Relaxed);
         let mut broken = tiny_model(1, 128);
         broken.map_quantiles =
             Some(crate::model::MapQuantiles { student_teacher: (f64::NAN, 1.0), autoencoder: (0.0, 1.0) });
-        let batching = Batching { max_batch: 1, max_wait: Duration::from_millis(1) };
-        let (stage, swapper) =
-            spawn(broken, Precision::F32, batching, input, to_sink, metrics, health.clone()).unwrap();
+        let RunningStage { to_infer, mut output, stage, swapper } =
+            start_stage(broken, Precision::F32, 1, health.clone());
         let scored = |item: Option<SinkItem>| match item {
             Some(SinkItem::Scored(frame)) => frame,
             other => panic!("expected a scored frame, got {other:?}"),
@@ -371,13 +390,8 @@ mod tests {
     fn the_stage_scores_every_model_in_its_precision() {
         let tracker = crate::service::ack::OffsetTracker::new();
         let score = |precision: Precision, swap: bool| -> f32 {
-            let (to_infer, input) = crossbeam_channel::bounded(8);
-            let (to_sink, mut output) = mpsc::channel(8);
-            let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
-            let batching = Batching { max_batch: 1, max_wait: Duration::from_millis(1) };
-            let health = Arc::new(LineHealth::default());
-            let (stage, swapper) =
-                spawn(tiny_model(1, 128), precision, batching, input, to_sink, metrics, health).unwrap();
+            let RunningStage { to_infer, mut output, stage, swapper } =
+                start_stage(tiny_model(1, 128), precision, 1, Arc::new(LineHealth::default()));
             if swap {
                 swapper.swap(tiny_model(2, 128)).unwrap();
             }
@@ -403,13 +417,8 @@ mod tests {
     #[test]
     fn a_swapped_model_scores_from_the_next_batch_on() {
         let tracker = crate::service::ack::OffsetTracker::new();
-        let (to_infer, input) = crossbeam_channel::bounded(8);
-        let (to_sink, mut output) = mpsc::channel(8);
-        let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
-        let batching = Batching { max_batch: 2, max_wait: Duration::from_millis(1) };
-        let health = Arc::new(LineHealth::default());
-        let (stage, swapper) =
-            spawn(tiny_model(1, 128), Precision::F32, batching, input, to_sink, metrics, health).unwrap();
+        let RunningStage { to_infer, mut output, stage, swapper } =
+            start_stage(tiny_model(1, 128), Precision::F32, 2, Arc::new(LineHealth::default()));
         let version = |item: SinkItem| match item {
             SinkItem::Scored(frame) => {
                 assert_eq!(frame.map.len(), 128 * 128);
