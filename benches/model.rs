@@ -49,6 +49,10 @@ fn main() {
         .unwrap_or(5);
     let device = if args.iter().any(|a| a == "--cuda") { lineguard::torch::select_device(false) } else { Device::Cpu };
     println!("device: {}, {rounds} rounds, medians", lineguard::torch::describe(device));
+    if device.is_cuda() {
+        // cuDNN's heuristics for every case but the one that measures the autotuner.
+        tch::Cuda::cudnn_set_benchmark(false);
+    }
 
     let mut cases: Vec<Case> = Vec::new();
     for side in [128_i64, 256] {
@@ -70,6 +74,36 @@ fn main() {
                 per: 1.0,
                 run: Box::new(move || {
                     t.step().expect("step");
+                }),
+            });
+        }
+        // The same DFSC step with its losses read in groups, as `train` does: on a GPU the host queues the
+        // next steps instead of waiting for each (on a CPU every kernel is synchronous anyway).
+        let group = if device.is_cuda() { 25 } else { 3 };
+        let mut t = trainer(Preset::Dfsc, side, device);
+        cases.push(Case {
+            name: format!("train step dfsc {side}px (batch 1, read every {group})"),
+            samples_ms: Vec::new(),
+            per: group as f64,
+            run: Box::new(move || {
+                let pending: Vec<_> = (0..group).map(|_| t.step_deferred().expect("step")).collect();
+                for p in pending {
+                    t.read(p).expect("finite losses");
+                }
+            }),
+        });
+        if device.is_cuda() {
+            // cuDNN's autotuner picks each convolution's fastest algorithm for the shapes it sees; training
+            // shapes never change, so the one-off search should pay. Switched on for this case only.
+            let mut t = trainer(Preset::Dfsc, side, device);
+            cases.push(Case {
+                name: format!("train step dfsc {side}px (batch 1, cuDNN autotuned)"),
+                samples_ms: Vec::new(),
+                per: 1.0,
+                run: Box::new(move || {
+                    tch::Cuda::cudnn_set_benchmark(true);
+                    t.step().expect("step");
+                    tch::Cuda::cudnn_set_benchmark(false);
                 }),
             });
         }
@@ -117,6 +151,11 @@ fn main() {
         }
         if let (Some(a), Some(b)) = (order(", channels-last, bf16"), order(", channels-last")) {
             println!("ratio train step dfsc bf16 / f32 (channels-last) at {side} px: {:.2}", a / b);
+        }
+        for variant in [", read every 25", ", read every 3", ", cuDNN autotuned"] {
+            if let (Some(a), Some(b)) = (order(variant), order("")) {
+                println!("ratio train step dfsc{variant} / read every step at {side} px: {:.2}", a / b);
+            }
         }
     }
     if let (Some(a), Some(b)) =

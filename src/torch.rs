@@ -33,6 +33,15 @@ pub fn select_device(force_cpu: bool) -> Device {
     }
 }
 
+/// On a GPU, lets cuDNN time its convolution algorithms once per input shape and keep the fastest. It
+/// pays where shapes repeat: a training loop has one, a serving line one per batch size. `cargo bench
+/// --bench model -- --cuda` and `bench-serving` measure it against cuDNN's heuristics.
+pub fn autotune_convolutions(device: Device) {
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+}
+
 pub fn describe(device: Device) -> String {
     describe_threads(device, tch::get_num_threads().max(1) as usize)
 }

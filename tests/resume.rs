@@ -1,10 +1,12 @@
-//! Resuming from a checkpoint continues exactly where an uninterrupted run would be.
+//! Training is a pure function of its state: resuming from a checkpoint continues exactly where an
+//! uninterrupted run would be, and reading the losses late (`step_deferred`, as `train` does) changes nothing.
 //!
-//! One test in its own binary on purpose: libtorch's CPU reductions split work by the threads available, so two
-//! identical runs only agree bit for bit when no other test competes for the cores.
+//! One test in its own binary on purpose: libtorch's CPU reductions split work by the threads available, and
+//! the autoencoder's dropout draws from libtorch's global generator, so two identical runs only agree bit
+//! for bit when no other test runs beside them.
 
 use lineguard::model::config::{Preset, Recipe};
-use lineguard::model::train::Trainer;
+use lineguard::model::train::{PendingLosses, StepLosses, Trainer};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_recipe(preset: Preset, steps: u64) -> Recipe {
@@ -28,6 +30,36 @@ fn run_to_end(mut trainer: Trainer) -> Trainer {
 }
 
 #[test]
+fn training_is_a_pure_function_of_its_state() {
+    resumed_training_equals_uninterrupted_training();
+    deferred_reads_train_exactly_as_reads_after_every_step();
+}
+
+fn deferred_reads_train_exactly_as_reads_after_every_step() {
+    let mut recipe = tiny_recipe(Preset::Dfsc, 6);
+    recipe.train.augmentation = true;
+    let mut read_each = Trainer::new(recipe.clone(), images(3), Device::Cpu).unwrap();
+    let mut deferred = Trainer::new(recipe, images(3), Device::Cpu).unwrap();
+    for trainer in [&mut read_each, &mut deferred] {
+        trainer.dfsc_activity_every = 2;
+    }
+    let expected: Vec<StepLosses> = (0..6).map(|_| read_each.step().unwrap()).collect();
+    let pending: Vec<PendingLosses> = (0..6).map(|_| deferred.step_deferred().unwrap()).collect();
+    assert_eq!(pending.iter().map(PendingLosses::step).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5]);
+    let got: Vec<StepLosses> = pending.into_iter().map(|p| deferred.read(p).unwrap()).collect();
+    for (step, (e, g)) in expected.iter().zip(&got).enumerate() {
+        assert_eq!((e.total, e.dfsc, e.dfsc_activity), (g.total, g.dfsc, g.dfsc_activity), "step {step}");
+    }
+    assert!(got[4].dfsc_activity.is_some() && got[5].dfsc_activity.is_some() && got[3].dfsc_activity.is_none());
+    let (a, b) = (read_each.parameters(), deferred.parameters());
+    for (name, value) in &a {
+        assert!(value.equal(&b[name]), "{name} differs when the losses are read late");
+    }
+    let (a, b) = (read_each.finish(&images(1), 1).unwrap(), deferred.finish(&images(1), 1).unwrap());
+    assert!(b.info.dfsc_activity.is_some());
+    assert_eq!(a.info.dfsc_activity, b.info.dfsc_activity, "the activity summary is recorded at read time");
+}
+
 fn resumed_training_equals_uninterrupted_training() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("ckpt.safetensors");

@@ -80,6 +80,7 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let device = lineguard::torch::select_device(args.cpu);
+    lineguard::torch::autotune_convolutions(device);
     let backbone = EfficientNetLite0::load(&args.backbone, device).with_context(|| {
         format!(
             "loading the EfficientNet-Lite0 backbone from {} (scripts/setup.sh downloads it; --backbone or \

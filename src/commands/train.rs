@@ -1,11 +1,11 @@
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lineguard::data::loco::{self, LocoDataset};
 use lineguard::model::activity::DfscActivity;
 use lineguard::model::config::Recipe;
-use lineguard::model::train::{StepLosses, Trainer};
+use lineguard::model::train::{PendingLosses, StepLosses, TrainError, Trainer};
 use lineguard::model::EfficientAd;
 use tch::{Device, Tensor};
 
@@ -59,6 +59,7 @@ pub fn train(
     max_minutes: Option<f64>,
     device: Device,
 ) -> anyhow::Result<EfficientAd> {
+    lineguard::torch::autotune_convolutions(device);
     let dataset = LocoDataset::open(data)?;
     let side = recipe.image_size as u32;
     log::info!(
@@ -91,17 +92,24 @@ pub fn train(
     let started = Instant::now();
     let first_step = trainer.step;
     let mut budget = TimeBudget::new(max_minutes, first_step);
-    // The activity is read every few steps; the progress line shows the latest reading.
+    // Losses are read in groups (`Unread`): on a GPU a read per step would make the host wait for every
+    // step's kernels instead of queueing the next ones. The progress line shows the latest reading.
+    let mut unread = Unread::default();
     let mut dfsc_activity = None;
     while !trainer.is_done() {
-        let losses = trainer.step()?;
-        dfsc_activity = losses.dfsc_activity.or(dfsc_activity);
+        unread.push(trainer.step_deferred()?);
         if let Some(cut) = budget.as_mut().and_then(|b| b.after_step(trainer.step, trainer.total_steps())) {
             trainer.model.recipe.train.steps = cut;
             progress.set_length(cut);
         }
-        progress.set_position(trainer.step, &describe_losses(&losses, dfsc_activity.as_ref()));
-        if every > 0 && trainer.step % every == 0 && !trainer.is_done() {
+        let checkpoint_due = every > 0 && trainer.step % every == 0 && !trainer.is_done();
+        if checkpoint_due || trainer.is_done() || unread.due() {
+            for losses in unread.read_all(&mut trainer)? {
+                dfsc_activity = losses.dfsc_activity.or(dfsc_activity);
+                progress.set_position(trainer.step, &describe_losses(&losses, dfsc_activity.as_ref()));
+            }
+        }
+        if checkpoint_due {
             trainer
                 .save_checkpoint(&checkpoint)
                 .with_context(|| format!("writing checkpoint {}", checkpoint.display()))?;
@@ -121,6 +129,34 @@ pub fn train(
     super::remove_finished_checkpoint(&checkpoint);
     log::info!("model written to {}", out.display());
     Ok(model)
+}
+
+/// Steps whose losses have not been read yet: read after [`Unread::MAX_STEPS`] steps or
+/// [`Unread::MAX_WAIT`], whichever comes first (a slow CPU step reads every step, a GPU every few dozen).
+#[derive(Default)]
+struct Unread {
+    steps: Vec<PendingLosses>,
+    since: Option<Instant>,
+}
+
+impl Unread {
+    const MAX_STEPS: usize = 25;
+    const MAX_WAIT: Duration = Duration::from_millis(500);
+
+    fn push(&mut self, pending: PendingLosses) {
+        self.since.get_or_insert_with(Instant::now);
+        self.steps.push(pending);
+    }
+
+    fn due(&self) -> bool {
+        self.steps.len() >= Self::MAX_STEPS || self.since.is_some_and(|t| t.elapsed() >= Self::MAX_WAIT)
+    }
+
+    /// Reads every unread step in order; the first non-finite loss ends the run.
+    fn read_all(&mut self, trainer: &mut Trainer) -> Result<Vec<StepLosses>, TrainError> {
+        self.since = None;
+        self.steps.drain(..).map(|pending| trainer.read(pending)).collect()
+    }
 }
 
 pub(super) fn load(paths: &[PathBuf], side: u32, what: &str) -> anyhow::Result<Tensor> {

@@ -23,7 +23,8 @@ use tch::{Device, Kind, Tensor};
 use super::backbone::{EfficientNetLite0, TAPS};
 use super::losses::mse;
 use super::net::Pdn;
-use super::train::{AdamW, TrainError};
+use super::optim::AdamW;
+use super::train::TrainError;
 use super::weights::TensorFile;
 use crate::data::preprocess;
 use crate::error::WeightsError;
@@ -253,7 +254,7 @@ impl Distiller {
         }
         loss.backward();
         let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        self.optimizer.step(&tensors, self.config.learning_rate);
+        self.optimizer.step(&tensors, self.config.learning_rate)?;
         self.step += 1;
         Ok(value)
     }

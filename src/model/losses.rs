@@ -13,7 +13,10 @@ const NORMALISE_EPS: f64 = 1e-8;
 pub fn hard_feature_loss(teacher: &Tensor, student: &Tensor, quantile: f64) -> Tensor {
     let squared = (teacher - student).square();
     let threshold = quantile_of(&squared.detach(), quantile);
-    squared.masked_select(&squared.detach().ge_tensor(&threshold)).mean(Kind::Float)
+    // A masked mean rather than `masked_select(..).mean()`: the selection's size is data-dependent, and
+    // reading it would make CUDA wait for the forward pass in the middle of every training step.
+    let hardest = squared.detach().ge_tensor(&threshold).to_kind(Kind::Float);
+    (&squared * &hardest).sum(Kind::Float) / hardest.sum(Kind::Float)
 }
 
 /// Plain mean squared error, used for the autoencoder (target: teacher) and the student's autoencoder

@@ -3,7 +3,8 @@
 //! - [`config`]: the typed training recipe and its two presets;
 //! - [`net`]: teacher/student PDN and the autoencoder;
 //! - [`losses`]: hard feature loss, MSEs, ImageNet penalty, DFSC margin loss;
-//! - [`train`]: the training loop with our own AdamW state, warm-up, EMA and resumable checkpoints;
+//! - [`train`]: the training loop with warm-up, EMA and resumable checkpoints;
+//! - [`optim`]: AdamW with checkpointable state and the EMA update, on ATen's fused kernels;
 //! - [`weights`]: the self-describing safetensors model file;
 //! - [`pth`]: a reader of PyTorch checkpoints; [`teacher`]: importing published teachers;
 //! - [`backbone`] and [`distill`]: EfficientNet-Lite0 and the distillation of a teacher of our own.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod distill;
 pub mod losses;
 pub mod net;
+pub mod optim;
 pub mod pth;
 pub mod teacher;
 pub mod train;

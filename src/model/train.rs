@@ -1,6 +1,5 @@
-//! The training loop: EfficientAD-S losses plus DFSC, AdamW with optimiser state of our own (tch cannot
-//! save its optimiser, and training must survive restarts), exponential warm-up, a final learning-rate
-//! drop and an EMA student. Every step is a pure function of (weights, optimiser state, seed, step), so a
+//! The training loop: EfficientAD-S losses plus DFSC, AdamW with optimiser state of our own
+//! ([`super::optim`]), exponential warm-up, a final learning-rate drop and an EMA student. Every step is a pure function of (weights, optimiser state, seed, step), so a
 //! resumed run continues exactly where an uninterrupted one would be.
 
 use std::collections::BTreeMap;
@@ -10,12 +9,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use super::activity::{DfscActivity, DfscActivitySummary};
 use super::config::{DfscPair, DfscSource, Recipe, TrainConfig};
 use super::losses::{dfsc_loss, hard_feature_loss, imagenet_penalty, mse, pair_distinctiveness, quantile_of};
 use super::net::Pdn;
+use super::optim::{lerp_all, AdamW};
 use super::weights::{self, TensorFile};
 use super::{EfficientAd, MapQuantiles, ModelInfo};
 use crate::data::preprocess;
@@ -29,8 +29,15 @@ pub enum TrainError {
     Data(String),
     #[error("step {step}: the loss is not finite ({loss}); the update was skipped (poisoned batch?)")]
     NonFinite { step: u64, loss: f64 },
+    #[error(
+        "step {step}: the loss is not finite ({loss}) and its update reached the weights; continue from the \
+         last checkpoint, perhaps at a lower learning rate"
+    )]
+    NonFiniteApplied { step: u64, loss: f64 },
     #[error(transparent)]
     Image(#[from] crate::error::ImageError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
 }
 
 /// Loss terms of one step, for progress output and metrics.
@@ -46,76 +53,48 @@ pub struct StepLosses {
     pub learning_rate: f64,
 }
 
-/// AdamW (decoupled weight decay) whose moments are plain tensors we can checkpoint.
-pub struct AdamW {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub steps_taken: u64,
-    first_moments: Vec<Tensor>,
-    second_moments: Vec<Tensor>,
+/// One step's losses still on the training device (0-d tensors, detached); see [`Trainer::step_deferred`].
+pub struct PendingLosses {
+    step: u64,
+    hard: Tensor,
+    autoencoder: Tensor,
+    student_autoencoder: Tensor,
+    dfsc: Option<Tensor>,
+    activity: Option<PendingActivity>,
+    penalty: Option<Tensor>,
+    total: Tensor,
+    learning_rate: f64,
 }
 
-impl AdamW {
-    pub fn new(params: &[Tensor], weight_decay: f64) -> AdamW {
-        AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-            steps_taken: 0,
-            first_moments: params.iter().map(Tensor::zeros_like).collect(),
-            second_moments: params.iter().map(Tensor::zeros_like).collect(),
-        }
+struct PendingActivity {
+    active_share: Tensor,
+    gradient_norm: Tensor,
+    autoencoder_gradient_norm: Tensor,
+}
+
+impl PendingLosses {
+    /// The step these losses belong to (0-based).
+    pub fn step(&self) -> u64 {
+        self.step
     }
 
-    /// Adds the moments to a checkpoint as `adamw.m.<name>` and `adamw.v.<name>`; `params` names them in
-    /// the order the optimiser was built with.
-    pub fn export(&self, params: &[(String, Tensor)], tensors: &mut BTreeMap<String, Tensor>) {
-        for (((name, _), m), v) in params.iter().zip(&self.first_moments).zip(&self.second_moments) {
-            tensors.insert(format!("adamw.m.{name}"), m.to_device(Device::Cpu));
-            tensors.insert(format!("adamw.v.{name}"), v.to_device(Device::Cpu));
+    /// Copies the values to the host, waiting for the step's kernels.
+    fn values(&self) -> StepLosses {
+        let read = |t: &Tensor| t.double_value(&[]);
+        StepLosses {
+            hard: read(&self.hard),
+            autoencoder: read(&self.autoencoder),
+            student_autoencoder: read(&self.student_autoencoder),
+            dfsc: self.dfsc.as_ref().map(read),
+            dfsc_activity: self.activity.as_ref().map(|a| DfscActivity {
+                active_share: read(&a.active_share),
+                gradient_norm: read(&a.gradient_norm),
+                autoencoder_gradient_norm: read(&a.autoencoder_gradient_norm),
+            }),
+            penalty: self.penalty.as_ref().map(read),
+            total: read(&self.total),
+            learning_rate: self.learning_rate,
         }
-    }
-
-    /// Restores moments written by [`AdamW::export`] (shapes checked against `params`) and the update count.
-    pub fn import(
-        &mut self,
-        params: &[(String, Tensor)],
-        file: &mut TensorFile,
-        path: &Path,
-        steps_taken: u64,
-    ) -> Result<(), WeightsError> {
-        for (i, (name, param)) in params.iter().enumerate() {
-            let shape = param.size();
-            self.first_moments[i] = file.take(path, &format!("adamw.m.{name}"), &shape)?;
-            self.second_moments[i] = file.take(path, &format!("adamw.v.{name}"), &shape)?;
-        }
-        self.steps_taken = steps_taken;
-        Ok(())
-    }
-
-    /// One update from the gradients currently stored in `params`.
-    pub fn step(&mut self, params: &[Tensor], learning_rate: f64) {
-        self.steps_taken += 1;
-        let t = self.steps_taken as i32;
-        let bias1 = 1.0 - self.beta1.powi(t);
-        let bias2 = 1.0 - self.beta2.powi(t);
-        tch::no_grad(|| {
-            for ((param, m), v) in params.iter().zip(&mut self.first_moments).zip(&mut self.second_moments) {
-                let grad = param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                let mut param = param.shallow_clone();
-                let _ = param.g_mul_scalar_(1.0 - learning_rate * self.weight_decay);
-                let _ = m.g_mul_scalar_(self.beta1).g_add_(&(&grad * (1.0 - self.beta1)));
-                let _ = v.g_mul_scalar_(self.beta2).g_add_(&(grad.square() * (1.0 - self.beta2)));
-                let denominator = (&*v / bias2).sqrt() + self.eps;
-                let _ = param.g_sub_(&((&*m / bias1) / denominator * learning_rate));
-            }
-        });
     }
 }
 
@@ -267,15 +246,50 @@ impl Trainer {
 
     /// One optimisation step. A non-finite loss skips the update and reports the step.
     pub fn step(&mut self) -> Result<StepLosses, TrainError> {
+        let (pending, total) = self.forward()?;
+        let losses = pending.values();
+        if !losses.total.is_finite() {
+            return Err(TrainError::NonFinite { step: pending.step, loss: losses.total });
+        }
+        self.update(&total, losses.learning_rate)?;
+        self.record(pending.step, &losses);
+        Ok(losses)
+    }
+
+    /// One optimisation step whose losses stay on the device until [`Trainer::read`]: on a GPU the host
+    /// then queues the next steps while this one runs, instead of waiting for it (each read is a host
+    /// synchronisation). The update is applied whatever the loss, so a non-finite one, reported by
+    /// `read`, ends the run: read before every checkpoint, so none holds such an update.
+    pub fn step_deferred(&mut self) -> Result<PendingLosses, TrainError> {
+        let (pending, total) = self.forward()?;
+        self.update(&total, pending.learning_rate)?;
+        Ok(pending)
+    }
+
+    /// Reads the losses of a [`Trainer::step_deferred`] step (waiting for its kernels) and records its DFSC
+    /// activity. Read them in step order.
+    pub fn read(&mut self, pending: PendingLosses) -> Result<StepLosses, TrainError> {
+        let losses = pending.values();
+        if !losses.total.is_finite() {
+            return Err(TrainError::NonFiniteApplied { step: pending.step, loss: losses.total });
+        }
+        self.record(pending.step, &losses);
+        Ok(losses)
+    }
+
+    /// The losses of the next step, with the graph (`total`) that its update differentiates.
+    fn forward(&mut self) -> Result<(PendingLosses, Tensor), TrainError> {
         let recipe = &self.model.recipe;
         let train = &recipe.train;
         let c = recipe.channels;
         let mut rng = ChaCha8Rng::seed_from_u64(train.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         tch::manual_seed((train.seed ^ self.step.wrapping_mul(0xD1B5_4A32_D192_ED03)) as i64);
 
+        // Rows picked by host-side indices: an index tensor would be a host-to-device copy per step, which
+        // CUDA makes wait for the queued kernels.
         let n = self.images.size()[0];
-        let indices: Vec<i64> = (0..train.batch_size).map(|_| rng.gen_range(0..n)).collect();
-        let batch = self.images.index_select(0, &Tensor::from_slice(&indices).to_device(self.model.device));
+        let rows: Vec<Tensor> = (0..train.batch_size).map(|_| self.images.narrow(0, rng.gen_range(0..n), 1)).collect();
+        let batch = if rows.len() == 1 { rows[0].shallow_clone() } else { Tensor::cat(&rows, 0) };
         let batch = if self.channels_last { preprocess::channels_last(&batch) } else { batch };
 
         // The frozen teacher's targets stay f32; the trained networks' convolutions compute in `compute`.
@@ -300,7 +314,7 @@ impl Trainer {
         let stae_loss = mse(&autoencoder, &student_ae);
         let mut total = &hard + &ae_loss + &stae_loss;
 
-        let (dfsc, dfsc_activity) = if recipe.dfsc.enabled {
+        let (dfsc, activity) = if recipe.dfsc.enabled {
             let (target, prediction) = match recipe.dfsc.pair {
                 DfscPair::TeacherAutoencoder => (&teacher_ae, &autoencoder),
                 DfscPair::AutoencoderStudent => (&autoencoder, &student_ae),
@@ -313,13 +327,13 @@ impl Trainer {
             let weighted = &term.loss * recipe.dfsc.alpha;
             // Every few steps, and at the last one, so that every run has a reading in its last quarter.
             let read_now = self.step.is_multiple_of(self.dfsc_activity_every.max(1)) || self.step + 1 == train.steps;
-            let activity = read_now.then(|| DfscActivity {
-                active_share: term.active_share.double_value(&[]),
+            let activity = read_now.then(|| PendingActivity {
+                active_share: term.active_share.detach(),
                 gradient_norm: gradient_norm(&weighted, &autoencoder),
                 autoencoder_gradient_norm: gradient_norm(&ae_loss, &autoencoder),
             });
             total += weighted;
-            (Some(term.loss.double_value(&[])), activity)
+            (Some(term.loss.detach()), activity)
         } else {
             (None, None)
         };
@@ -332,38 +346,42 @@ impl Trainer {
                 preprocess::to_input(&image, recipe.image_size as u32).unsqueeze(0).to_device(self.model.device);
             let loss = imagenet_penalty(&self.model.student.forward_in(&natural, compute).narrow(1, 0, c));
             total += &loss;
-            Some(loss.double_value(&[]))
+            Some(loss.detach())
         };
-
-        let total_value = total.double_value(&[]);
-        let losses = StepLosses {
-            hard: hard.double_value(&[]),
-            autoencoder: ae_loss.double_value(&[]),
-            student_autoencoder: stae_loss.double_value(&[]),
+        let pending = PendingLosses {
+            step: self.step,
+            hard: hard.detach(),
+            autoencoder: ae_loss.detach(),
+            student_autoencoder: stae_loss.detach(),
             dfsc,
-            dfsc_activity,
+            activity,
             penalty,
-            total: total_value,
+            total: total.detach(),
             learning_rate: learning_rate(train, self.step),
         };
-        if !total_value.is_finite() {
-            return Err(TrainError::NonFinite { step: self.step, loss: total_value });
-        }
+        Ok((pending, total))
+    }
+
+    /// Backward pass, AdamW update and EMA: the step is done.
+    fn update(&mut self, total: &Tensor, learning_rate: f64) -> Result<(), TrainError> {
         for (_, param) in &mut self.params {
             param.zero_grad();
         }
         total.backward();
         let tensors: Vec<Tensor> = self.params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        self.optimizer.step(&tensors, losses.learning_rate);
-        if let (Some((ema_vs, _)), Some(momentum)) = (&self.ema, train.ema_momentum) {
-            update_ema(ema_vs, &self.model.student_vs, momentum);
-        }
-        if let (Some(loss), Some(reading)) = (losses.dfsc, &losses.dfsc_activity) {
-            let total_steps = self.total_steps();
-            DfscActivitySummary::record(&mut self.dfsc_activity, self.step, total_steps, loss, reading);
+        self.optimizer.step(&tensors, learning_rate)?;
+        if let (Some((ema_vs, _)), Some(momentum)) = (&self.ema, self.model.recipe.train.ema_momentum) {
+            update_ema(ema_vs, &self.model.student_vs, momentum)?;
         }
         self.step += 1;
-        Ok(losses)
+        Ok(())
+    }
+
+    fn record(&mut self, step: u64, losses: &StepLosses) {
+        if let (Some(loss), Some(reading)) = (losses.dfsc, &losses.dfsc_activity) {
+            let total_steps = self.total_steps();
+            DfscActivitySummary::record(&mut self.dfsc_activity, step, total_steps, loss, reading);
+        }
     }
 
     /// Everything needed to continue: the model, the EMA student, optimiser moments and the step.
@@ -425,24 +443,23 @@ impl Trainer {
     }
 }
 
-/// Norm of the gradient that `loss` alone sends into `output` (the graph is kept for the real backward).
-/// NaN when `loss` does not reach `output`, which a reader of the log then sees.
-fn gradient_norm(loss: &Tensor, output: &Tensor) -> f64 {
+/// Norm of the gradient that `loss` alone sends into `output` (the graph is kept for the real backward),
+/// as a 0-d tensor. NaN when `loss` does not reach `output`, which a reader of the log then sees.
+fn gradient_norm(loss: &Tensor, output: &Tensor) -> Tensor {
     match Tensor::f_run_backward(&[loss], &[output], true, false) {
-        Ok(gradients) => gradients.first().map_or(f64::NAN, |g| g.norm().double_value(&[])),
-        Err(_) => f64::NAN,
+        Ok(gradients) => gradients.first().map_or_else(|| Tensor::from(f64::NAN), Tensor::norm),
+        Err(_) => Tensor::from(f64::NAN),
     }
 }
 
-fn update_ema(ema: &nn::VarStore, live: &nn::VarStore, momentum: f64) {
+/// shadow ← momentum · shadow + (1 − momentum) · live, for every student tensor, in one kernel.
+fn update_ema(ema: &nn::VarStore, live: &nn::VarStore, momentum: f64) -> Result<(), TchError> {
     let live = live.variables();
-    tch::no_grad(|| {
-        for (name, mut shadow) in ema.variables() {
-            if let Some(current) = live.get(&name) {
-                let _ = shadow.g_mul_scalar_(momentum).g_add_(&(current * (1.0 - momentum)));
-            }
-        }
-    });
+    let shadow = ema.variables();
+    let pairs: Vec<(&Tensor, &Tensor)> =
+        shadow.iter().filter_map(|(name, s)| live.get(name).map(|current| (s, current))).collect();
+    let (targets, ends): (Vec<&Tensor>, Vec<&Tensor>) = pairs.into_iter().unzip();
+    lerp_all(&targets, &ends, 1.0 - momentum)
 }
 
 /// Runs `f` over `images` in chunks, without gradient.
@@ -532,20 +549,6 @@ mod tests {
         assert!((learning_rate(&train, 900) - 1e-5 * (1.0 - (-901.0 / tau).exp())).abs() < 1e-12);
         let flat = TrainConfig { warmup_beta2: None, ..train };
         assert_eq!(learning_rate(&flat, 0), 1e-4);
-    }
-
-    #[test]
-    fn adamw_matches_a_hand_computed_first_step() {
-        // First step: m̂ = g, v̂ = g², update = lr·g/(|g| + eps) = lr·sign(g); decay p·(1 − lr·wd) first.
-        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-        (&p * Tensor::from_slice(&[3.0f32, -0.5])).sum(Kind::Float).backward();
-        let mut opt = AdamW::new(&[p.shallow_clone()], 0.1);
-        opt.step(&[p.shallow_clone()], 0.01);
-        let got: Vec<f32> = Vec::try_from(p.detach()).unwrap();
-        let expected = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) + 0.01];
-        for (g, e) in got.iter().zip(expected) {
-            assert!((*g as f64 - e).abs() < 1e-6, "{got:?} vs {expected:?}");
-        }
     }
 
     #[test]
@@ -652,5 +655,17 @@ mod tests {
         for (name, value) in &before {
             assert!(value.equal(&after[name]), "{name} changed");
         }
+    }
+
+    #[test]
+    fn a_deferred_non_finite_loss_is_reported_at_its_step() {
+        let mut trainer = Trainer::new(tiny_recipe(Preset::Dfsc, 3), images(1), Device::Cpu).unwrap();
+        let first = trainer.step_deferred().unwrap();
+        let _ = trainer.images.fill_(f64::NAN);
+        let second = trainer.step_deferred().unwrap();
+        assert!(trainer.read(first).is_ok());
+        let err = trainer.read(second).unwrap_err();
+        assert!(matches!(err, TrainError::NonFiniteApplied { step: 1, .. }), "{err}");
+        assert!(err.to_string().contains("last checkpoint"), "{err}");
     }
 }

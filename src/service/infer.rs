@@ -116,11 +116,7 @@ pub fn spawn(
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
         crate::torch::use_threads(threads);
         let mut model = model.with_precision(precision);
-        if model.device().is_cuda() {
-            // Inputs come in a handful of shapes (one per batch size): cuDNN times its kernels once per
-            // shape and keeps the fastest (`bench-serving` measures the difference).
-            tch::Cuda::cudnn_set_benchmark(true);
-        }
+        crate::torch::autotune_convolutions(model.device());
         let mut swaps = swaps;
         metrics.model_loaded(model.info.model_version, model.info.created_unix);
         let install = |model: &mut EfficientAd, new: EfficientAd| {
