@@ -203,6 +203,41 @@ pub fn sibling(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
     path.with_file_name(format!("{stem}{suffix}"))
 }
 
+/// Training steps whose losses are still on the device, read in groups: after [`Unread::MAX_STEPS`] steps
+/// or [`Unread::MAX_WAIT`], whichever comes first (a slow CPU step is read at once, GPU steps a few dozen at
+/// a time). A read waits for the step's kernels; reading every step would make a GPU idle while the host
+/// prepares the next one.
+pub(crate) struct Unread<T> {
+    steps: Vec<T>,
+    since: Option<std::time::Instant>,
+}
+
+impl<T> Default for Unread<T> {
+    fn default() -> Self {
+        Unread { steps: Vec::new(), since: None }
+    }
+}
+
+impl<T> Unread<T> {
+    const MAX_STEPS: usize = 25;
+    const MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+    pub(crate) fn push(&mut self, pending: T) {
+        self.since.get_or_insert_with(std::time::Instant::now);
+        self.steps.push(pending);
+    }
+
+    pub(crate) fn due(&self) -> bool {
+        self.steps.len() >= Self::MAX_STEPS || self.since.is_some_and(|t| t.elapsed() >= Self::MAX_WAIT)
+    }
+
+    /// The unread steps, oldest first.
+    pub(crate) fn drain(&mut self) -> std::vec::Drain<'_, T> {
+        self.since = None;
+        self.steps.drain(..)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use lineguard::model::weights::TensorFile;
 use serde_json::{json, Value};
 
 use super::cli::{DistillTeacherArgs, ImportTeacherArgs};
-use super::{sibling, Progress, TimeBudget};
+use super::{sibling, Progress, TimeBudget, Unread};
 
 pub fn import(args: &ImportTeacherArgs) -> anyhow::Result<()> {
     let state = pth::read_state_dict(&args.checkpoint)?;
@@ -136,23 +136,28 @@ pub fn distill(args: &DistillTeacherArgs) -> anyhow::Result<()> {
     let first_step = distiller.step_index();
     let mut recent = Vec::new();
     let mut budget = TimeBudget::new(args.max_minutes, first_step);
+    let mut unread = Unread::default();
     while !distiller.is_done() {
-        let loss = distiller.step()?;
+        unread.push(distiller.step_deferred()?);
         if let Some(cut) = budget.as_mut().and_then(|b| b.after_step(distiller.step_index(), distiller.config.steps)) {
             distiller.config.steps = cut;
             progress.set_length(cut);
         }
-        recent.push(loss);
-        if recent.len() > 100 {
-            recent.remove(0);
-        }
-        let mean = recent.iter().sum::<f64>() / recent.len() as f64;
-        progress.set_position(
-            distiller.step_index(),
-            &format!("loss {loss:.4} (mean of last {}: {mean:.4})", recent.len()),
-        );
         let step = distiller.step_index();
-        if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 && !distiller.is_done() {
+        let checkpoint_due = args.checkpoint_every > 0 && step % args.checkpoint_every == 0 && !distiller.is_done();
+        if checkpoint_due || distiller.is_done() || unread.due() {
+            for pending in unread.drain() {
+                let loss = pending.read()?;
+                recent.push(loss);
+                if recent.len() > 100 {
+                    recent.remove(0);
+                }
+                let mean = recent.iter().sum::<f64>() / recent.len() as f64;
+                progress.set_position(step, &format!("loss {loss:.4} (mean of last {}: {mean:.4})", recent.len()));
+            }
+        }
+        // Read first: a checkpoint never holds the update of a non-finite loss.
+        if checkpoint_due {
             distiller.save_checkpoint(&checkpoint).with_context(|| format!("writing {}", checkpoint.display()))?;
         }
     }

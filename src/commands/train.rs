@@ -1,16 +1,16 @@
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use lineguard::data::loco::{self, LocoDataset};
 use lineguard::model::activity::DfscActivity;
 use lineguard::model::config::Recipe;
-use lineguard::model::train::{PendingLosses, StepLosses, TrainError, Trainer};
+use lineguard::model::train::{StepLosses, Trainer};
 use lineguard::model::EfficientAd;
 use tch::{Device, Tensor};
 
 use super::cli::{RecipeArgs, TrainArgs};
-use super::{sibling, Progress, TimeBudget};
+use super::{sibling, Progress, TimeBudget, Unread};
 
 /// Recipe from file and preset, then the command-line overrides, validated as a whole.
 pub fn recipe_from_args(args: &RecipeArgs) -> anyhow::Result<Recipe> {
@@ -104,7 +104,8 @@ pub fn train(
         }
         let checkpoint_due = every > 0 && trainer.step % every == 0 && !trainer.is_done();
         if checkpoint_due || trainer.is_done() || unread.due() {
-            for losses in unread.read_all(&mut trainer)? {
+            for pending in unread.drain() {
+                let losses = trainer.read(pending)?;
                 dfsc_activity = losses.dfsc_activity.or(dfsc_activity);
                 progress.set_position(trainer.step, &describe_losses(&losses, dfsc_activity.as_ref()));
             }
@@ -129,34 +130,6 @@ pub fn train(
     super::remove_finished_checkpoint(&checkpoint);
     log::info!("model written to {}", out.display());
     Ok(model)
-}
-
-/// Steps whose losses have not been read yet: read after [`Unread::MAX_STEPS`] steps or
-/// [`Unread::MAX_WAIT`], whichever comes first (a slow CPU step reads every step, a GPU every few dozen).
-#[derive(Default)]
-struct Unread {
-    steps: Vec<PendingLosses>,
-    since: Option<Instant>,
-}
-
-impl Unread {
-    const MAX_STEPS: usize = 25;
-    const MAX_WAIT: Duration = Duration::from_millis(500);
-
-    fn push(&mut self, pending: PendingLosses) {
-        self.since.get_or_insert_with(Instant::now);
-        self.steps.push(pending);
-    }
-
-    fn due(&self) -> bool {
-        self.steps.len() >= Self::MAX_STEPS || self.since.is_some_and(|t| t.elapsed() >= Self::MAX_WAIT)
-    }
-
-    /// Reads every unread step in order; the first non-finite loss ends the run.
-    fn read_all(&mut self, trainer: &mut Trainer) -> Result<Vec<StepLosses>, TrainError> {
-        self.since = None;
-        self.steps.drain(..).map(|pending| trainer.read(pending)).collect()
-    }
 }
 
 pub(super) fn load(paths: &[PathBuf], side: u32, what: &str) -> anyhow::Result<Tensor> {
