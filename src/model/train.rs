@@ -1,6 +1,7 @@
 //! The training loop: EfficientAD-S losses plus DFSC, AdamW with optimiser state of our own
-//! ([`super::optim`]), exponential warm-up, a final learning-rate drop and an EMA student. Every step is a pure function of (weights, optimiser state, seed, step), so a
-//! resumed run continues exactly where an uninterrupted one would be.
+//! ([`super::optim`]), exponential warm-up, a final learning-rate drop and an EMA student. Every step is a
+//! pure function of (weights, optimiser state, seed, step), so a resumed run continues exactly where an
+//! uninterrupted one would be.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
