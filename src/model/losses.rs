@@ -13,10 +13,16 @@ const NORMALISE_EPS: f64 = 1e-8;
 pub fn hard_feature_loss(teacher: &Tensor, student: &Tensor, quantile: f64) -> Tensor {
     let squared = (teacher - student).square();
     let threshold = quantile_of(&squared.detach(), quantile);
-    // A masked mean rather than `masked_select(..).mean()`: the selection's size is data-dependent, and
-    // reading it would make CUDA wait for the forward pass in the middle of every training step.
-    let hardest = squared.detach().ge_tensor(&threshold).to_kind(Kind::Float);
-    (&squared * &hardest).sum(Kind::Float) / hardest.sum(Kind::Float)
+    let hardest = squared.detach().ge_tensor(&threshold);
+    if squared.device().is_cuda() {
+        // A masked mean: `masked_select`'s size is data-dependent, and reading it would make CUDA wait for
+        // the forward pass in the middle of every training step. (It sums in another order, so CPUs keep
+        // `masked_select`: see `optim::AdamW::fused` for why CPU runs keep their rounding.)
+        let hardest = hardest.to_kind(Kind::Float);
+        (&squared * &hardest).sum(Kind::Float) / hardest.sum(Kind::Float)
+    } else {
+        squared.masked_select(&hardest).mean(Kind::Float)
+    }
 }
 
 /// Plain mean squared error, used for the autoencoder (target: teacher) and the student's autoencoder

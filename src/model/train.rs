@@ -453,14 +453,23 @@ fn gradient_norm(loss: &Tensor, output: &Tensor) -> Tensor {
     }
 }
 
-/// shadow ← momentum · shadow + (1 − momentum) · live, for every student tensor, in one kernel.
+/// shadow ← momentum · shadow + (1 − momentum) · live, for every student tensor: in one kernel on a GPU,
+/// tensor by tensor on a CPU (where the lerp's rounding would change runs; see `optim::AdamW::fused`).
 fn update_ema(ema: &nn::VarStore, live: &nn::VarStore, momentum: f64) -> Result<(), TchError> {
     let live = live.variables();
     let shadow = ema.variables();
     let pairs: Vec<(&Tensor, &Tensor)> =
         shadow.iter().filter_map(|(name, s)| live.get(name).map(|current| (s, current))).collect();
-    let (targets, ends): (Vec<&Tensor>, Vec<&Tensor>) = pairs.into_iter().unzip();
-    lerp_all(&targets, &ends, 1.0 - momentum)
+    if pairs.first().is_some_and(|(s, _)| s.device().is_cuda()) {
+        let (targets, ends): (Vec<&Tensor>, Vec<&Tensor>) = pairs.into_iter().unzip();
+        return lerp_all(&targets, &ends, 1.0 - momentum);
+    }
+    tch::no_grad(|| {
+        for (shadow, current) in pairs {
+            let _ = shadow.shallow_clone().f_mul_scalar_(momentum)?.f_add_(&(current * (1.0 - momentum)))?;
+        }
+        Ok(())
+    })
 }
 
 /// Runs `f` over `images` in chunks, without gradient.
