@@ -160,8 +160,8 @@ impl AdamW {
         let (p, g, m, v) = (pick(params), pick(&grads), pick(&self.first_moments), pick(&self.second_moments));
         let steps = handles(&counts.iter().collect::<Vec<_>>());
         tch::no_grad(|| {
-            // SAFETY: every list holds `updated.len()` live tensor handles, which outlive the call; the
-            // kernel checks shapes, dtypes and devices and reports a mismatch as an error.
+            // SAFETY: every list holds `updated.len()` live tensor handles, which outlive the call; their
+            // shapes, dtypes and devices were checked above (the CPU kernel does not check them).
             checked(unsafe {
                 ffi::lineguard_fused_adamw(
                     p.as_ptr(),
