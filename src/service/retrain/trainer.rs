@@ -76,9 +76,27 @@ pub struct FrameLocation {
 /// What survives a restart besides the buffer and the weights.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct TrainerState {
-    /// The version the checkpointed weights continue from; a checkpoint of another base is stale.
-    base_version: u64,
+    /// The version the checkpointed weights continue from; a checkpoint of another base is stale. None
+    /// once that line of training was discarded (a regression, another model adopted): whatever
+    /// checkpoint is on disk then must not be resumed.
+    base_version: Option<u64>,
     steps_since_gate: u64,
+}
+
+impl TrainerState {
+    /// Training that continues `version` from now on.
+    fn continuing(version: u64) -> Self {
+        Self { base_version: Some(version), steps_since_gate: 0 }
+    }
+
+    /// The next run starts from the serving model, not from the checkpoint.
+    fn discarded() -> Self {
+        Self { base_version: None, steps_since_gate: 0 }
+    }
+
+    fn resumes(&self, version: u64) -> bool {
+        self.base_version == Some(version)
+    }
 }
 
 /// Called with the trainer's result when its thread ends.
@@ -366,7 +384,7 @@ impl Running {
 
     fn adopt(&mut self, model: EfficientAd, publication: Option<String>) {
         self.stage.metrics.current_model(model.info.model_version, model.info.created_unix);
-        self.state = TrainerState { base_version: model.info.model_version, steps_since_gate: 0 };
+        self.state = TrainerState::discarded();
         self.current = model;
         self.publication = publication;
         self.trainer = None;
@@ -424,11 +442,11 @@ impl Running {
         let _ = self.buffer.take_changed();
         let checkpoint = self.dir.join("trainer.safetensors");
         let version = self.current.info.model_version;
-        let mut trainer = if checkpoint.is_file() && self.state.base_version == version {
+        let mut trainer = if checkpoint.is_file() && self.state.resumes(version) {
             log::info!("line {}: resuming retraining from {}", self.stage.line, checkpoint.display());
             Trainer::resume(&checkpoint, images, self.stage.device)?
         } else {
-            self.state = TrainerState { base_version: version, steps_since_gate: 0 };
+            self.state = TrainerState::continuing(version);
             Trainer::continue_from(self.store.load(version, self.stage.device)?, images)?
         };
         fine_tuning(&mut trainer.model.recipe.train, &self.stage.settings);
@@ -503,10 +521,11 @@ impl Running {
             GateOutcome::RejectedNoImprovement => {}
             _ => {
                 // A regression means the recent training data taught something wrong: start again from
-                // the serving model rather than build on it.
+                // the serving model rather than build on it. (Marking the checkpoint stale matters: resuming
+                // the last gate's checkpoint instead led back to the same rejected candidate at every gate.)
                 self.trainer = None;
                 self.restarts += 1;
-                self.state = TrainerState { base_version: self.current.info.model_version, steps_since_gate: 0 };
+                self.state = TrainerState::discarded();
             }
         }
         self.stage.metrics.gate(report.outcome);
@@ -531,7 +550,7 @@ impl Running {
         self.writes.succeeded(StateWrite::Version);
         log::info!("line {}: promoted model version {version}", self.stage.line);
         self.stage.metrics.current_model(version, candidate.info.created_unix);
-        self.state.base_version = version;
+        self.state.base_version = Some(version);
         self.current = candidate;
         self.publication = None;
         self.unpublished = true;
@@ -775,6 +794,21 @@ mod tests {
         let elsewhere = br#"{"verdict":"normal","source":{"topic":"payroll","partition":0,"offset":1}}"#;
         assert!(marked_frame_location("f1", elsewhere, &["frames".to_string()]).is_none());
         assert!(marked_frame_location("f1", elsewhere, &["frames".to_string(), "payroll".to_string()]).is_some());
+    }
+
+    /// Before: a regression recorded the serving version as the checkpoint's base, so the next run resumed
+    /// the last gate's checkpoint and rebuilt the same rejected candidate at every gate (seen in CI).
+    #[test]
+    fn a_discarded_line_of_training_is_never_resumed() {
+        // A state file written before the field became optional still resumes its version.
+        let old: TrainerState = serde_json::from_str(r#"{"base_version":2,"steps_since_gate":7}"#).unwrap();
+        assert!(old.resumes(2) && !old.resumes(3));
+        assert!(TrainerState::continuing(2).resumes(2));
+        let discarded = TrainerState::discarded();
+        assert!(!discarded.resumes(2) && !discarded.resumes(0));
+        let reread: TrainerState = serde_json::from_str(&serde_json::to_string(&discarded).unwrap()).unwrap();
+        assert!(!reread.resumes(2), "a restart after a regression starts from the serving model too");
+        assert!(!TrainerState::default().resumes(1), "no state file: nothing to resume");
     }
 
     #[test]
