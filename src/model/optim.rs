@@ -70,9 +70,10 @@ pub struct AdamW {
     second_moments: Vec<Tensor>,
     /// One fused kernel (the default on GPUs), or the per-tensor update (the default on CPUs). The fused
     /// update makes a 128 px CPU step 9–16% faster (BENCHMARKS.md) but rounds differently, and the demo's
-    /// retraining story, whose trajectory is sensitive to rounding, failed with it in CI (its first model
-    /// raised 6 false alarms of 40 instead of 2, and no retrained candidate halved them in time). CPU runs
-    /// therefore keep their exact numbers until that is understood.
+    /// story fails with it: its 600-step first model comes out another model (6 false alarms of 40
+    /// instead of 2), whose held-out false alarms under the new light (5 of 17) no retrained candidate
+    /// halves within the demo's 6 minutes, even with the trainer's restart fixed (six promotions for lower
+    /// normal scores, none with fewer false alarms). CPU runs therefore keep their exact numbers.
     pub fused: bool,
     /// The update count as the fused kernel reads it: a float tensor on the parameters' device, one value
     /// per parameter (the kernel takes one per tensor), set from `steps_taken` before each update.
@@ -179,9 +180,7 @@ impl AdamW {
             })
         })
     }
-}
 
-impl AdamW {
     /// Decay, then the bias-corrected update, tensor by tensor (~15 kernels each).
     fn step_per_tensor(&mut self, params: &[Tensor], learning_rate: f64) -> Result<(), TchError> {
         let t = self.steps_taken as i32;
