@@ -14,14 +14,19 @@ pub fn hard_feature_loss(teacher: &Tensor, student: &Tensor, quantile: f64) -> T
     let squared = (teacher - student).square();
     let threshold = quantile_of(&squared.detach(), quantile);
     let hardest = squared.detach().ge_tensor(&threshold);
-    if squared.device().is_cuda() {
-        // A masked mean: `masked_select`'s size is data-dependent, and reading it would make CUDA wait for
-        // the forward pass in the middle of every training step. (It sums in another order, so CPUs keep
-        // `masked_select`: see `optim::AdamW::fused` for why CPU runs keep their rounding.)
-        let hardest = hardest.to_kind(Kind::Float);
-        (&squared * &hardest).sum(Kind::Float) / hardest.sum(Kind::Float)
+    mean_where(&squared, &hardest, squared.device().is_cuda())
+}
+
+/// Mean of `values` where `mask` is set. With `fixed_shape` (GPUs), a masked mean: `masked_select`'s size
+/// is data-dependent, and reading it would make CUDA wait for the forward pass in the middle of every
+/// training step. It sums in another order, so CPUs keep `masked_select` (see `optim::AdamW::fused` for
+/// why CPU runs keep their rounding).
+fn mean_where(values: &Tensor, mask: &Tensor, fixed_shape: bool) -> Tensor {
+    if fixed_shape {
+        let weights = mask.to_kind(Kind::Float);
+        (values * &weights).sum(Kind::Float) / weights.sum(Kind::Float)
     } else {
-        squared.masked_select(&hardest).mean(Kind::Float)
+        values.masked_select(mask).mean(Kind::Float)
     }
 }
 
@@ -145,6 +150,23 @@ mod tests {
         assert!((scalar(&hard_feature_loss(&teacher, &student, 0.5)) - 6.5).abs() < 1e-6);
         // At quantile 0 every element counts: (0+1+4+9)/4 = 3.5.
         assert!((scalar(&hard_feature_loss(&teacher, &student, 0.0)) - 3.5).abs() < 1e-6);
+    }
+
+    /// The GPU's fixed-shape reading, checked here since no GPU runs the tests: same value and gradient.
+    #[test]
+    fn the_masked_mean_equals_masked_select_in_value_and_gradient() {
+        tch::manual_seed(3);
+        let values = Tensor::randn([2, 8, 5, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let mask = values.detach().gt(0.7);
+        let gradient_of = |fixed_shape: bool| {
+            let loss = mean_where(&values.square(), &mask, fixed_shape);
+            let gradient = Tensor::run_backward(&[&loss], &[&values], false, false).remove(0);
+            (loss.double_value(&[]), gradient)
+        };
+        let ((select, select_gradient), (masked, masked_gradient)) = (gradient_of(false), gradient_of(true));
+        assert!((select - masked).abs() < 1e-6, "{select} vs {masked}");
+        assert!(select_gradient.allclose(&masked_gradient, 1e-6, 1e-7, false));
+        assert!(masked_gradient.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 
     #[test]

@@ -363,6 +363,12 @@ impl Trainer {
         Ok((pending, total))
     }
 
+    /// Switches AdamW's one-kernel update on or off: on by default on GPUs only (`AdamW::fused` says why
+    /// CPUs keep the per-tensor one); `benches/model.rs` measures it on CPUs.
+    pub fn set_fused_update(&mut self, fused: bool) {
+        self.optimizer.fused = fused;
+    }
+
     /// Backward pass, AdamW update and EMA: the step is done.
     fn update(&mut self, total: &Tensor, learning_rate: f64) -> Result<(), TrainError> {
         for (_, param) in &mut self.params {
@@ -456,11 +462,15 @@ fn gradient_norm(loss: &Tensor, output: &Tensor) -> Tensor {
 /// shadow ← momentum · shadow + (1 − momentum) · live, for every student tensor: in one kernel on a GPU,
 /// tensor by tensor on a CPU (where the lerp's rounding would change runs; see `optim::AdamW::fused`).
 fn update_ema(ema: &nn::VarStore, live: &nn::VarStore, momentum: f64) -> Result<(), TchError> {
+    update_ema_with(ema, live, momentum, ema.device().is_cuda())
+}
+
+fn update_ema_with(ema: &nn::VarStore, live: &nn::VarStore, momentum: f64, fused: bool) -> Result<(), TchError> {
     let live = live.variables();
     let shadow = ema.variables();
     let pairs: Vec<(&Tensor, &Tensor)> =
         shadow.iter().filter_map(|(name, s)| live.get(name).map(|current| (s, current))).collect();
-    if pairs.first().is_some_and(|(s, _)| s.device().is_cuda()) {
+    if fused {
         let (targets, ends): (Vec<&Tensor>, Vec<&Tensor>) = pairs.into_iter().unzip();
         return lerp_all(&targets, &ends, 1.0 - momentum);
     }
@@ -646,6 +656,28 @@ mod tests {
         let moved_trained = (&trained - &initial).abs().sum(Kind::Float).double_value(&[]);
         let moved_served = (&served - &initial).abs().sum(Kind::Float).double_value(&[]);
         assert!(moved_served > 0.0 && moved_served < 0.1 * moved_trained, "{moved_served} vs {moved_trained}");
+    }
+
+    /// The GPU's one-kernel EMA, checked here since no GPU runs the tests: the same update as the CPU's.
+    #[test]
+    fn the_fused_ema_matches_the_per_tensor_one() {
+        let store = |seed: i64| {
+            tch::manual_seed(seed);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _ = (vs.root() / "conv").randn("weight", &[4, 3, 3, 3], 0.0, 1.0);
+            let _ = (vs.root() / "conv").randn("bias", &[4], 0.0, 1.0);
+            vs
+        };
+        let live = store(1);
+        let (per_tensor, fused, starting) = (store(2), store(2), store(2));
+        update_ema_with(&per_tensor, &live, 0.9, false).unwrap();
+        update_ema_with(&fused, &live, 0.9, true).unwrap();
+        let (fused, starting, live) = (fused.variables(), starting.variables(), live.variables());
+        for (name, shadow) in per_tensor.variables() {
+            let expected = &starting[&name] * 0.9 + &live[&name] * 0.1;
+            assert!(shadow.allclose(&expected, 1e-6, 1e-7, false), "{name}: per tensor");
+            assert!(fused[&name].allclose(&expected, 1e-6, 1e-7, false), "{name}: fused");
+        }
     }
 
     #[test]
