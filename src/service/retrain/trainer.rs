@@ -143,8 +143,8 @@ struct Running {
     waiting: Option<WaitCause>,
     non_finite_in_a_row: u32,
     writes: StateWrites,
-    /// Runs restarted from the serving model after a regression. Each restart samples other batches: the
-    /// same seed would rebuild the same rejected candidate for as long as no new frame arrives.
+    /// Runs restarted from the serving model (after a regression, or non-finite losses). Each restart samples
+    /// other batches: the same seed would rebuild the same rejected candidate while no new frame arrives.
     restarts: u64,
     /// The serving model's raw map quantiles on the calibration images and its reading, with what they
     /// were measured on.
@@ -429,6 +429,10 @@ impl Running {
                 if self.non_finite_in_a_row >= 3 {
                     log::warn!("line {}: restarting training from the serving model", self.stage.line);
                     self.trainer = None;
+                    // Not from the last gate's checkpoint (the weights that keep failing descend from it),
+                    // and on other batches.
+                    self.state = TrainerState::discarded();
+                    self.restarts += 1;
                 }
             }
             Err(err) => return Err(err.into()),
