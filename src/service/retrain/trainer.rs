@@ -428,16 +428,22 @@ impl Running {
                 log::warn!("line {}: retraining step {step}: loss {loss}; update skipped", self.stage.line);
                 if self.non_finite_in_a_row >= 3 {
                     log::warn!("line {}: restarting training from the serving model", self.stage.line);
-                    self.trainer = None;
-                    // Not from the last gate's checkpoint (the weights that keep failing descend from it),
-                    // and on other batches.
-                    self.state = TrainerState::discarded();
-                    self.restarts += 1;
+                    // (Not from the last gate's checkpoint: the weights that keep failing descend from it.)
+                    self.restart_from_serving_model();
                 }
             }
             Err(err) => return Err(err.into()),
         }
         Ok(())
+    }
+
+    /// Drops the training run; the next step starts a new one from the serving model, on other batches.
+    /// The checkpoint is marked stale too: resuming it instead led back to the same rejected candidate at
+    /// every gate (seen in CI).
+    fn restart_from_serving_model(&mut self) {
+        self.trainer = None;
+        self.restarts += 1;
+        self.state = TrainerState::discarded();
     }
 
     /// Resumes the checkpoint when it continues the current model, else starts from the current model.
@@ -525,11 +531,8 @@ impl Running {
             GateOutcome::RejectedNoImprovement => {}
             _ => {
                 // A regression means the recent training data taught something wrong: start again from
-                // the serving model rather than build on it. (Marking the checkpoint stale matters: resuming
-                // the last gate's checkpoint instead led back to the same rejected candidate at every gate.)
-                self.trainer = None;
-                self.restarts += 1;
-                self.state = TrainerState::discarded();
+                // the serving model rather than build on it.
+                self.restart_from_serving_model();
             }
         }
         self.stage.metrics.gate(report.outcome);
@@ -554,7 +557,7 @@ impl Running {
         self.writes.succeeded(StateWrite::Version);
         log::info!("line {}: promoted model version {version}", self.stage.line);
         self.stage.metrics.current_model(version, candidate.info.created_unix);
-        self.state.base_version = Some(version);
+        self.state = TrainerState::continuing(version);
         self.current = candidate;
         self.publication = None;
         self.unpublished = true;
