@@ -13,7 +13,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::kafka::{count_by_key, free_port, http_get, metric, read_topic, wait_for, Harness, Record, Service};
 use common::{lineguard_ok, path_str};
@@ -459,12 +459,23 @@ impl Tmpfs {
         status.is_ok_and(|s| s.success()).then(|| Tmpfs(at.to_path_buf()))
     }
 
-    fn remount(&self, options: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{options}"), path_str(&self.0)])
-            .status()
-            .unwrap();
-        assert!(status.success(), "remount {options}");
+    /// Remounts with the options `options` gives at each try. The trainer may be writing meanwhile (a
+    /// checkpoint is tens of MB): the kernel then refuses a size below what is in use, or read-only while
+    /// a file is open for writing (EBUSY), so this tries again for up to 30 s.
+    fn remount(&self, options: impl Fn() -> String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let options = options();
+            let status = std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{options}"), path_str(&self.0)])
+                .status()
+                .unwrap();
+            if status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "remount {options}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn used_bytes(&self) -> u64 {
@@ -501,8 +512,7 @@ fn a_full_or_read_only_state_directory_costs_promotions_not_inspection() {
     wait_for("readiness", Duration::from_secs(90), &[&service], || ready(port));
     wait_for("the trainer", Duration::from_secs(90), &[&service], || service.log().contains("trainer starts from"));
     // Room for the frames the trainer buffers, not for another model (the fixture's is 13 MB).
-    let full = disk.used_bytes() + 4 * 1024 * 1024;
-    disk.remount(&format!("size={full}"));
+    disk.remount(|| format!("size={}", disk.used_bytes() + 4 * 1024 * 1024));
 
     harness.produce(&line.frames, &f.drifted[..12], "d1");
     let drifted = wait_for_results(&harness, &line, ("d1-", 12, 12), &[&service]);
@@ -517,7 +527,7 @@ fn a_full_or_read_only_state_directory_costs_promotions_not_inspection() {
     assert_eq!(line.store().current().unwrap(), Some(1));
 
     // Read-only now, with room again: still refused, still serving.
-    disk.remount("size=256m,ro");
+    disk.remount(|| "size=256m,ro".into());
     let refused = version_errors();
     wait_for("a promotion that the read-only disk refuses", Duration::from_secs(240), &[&service], || {
         version_errors() > refused
@@ -528,7 +538,7 @@ fn a_full_or_read_only_state_directory_costs_promotions_not_inspection() {
     assert!(http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")), "a restart would not help");
 
     // Writable again: the next gate promotes, and the line serves the new version.
-    disk.remount("rw");
+    disk.remount(|| "rw".into());
     wait_for("a promotion once the disk is writable", Duration::from_secs(240), &[&service], || {
         model_version(port).is_some_and(|v| v >= 2.0)
     });
