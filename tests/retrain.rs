@@ -13,7 +13,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::kafka::{count_by_key, free_port, http_get, metric, read_topic, wait_for, Harness, Record, Service};
 use common::{lineguard_ok, path_str};
@@ -463,19 +463,13 @@ impl Tmpfs {
     /// checkpoint is tens of MB): the kernel then refuses a size below what is in use, or read-only while
     /// a file is open for writing (EBUSY), so this tries again for up to 30 s.
     fn remount(&self, options: impl Fn() -> String) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let options = options();
-            let status = std::process::Command::new("mount")
-                .args(["-o", &format!("remount,{options}"), path_str(&self.0)])
+        wait_for(&format!("remount,{}", options()), Duration::from_secs(30), &[], || {
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{}", options()), path_str(&self.0)])
                 .status()
-                .unwrap();
-            if status.success() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "remount {options}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+                .unwrap()
+                .success()
+        });
     }
 
     fn used_bytes(&self) -> u64 {
