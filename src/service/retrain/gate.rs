@@ -194,12 +194,17 @@ pub fn decide(current: &Reading, candidate: &Reading, tolerances: Tolerances, th
         }
     }
     let fewer_false_alarms = candidate.false_positive_rate < current.false_positive_rate - EPSILON;
-    let more_headroom = candidate.p95_normal_score < current.p95_normal_score - 0.01 * threshold;
-    if fewer_false_alarms || more_headroom || !current.finite {
+    if fewer_false_alarms || more_headroom(current, candidate, threshold) || !current.finite {
         GateOutcome::Promoted
     } else {
         GateOutcome::RejectedNoImprovement
     }
+}
+
+/// Whether the candidate's normal scores lie lower than the current model's: its p95 by more than 1% of
+/// the threshold, so that rounding noise is not an improvement.
+pub fn more_headroom(current: &Reading, candidate: &Reading, threshold: f32) -> bool {
+    candidate.p95_normal_score < current.p95_normal_score - 0.01 * threshold
 }
 
 /// Nearest-rank percentile; NaN for no values.
