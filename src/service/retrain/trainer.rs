@@ -178,11 +178,13 @@ impl LineRecord {
     ///
     /// A candidate refused only for false positives although it has more headroom than the serving model
     /// on the same images (`more_headroom`, the gate's own criterion) does not count: the line is still
-    /// learning the frames it was given (drifted ones, typically the highest normal scores) while one or
-    /// two frames near the threshold cross it. Counting those dropped the progress at every third gate
-    /// (the demo under AVX2 kernels: p95 0.670 → 0.652 → 0.637 → 0.616 against the serving 0.670, each
-    /// with one false alarm more, then a restart). Lost recall or synthetic recall always counts: lower
-    /// normal scores together with missed defects are what poisoning looks like.
+    /// learning the frames it was given (drifted ones, typically the highest normal scores) while frames
+    /// just below the threshold cross it. Counting those dropped the progress at every third gate (the
+    /// demo under AVX2 kernels: p95 0.670 → 0.652 → 0.637 → 0.616 against the serving 0.670, each with a
+    /// false alarm more, then a restart). Such a line is never promoted while it raises more false alarms;
+    /// what it costs is training time, which a restart would spend on the same frames. Lost recall or
+    /// synthetic recall always counts: lower normal scores together with missed defects are what
+    /// poisoning looks like.
     fn after_gate(&mut self, outcome: GateOutcome, more_headroom: bool) -> bool {
         let drop = match outcome {
             GateOutcome::Promoted | GateOutcome::NotStored | GateOutcome::RejectedNoImprovement => {
