@@ -64,6 +64,31 @@ impl StateWrite {
     }
 }
 
+/// Why a line of training was dropped for a fresh start from the serving model (`cause` label of
+/// `lineguard_retrain_restarts_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartCause {
+    /// Its candidates regressed at several gates in a row (false alarms, recall, synthetic recall).
+    RegressedCandidates,
+    /// A candidate scored NaN or infinity.
+    NonFiniteCandidate,
+    /// Several training steps in a row produced a non-finite loss.
+    NonFiniteLosses,
+}
+
+impl RestartCause {
+    pub const ALL: [RestartCause; 3] =
+        [RestartCause::RegressedCandidates, RestartCause::NonFiniteCandidate, RestartCause::NonFiniteLosses];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartCause::RegressedCandidates => "regressed_candidates",
+            RestartCause::NonFiniteCandidate => "non_finite_candidate",
+            RestartCause::NonFiniteLosses => "non_finite_losses",
+        }
+    }
+}
+
 /// The outputs of a frame (`output` label of `lineguard_publish_errors_total`).
 #[derive(Debug, Clone, Copy)]
 pub enum Output {

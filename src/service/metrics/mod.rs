@@ -58,6 +58,7 @@ pub struct Metrics {
     retrain_dfsc_active_share: GaugeVec,
     oldest_unacknowledged: GaugeVec,
     retrain_waits: IntCounterVec,
+    retrain_restarts: IntCounterVec,
     retrain_state_write_errors: IntCounterVec,
     retrain_heartbeat: IntGaugeVec,
     replay_buffer: IntGaugeVec,
@@ -248,6 +249,12 @@ impl Metrics {
                 "Times the trainer did not step, by cause.",
                 &["line", "cause"],
             )?,
+            retrain_restarts: counter(
+                r,
+                "lineguard_retrain_restarts_total",
+                "Lines of training dropped for a fresh start from the serving model, by cause.",
+                &["line", "cause"],
+            )?,
             retrain_state_write_errors: counter(
                 r,
                 "lineguard_retrain_state_write_errors_total",
@@ -319,5 +326,26 @@ mod tests {
         assert!(text.contains("lineguard_frames_received_total{line=\"juice\"} 1"), "{text}");
         assert!(text.contains("lineguard_frames_failed_total{line=\"juice\",reason=\"decode\"} 0"), "{text}");
         assert!(text.contains("lineguard_consumer_lag{line=\"juice\",partition=\"0\",topic=\"frames\"} 5"), "{text}");
+    }
+
+    #[test]
+    fn a_trainer_s_series_exist_from_its_start_and_count_its_events() {
+        let metrics = Metrics::new().unwrap();
+        let retrain = metrics.retrain("juice");
+        // Zero from the start, so that `increase()` in alerts and panels sees the first event.
+        let before = metrics.render();
+        for cause in RestartCause::ALL {
+            let series = format!("lineguard_retrain_restarts_total{{cause=\"{}\",line=\"juice\"}} 0", cause.as_str());
+            assert!(before.contains(&series), "{series} in\n{before}");
+        }
+        retrain.restarted(RestartCause::RegressedCandidates);
+        retrain.restarted(RestartCause::RegressedCandidates);
+        retrain.gate(GateOutcome::RejectedFalsePositives);
+        let after = metrics.render();
+        let restarts = "lineguard_retrain_restarts_total{cause=\"regressed_candidates\",line=\"juice\"} 2";
+        assert!(after.contains(restarts), "{after}");
+        let refused =
+            "lineguard_model_candidates_total{line=\"juice\",outcome=\"rejected\",reason=\"false_positive_rate\"} 1";
+        assert!(after.contains(refused), "{after}");
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{CandidateOutcome, CandidateSource, GateOutcome, Metrics, StateWrite, WaitCause};
+use super::{CandidateOutcome, CandidateSource, GateOutcome, Metrics, RestartCause, StateWrite, WaitCause};
 
 impl Metrics {
     /// Totals of a line's retraining so far, for progress lines (the demo's).
@@ -30,6 +30,9 @@ impl Metrics {
         }
         for what in StateWrite::ALL {
             self.retrain_state_write_errors.with_label_values(&[line, what.as_str()]);
+        }
+        for cause in RestartCause::ALL {
+            self.retrain_restarts.with_label_values(&[line, cause.as_str()]);
         }
         RetrainMetrics { metrics: self.clone(), line: line.to_string() }
     }
@@ -94,6 +97,11 @@ impl RetrainMetrics {
             WaitCause::NonFiniteLoss => "non_finite_loss",
         };
         self.metrics.retrain_waits.with_label_values(&[self.line.as_str(), cause]).inc();
+    }
+
+    /// A line of training was dropped; the next step starts again from the serving model.
+    pub fn restarted(&self, cause: RestartCause) {
+        self.metrics.retrain_restarts.with_label_values(&[self.line.as_str(), cause.as_str()]).inc();
     }
 
     /// The trainer went round its loop (alerts fire when this stops moving).

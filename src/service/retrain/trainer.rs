@@ -38,7 +38,9 @@ use crate::model::config::TrainConfig;
 use crate::model::train::{TrainError, Trainer};
 use crate::model::{EfficientAd, MapQuantiles};
 use crate::service::infer::ModelSwapper;
-use crate::service::metrics::{CandidateOutcome, CandidateSource, GateOutcome, RetrainMetrics, StateWrite, WaitCause};
+use crate::service::metrics::{
+    CandidateOutcome, CandidateSource, GateOutcome, RestartCause, RetrainMetrics, StateWrite, WaitCause,
+};
 use crate::service::settings::{KafkaSettings, RetrainSettings};
 
 /// Everything a line's trainer needs.
@@ -487,7 +489,7 @@ impl Running {
                 if self.non_finite_in_a_row >= 3 {
                     log::warn!("line {}: restarting training from the serving model", self.stage.line);
                     // (Not from the last gate's checkpoint: the weights that keep failing descend from it.)
-                    self.restart_from_serving_model();
+                    self.restart_from_serving_model(RestartCause::NonFiniteLosses);
                 }
             }
             Err(err) => return Err(err.into()),
@@ -498,7 +500,8 @@ impl Running {
     /// Drops the training run; the next step starts a new one from the serving model, on other batches.
     /// The checkpoint is marked stale too: resuming it instead led back to the same rejected candidate at
     /// every gate (seen in CI).
-    fn restart_from_serving_model(&mut self) {
+    fn restart_from_serving_model(&mut self, cause: RestartCause) {
+        self.stage.metrics.restarted(cause);
         self.trainer = None;
         self.restarts += 1;
         self.line_record = LineRecord::default();
@@ -590,7 +593,10 @@ impl Running {
         let restart = self.line_record.after_gate(outcome, more_headroom);
         if restart {
             log::info!("line {}: restarting training from the serving model ({})", self.stage.line, outcome.labels().1);
-            self.restart_from_serving_model();
+            self.restart_from_serving_model(match outcome {
+                GateOutcome::RejectedNonFinite => RestartCause::NonFiniteCandidate,
+                _ => RestartCause::RegressedCandidates,
+            });
         }
         self.stage.metrics.gate(report.outcome);
         append_json_line(&self.dir.join("gate-log.jsonl"), &report);
