@@ -8,9 +8,9 @@
 //!    (`steps_per_minute`) and the in-process inference queue is short;
 //! 4. every `evaluate_every` steps, gates a candidate; a promoted one is written to the version store,
 //!    published on the models topic (every replica swaps it in) and becomes the base of further training.
-//!    A line of training whose candidates regress at three gates in a row (without more headroom than
-//!    the serving model, for false positives) restarts from the serving
-//!    model, so bad frames cannot accumulate into the weights without end.
+//!    A line of training whose candidates regress at three gates in a row (for false positives: without
+//!    more headroom than the serving model) restarts from the serving model, so bad frames cannot
+//!    accumulate into the weights without end.
 //!
 //! The trainer checkpoints its weights and optimiser state after every gate and on shutdown; with the
 //! replay buffer on disk, a restarted trainer continues where it stopped.
