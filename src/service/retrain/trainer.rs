@@ -169,7 +169,7 @@ struct LineRecord {
 }
 
 impl LineRecord {
-    /// Records one gate; true when the line is to be dropped (the record then starts again).
+    /// Records one gate; why the line is to be dropped, if it is (the record then starts again).
     ///
     /// One regressed candidate is not yet a line gone wrong: fine-tuning first disturbs a model (fresh
     /// optimiser moments, new frames) before it improves on it, and a held-out false alarm more or less
@@ -187,22 +187,22 @@ impl LineRecord {
     /// what it costs is training time, which a restart would spend on the same frames. Lost recall or
     /// synthetic recall always counts: lower normal scores together with missed defects are what
     /// poisoning looks like.
-    fn after_gate(&mut self, outcome: GateOutcome, more_headroom: bool) -> bool {
+    fn after_gate(&mut self, outcome: GateOutcome, more_headroom: bool) -> Option<RestartCause> {
         let drop = match outcome {
             GateOutcome::Promoted | GateOutcome::NotStored | GateOutcome::RejectedNoImprovement => {
                 self.regressed_in_a_row = 0;
-                false
+                None
             }
-            GateOutcome::RejectedNonFinite => true,
-            GateOutcome::RejectedFalsePositives if more_headroom => false,
+            GateOutcome::RejectedNonFinite => Some(RestartCause::NonFiniteCandidate),
+            GateOutcome::RejectedFalsePositives if more_headroom => None,
             GateOutcome::RejectedFalsePositives
             | GateOutcome::RejectedRecall
             | GateOutcome::RejectedSyntheticRecall => {
                 self.regressed_in_a_row += 1;
-                self.regressed_in_a_row >= REGRESSIONS_BEFORE_RESTART
+                (self.regressed_in_a_row >= REGRESSIONS_BEFORE_RESTART).then_some(RestartCause::RegressedCandidates)
             }
         };
-        if drop {
+        if drop.is_some() {
             *self = LineRecord::default();
         }
         drop
@@ -590,13 +590,9 @@ impl Running {
             }
         }
         let more_headroom = gate::more_headroom(&current_reading, &candidate_reading, threshold);
-        let restart = self.line_record.after_gate(outcome, more_headroom);
-        if restart {
+        if let Some(cause) = self.line_record.after_gate(outcome, more_headroom) {
             log::info!("line {}: restarting training from the serving model ({})", self.stage.line, outcome.labels().1);
-            self.restart_from_serving_model(match outcome {
-                GateOutcome::RejectedNonFinite => RestartCause::NonFiniteCandidate,
-                _ => RestartCause::RegressedCandidates,
-            });
+            self.restart_from_serving_model(cause);
         }
         self.stage.metrics.gate(report.outcome);
         append_json_line(&self.dir.join("gate-log.jsonl"), &report);
@@ -870,9 +866,10 @@ mod tests {
     fn a_line_of_training_is_dropped_after_three_regressions_in_a_row_or_one_non_finite_candidate() {
         use GateOutcome::*;
         // Each gate: its outcome, and whether the candidate had more headroom than the serving model.
+        // Played back: whether the line was dropped at each gate.
         let play = |gates: &[(GateOutcome, bool)]| -> Vec<bool> {
             let mut record = LineRecord::default();
-            gates.iter().map(|&(outcome, more_headroom)| record.after_gate(outcome, more_headroom)).collect()
+            gates.iter().map(|&(outcome, more_headroom)| record.after_gate(outcome, more_headroom).is_some()).collect()
         };
         let without_headroom = |outcomes: &[GateOutcome]| -> Vec<(GateOutcome, bool)> {
             outcomes.iter().map(|&outcome| (outcome, false)).collect()
@@ -897,6 +894,11 @@ mod tests {
         assert_eq!(play(&[(RejectedRecall, true); 3]), [false, false, true]);
         assert_eq!(play(&[(RejectedSyntheticRecall, true); 3]), [false, false, true]);
         assert_eq!(play(&[(RejectedNonFinite, true)]), [true]);
+        // The cause the restart is counted under.
+        let mut record = LineRecord::default();
+        assert_eq!(record.after_gate(RejectedNonFinite, false), Some(RestartCause::NonFiniteCandidate));
+        let causes: Vec<_> = regressions.iter().map(|&outcome| record.after_gate(outcome, false)).collect();
+        assert_eq!(causes, [None, None, Some(RestartCause::RegressedCandidates)]);
     }
 
     /// Before: a regression recorded the serving version as the checkpoint's base, so the next run resumed
