@@ -227,7 +227,8 @@ fn every_panel_query_and_alert_rule_is_answered_by_a_live_prometheus_scraping_a_
             "[kafka]\nbrokers = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}{}\
              [lines.learn.retrain]\naccept_below = 999\naccepted_topic = \"monitoring.accepted\"\n\
              models_topic = \"monitoring.models\"\nstate_dir = \"{}\"\noriginals = \"{}\"\npinned_originals = 4\n\
-             holdout_every = 2\nmin_frames = 2\nsteps_per_minute = 6000\nevaluate_every = 3\n",
+             holdout_every = 2\nmin_frames = 2\nsteps_per_minute = 6000\nevaluate_every = 3\n\
+             accept_per_minute = 60000\n",
             harness.brokers(),
             // One line flags every frame, the other accepts every frame for retraining.
             line_table("watch", "0.000001"),

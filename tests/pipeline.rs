@@ -435,6 +435,40 @@ fn retrain_table(harness: &Harness, state_dir: &str) -> String {
     )
 }
 
+/// Before: every confidently normal frame was republished to the accepted topic, at line rate. Now a
+/// replica publishes at most one per `60 / accept_per_minute` seconds and counts the others; every frame
+/// still gets its result.
+#[test]
+fn accepted_frames_are_paced_and_the_others_counted() {
+    let harness = Harness::new("paced");
+    let topics = harness.topics("line", 1);
+    let accepted = format!("{}.accepted", harness.name);
+    harness.create_topics(&[&accepted], 1);
+    let state = harness.dir.path().join("state");
+    let retrain = format!("{}accept_per_minute = 1\n", retrain_table(&harness, path_str(&state)));
+    let port = free_port();
+    let pipeline = harness.pipeline("paced.toml", port, &[("line", &topics, &retrain)]);
+    // Every judged frame is confidently normal on this line.
+    edit_pipeline(&pipeline, &pipeline, "threshold = 0.5\n", "threshold = 1000\n");
+    edit_pipeline(&pipeline, &pipeline, "accept_below = 0.3\n", "accept_below = 999\n");
+    let mut service = harness.run(&pipeline);
+    let frames = &fixture().frames;
+    harness.produce(&topics.frames, frames, "p");
+    let results = read_topic(&harness.brokers(), &topics.results, frames.len(), Duration::from_secs(120));
+    assert_eq!(count_by_key(&results).len(), frames.len(), "{}", service.log());
+    let judged =
+        results.iter().filter(|r| serde_json::from_slice::<ResultRecord>(&r.payload).unwrap().score.is_some()).count();
+    assert!(judged >= 2, "{judged} judged frames");
+    let sample = |name: &str| metric(port, &format!("{name}{{line=\"line\"}}"));
+    wait_for("the accepted frame's delivery", Duration::from_secs(30), &[&service], || {
+        sample("lineguard_frames_accepted_total") == Some(1.0)
+    });
+    assert_eq!(sample("lineguard_frames_acceptance_paced_total"), Some((judged - 1) as f64));
+    let on_topic = read_topic(&harness.brokers(), &accepted, 1, Duration::from_secs(30));
+    assert_eq!(on_topic.len(), 1, "one frame a minute reaches the accepted topic");
+    service.kill();
+}
+
 /// Before: a models topic auto-created with several partitions stopped updates silently.
 #[test]
 fn a_models_topic_with_several_partitions_is_refused_at_start() {

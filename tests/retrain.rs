@@ -176,6 +176,8 @@ buffer_frames = 64
 holdout_every = 3
 holdout_frames = 32
 min_frames = 4
+# The tests stream trays in seconds: every confidently normal one may teach.
+accept_per_minute = 60000
 learning_rate = 0.0001
 steps_per_minute = 6000
 evaluate_every = 10

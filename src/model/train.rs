@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use rand::distributions::{Distribution, WeightedIndex};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -138,6 +139,8 @@ pub struct Trainer {
     /// Feed training batches in channels-last memory order.
     pub channels_last: bool,
     images: Tensor,
+    /// Relative draw weights of `images` (None: uniform).
+    draw: Option<WeightedIndex<f64>>,
     natural_images: Vec<PathBuf>,
 }
 
@@ -198,6 +201,7 @@ impl Trainer {
             dfsc_activity_every: 10,
             channels_last: false,
             images,
+            draw: None,
             natural_images,
         };
         if let Some((file, path)) = state {
@@ -214,12 +218,29 @@ impl Trainer {
         Self::assemble(model, images, None)
     }
 
-    /// Replaces the images that steps sample from (a replay buffer that changed).
-    pub fn set_images(&mut self, images: Tensor) -> Result<(), TrainError> {
+    /// Replaces the images that steps sample from (a replay buffer that changed), with how often each is
+    /// drawn (see [`Trainer::set_draw_weights`]).
+    pub fn set_images(&mut self, images: Tensor, weights: Option<&[f64]>) -> Result<(), TrainError> {
         if images.size().first().copied().unwrap_or(0) == 0 {
             return Err(TrainError::Data("no training images".into()));
         }
         self.images = images.to_device(self.model.device);
+        self.draw = None;
+        self.set_draw_weights(weights)
+    }
+
+    /// How often each training image is drawn: relative weights, one per image; None draws all alike.
+    pub fn set_draw_weights(&mut self, weights: Option<&[f64]>) -> Result<(), TrainError> {
+        let n = self.images.size()[0] as usize;
+        self.draw = match weights {
+            None => None,
+            Some(weights) if weights.len() != n => {
+                return Err(TrainError::Data(format!("{} draw weights for {n} training images", weights.len())));
+            }
+            Some(weights) => Some(
+                WeightedIndex::new(weights).map_err(|err| TrainError::Data(format!("training draw weights: {err}")))?,
+            ),
+        };
         Ok(())
     }
 
@@ -289,7 +310,11 @@ impl Trainer {
         // Rows picked by host-side indices: an index tensor would be a host-to-device copy per step, which
         // CUDA makes wait for the queued kernels.
         let n = self.images.size()[0];
-        let rows: Vec<Tensor> = (0..train.batch_size).map(|_| self.images.narrow(0, rng.gen_range(0..n), 1)).collect();
+        let mut draw_row = || match &self.draw {
+            Some(weighted) => weighted.sample(&mut rng) as i64,
+            None => rng.gen_range(0..n),
+        };
+        let rows: Vec<Tensor> = (0..train.batch_size).map(|_| self.images.narrow(0, draw_row(), 1)).collect();
         let batch = if rows.len() == 1 { rows[0].shallow_clone() } else { Tensor::cat(&rows, 0) };
         let batch = if self.channels_last { preprocess::channels_last(&batch) } else { batch };
 
@@ -661,11 +686,18 @@ mod tests {
     /// The GPU's one-kernel EMA, checked here since no GPU runs the tests: the same update as the CPU's.
     #[test]
     fn the_fused_ema_matches_the_per_tensor_one() {
+        // Values from the seed alone, not libtorch's global generator, which tests running in parallel
+        // reseed (this test failed when another reseeded it between two stores).
         let store = |seed: i64| {
-            tch::manual_seed(seed);
+            let values = |shape: &[i64]| {
+                let count: i64 = shape.iter().product();
+                (Tensor::arange(count, (Kind::Float, Device::Cpu)) * (0.37 * seed as f64) + seed as f64)
+                    .sin()
+                    .view(shape)
+            };
             let vs = nn::VarStore::new(Device::Cpu);
-            let _ = (vs.root() / "conv").randn("weight", &[4, 3, 3, 3], 0.0, 1.0);
-            let _ = (vs.root() / "conv").randn("bias", &[4], 0.0, 1.0);
+            let _ = (vs.root() / "conv").var_copy("weight", &values(&[4, 3, 3, 3]));
+            let _ = (vs.root() / "conv").var_copy("bias", &values(&[4]));
             vs
         };
         let live = store(1);
@@ -697,6 +729,24 @@ mod tests {
         for (name, value) in &before {
             assert!(value.equal(&after[name]), "{name} changed");
         }
+    }
+
+    /// Draw weights decide which images steps see: with a NaN image weighted zero every step is finite,
+    /// weighted alone every step meets it.
+    #[test]
+    fn steps_draw_images_by_their_weights() {
+        let mut trainer = Trainer::new(tiny_recipe(Preset::Dfsc, 8), images(1), Device::Cpu).unwrap();
+        let mixed = images(2);
+        let _ = mixed.get(1).fill_(f64::NAN);
+        trainer.set_images(mixed.shallow_clone(), Some(&[1.0, 0.0])).unwrap();
+        for _ in 0..4 {
+            trainer.step().unwrap();
+        }
+        trainer.set_draw_weights(Some(&[0.0, 1.0])).unwrap();
+        assert!(matches!(trainer.step(), Err(TrainError::NonFinite { .. })));
+        let err = trainer.set_draw_weights(Some(&[1.0])).unwrap_err().to_string();
+        assert!(err.contains("1 draw weights for 2 training images"), "{err}");
+        assert!(trainer.set_draw_weights(Some(&[0.0, 0.0])).is_err(), "nothing to draw");
     }
 
     #[test]

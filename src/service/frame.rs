@@ -111,6 +111,14 @@ pub struct ScoredFrame {
     pub ack: Ack,
 }
 
+impl ScoredFrame {
+    /// Whether the frame may teach the model: judged (an unjudged frame's score is NaN) and scored below
+    /// the acceptance score.
+    pub fn is_acceptable(&self, accept_below: f32) -> bool {
+        self.non_finite == 0 && self.score < accept_below
+    }
+}
+
 /// Why a frame got no verdict; the label of `lineguard_frames_failed_total`. Every reason but
 /// `NonFiniteOutput` sends the frame to the dead-letter topic; that one is the model's fault, not the
 /// frame's, and gives the frame an error result instead.

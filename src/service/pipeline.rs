@@ -418,6 +418,7 @@ async fn start_line(
         acceptance: line.retrain.as_ref().map(|retrain| crate::service::sink::Acceptance {
             topic: retrain.accepted_topic.clone(),
             below: retrain.accept_below,
+            per_minute: retrain.accept_per_minute,
         }),
     };
     let (drained_tx, drained) = oneshot::channel();

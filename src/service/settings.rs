@@ -276,6 +276,11 @@ pub struct RetrainSettings {
     /// Frames scoring below this are retraining candidates: stricter than the line's `threshold`, so only
     /// confidently normal frames teach the model.
     pub accept_below: f32,
+    /// At most this many accepted frames per minute leave each replica, one per interval (the first frame
+    /// below `accept_below` after it): the trainer learns at tens of steps a minute, and republishing every
+    /// normal frame of a line at full rate would double its broker traffic and make the replay buffer hold
+    /// only its last seconds.
+    pub accept_per_minute: f64,
     /// Where inference replicas publish accepted frames (key = frame id) for the line's one trainer.
     pub accepted_topic: String,
     /// Optional topic where operators mark frames normal (key = frame id, JSON value, see `retrain`);
@@ -293,6 +298,13 @@ pub struct RetrainSettings {
     pub anomalies: Option<PathBuf>,
     /// Recent accepted frames kept for training (a sliding window).
     pub buffer_frames: usize,
+    /// Frames operators marked normal kept for training, in a window of their own: the flow of accepted
+    /// frames must not push them out.
+    pub marked_frames: usize,
+    /// The share of training draws taken from operator-marked frames while there are any (the others
+    /// from accepted frames and pinned originals): a handful of marked false alarms among hundreds of
+    /// accepted frames would otherwise be drawn a few times an hour. 0 draws every frame alike.
+    pub marked_share: f64,
     /// Every n-th accepted frame is held out of training for the gate.
     pub holdout_every: usize,
     pub holdout_frames: usize,
@@ -337,6 +349,7 @@ impl Default for RetrainSettings {
     fn default() -> Self {
         RetrainSettings {
             accept_below: f32::NAN,
+            accept_per_minute: 30.0,
             accepted_topic: "lineguard.accepted".into(),
             feedback_topic: String::new(),
             models_topic: "lineguard.models".into(),
@@ -345,6 +358,8 @@ impl Default for RetrainSettings {
             pinned_originals: 32,
             anomalies: None,
             buffer_frames: 256,
+            marked_frames: 64,
+            marked_share: 0.5,
             holdout_every: 5,
             holdout_frames: 64,
             min_frames: 16,
@@ -400,6 +415,7 @@ impl RetrainSettings {
         }
         for (field, value, least) in [
             ("buffer_frames", self.buffer_frames, 1),
+            ("marked_frames", self.marked_frames, 1),
             ("holdout_every", self.holdout_every, 2),
             ("holdout_frames", self.holdout_frames, 1),
             ("min_frames", self.min_frames, 1),
@@ -413,8 +429,15 @@ impl RetrainSettings {
         if self.evaluate_every == 0 {
             problems.push(format!("{}: must be > 0", key("evaluate_every")));
         }
-        if self.steps_per_minute.is_nan() || self.steps_per_minute <= 0.0 {
-            problems.push(format!("{}: must be > 0", key("steps_per_minute")));
+        for (field, value) in
+            [("steps_per_minute", self.steps_per_minute), ("accept_per_minute", self.accept_per_minute)]
+        {
+            if !(value.is_finite() && value > 0.0) {
+                problems.push(format!("{}: {value} (must be > 0)", key(field)));
+            }
+        }
+        if !(0.0..1.0).contains(&self.marked_share) {
+            problems.push(format!("{}: {} (a fraction, 0 <= share < 1)", key("marked_share"), self.marked_share));
         }
         if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
             problems.push(format!("{}: {} (expected 0 < lr < 1)", key("learning_rate"), self.learning_rate));
@@ -844,7 +867,8 @@ threshold = 0.4
 
         let broken = format!(
             "{MINIMAL}[lines.juice.retrain]\naccept_below = 0.5\nmodels_topic = \"frames\"\nholdout_every = 1\n\
-             keep_versions = 1\nsteps_per_minute = 0\nfpr_tolerance = 2\n"
+             keep_versions = 1\nsteps_per_minute = 0\nfpr_tolerance = 2\naccept_per_minute = -1\n\
+             marked_share = 1\n"
         );
         let err = parse(&broken, &[]).unwrap_err().to_string();
         for needle in [
@@ -854,6 +878,8 @@ threshold = 0.4
             "lines.juice.retrain.keep_versions",
             "lines.juice.retrain.steps_per_minute",
             "lines.juice.retrain.fpr_tolerance",
+            "lines.juice.retrain.accept_per_minute: -1",
+            "lines.juice.retrain.marked_share: 1",
         ] {
             assert!(err.contains(needle), "missing {needle} in:\n{err}");
         }

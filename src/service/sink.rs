@@ -4,7 +4,8 @@
 //! - scored frame → a JSON [`ResultRecord`] on the results topic and, unless disabled, the anomaly map on
 //!   the maps topic, both keyed by the frame id;
 //! - scored frame below the retraining acceptance score (lines that retrain) → also the encoded image on
-//!   the accepted topic, keyed by frame id, for the line's trainer (see `retrain`);
+//!   the accepted topic, keyed by frame id, for the line's trainer (see `retrain`), at most one frame per
+//!   `60 / accept_per_minute` seconds (see [`AcceptancePacer`]);
 //! - rejected frame → the original bytes and headers on the dead-letter topic, plus `lineguard_error*`
 //!   headers saying why, keyed by the frame id (nothing is lost: the record can be fixed and replayed);
 //!   without the bytes when the topic refuses them as too large (see `publish_rejected`).
@@ -62,6 +63,33 @@ pub struct SinkConfig {
 pub struct Acceptance {
     pub topic: String,
     pub below: f32,
+    pub per_minute: f64,
+}
+
+/// Spaces accepted frames in time: a frame below the acceptance score is published when at least
+/// `60 / per_minute` seconds passed since the last one, else only counted. Spacing rather than a burst
+/// allowance, so the replay buffer samples the line evenly over time instead of in clumps.
+#[derive(Debug)]
+pub struct AcceptancePacer {
+    interval: Duration,
+    next_at: Option<Instant>,
+}
+
+impl AcceptancePacer {
+    pub fn new(per_minute: f64) -> AcceptancePacer {
+        // Settings validation keeps `per_minute` finite and positive; the clamp keeps a rate too high to
+        // matter from overflowing `Duration`.
+        AcceptancePacer { interval: Duration::from_secs_f64(60.0 / per_minute.max(1e-6)), next_at: None }
+    }
+
+    /// Whether a frame below the acceptance score at `now` is published.
+    pub fn admit(&mut self, now: Instant) -> bool {
+        if self.next_at.is_some_and(|next| now < next) {
+            return false;
+        }
+        self.next_at = Some(now + self.interval);
+        true
+    }
 }
 
 /// The JSON value of a results-topic record.
@@ -144,13 +172,25 @@ pub async fn run(
     health: Arc<LineHealth>,
 ) {
     let config = Arc::new(config);
+    let mut pacer = config.acceptance.as_ref().map(|acceptance| AcceptancePacer::new(acceptance.per_minute));
     let mut publishing = JoinSet::new();
     while let Some(item) = input.recv().await {
         metrics.queue_depth(Queue::Sink, input.len());
+        // Decided here, in arrival order, so the pacer needs no lock.
+        let accept = match (&item, &config.acceptance, pacer.as_mut()) {
+            (SinkItem::Scored(frame), Some(acceptance), Some(pacer)) if frame.is_acceptable(acceptance.below) => {
+                let admitted = pacer.admit(Instant::now());
+                if !admitted {
+                    metrics.acceptance_paced();
+                }
+                admitted
+            }
+            _ => false,
+        };
         let (config, producer, metrics, health) = (config.clone(), producer.clone(), metrics.clone(), health.clone());
         publishing.spawn(async move {
             match item {
-                SinkItem::Scored(frame) => publish_scored(&config, &producer, frame, &metrics, &health).await,
+                SinkItem::Scored(frame) => publish_scored(&config, &producer, frame, accept, &metrics, &health).await,
                 SinkItem::Rejected(frame) => publish_rejected(&config, &producer, frame, &metrics, &health).await,
             }
         });
@@ -174,6 +214,7 @@ async fn publish_scored(
     config: &SinkConfig,
     producer: &FutureProducer,
     frame: ScoredFrame,
+    accept: bool,
     metrics: &LineMetrics,
     health: &LineHealth,
 ) {
@@ -238,11 +279,7 @@ async fn publish_scored(
         metrics.publish_failed(Output::Results)
     });
     let accepted = async {
-        let (Some(acceptance), Some(image)) = (&config.acceptance, &payload) else { return Ok(()) };
-        // An unjudged frame's score is NaN: it never teaches the model.
-        if !judged || score >= acceptance.below {
-            return Ok(());
-        }
+        let (true, Some(acceptance), Some(image)) = (accept, &config.acceptance, &payload) else { return Ok(()) };
         let (partition, offset, score_text) =
             (meta.source.partition.to_string(), meta.source.offset.to_string(), score.to_string());
         let context = [
@@ -410,6 +447,19 @@ mod tests {
         for (a, b) in map.iter().zip(&back) {
             assert!((a - b).abs() < 1e-3, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn accepted_frames_are_spaced_by_the_pacer_interval() {
+        let mut pacer = AcceptancePacer::new(30.0);
+        let start = Instant::now();
+        let at = |seconds: f64| start + Duration::from_secs_f64(seconds);
+        // A frame every 0.5 s for 10 s: one every 2 s passes, the first at once.
+        let admitted: Vec<f64> = (0..20).map(|i| f64::from(i) * 0.5).filter(|&t| pacer.admit(at(t))).collect();
+        assert_eq!(admitted, [0.0, 2.0, 4.0, 6.0, 8.0]);
+        // After a quiet spell the next frame passes, and only one: no burst allowance builds up.
+        assert!(pacer.admit(at(60.0)));
+        assert!(!pacer.admit(at(60.1)));
     }
 
     #[test]

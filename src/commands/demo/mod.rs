@@ -302,6 +302,9 @@ async fn stream(
         // Four times the default: the act has minutes, not the hours a plant's trainer has; the gate
         // still judges every candidate as in production.
         learning_rate: 2e-4,
+        // The demo line runs at a few frames a second and its acts last minutes: every confidently normal
+        // tray may teach (a plant's line keeps the default spacing).
+        accept_per_minute: 6000.0,
         ..RetrainSettings::default()
     };
     let settings = demo_settings(&kafka, &topics, model_path, threshold, retrain);

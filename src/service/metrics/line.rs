@@ -22,6 +22,8 @@ impl Metrics {
         for result in ["ok", "error"] {
             self.offset_commits.with_label_values(&[line, result]);
         }
+        // Pacing leaves frames out only on a busy line, perhaps never: its series must still exist.
+        self.acceptance_paced.with_label_values(&l);
         LineMetrics {
             metrics: self.clone(),
             line: line.to_string(),
@@ -112,6 +114,10 @@ impl LineMetrics {
 
     pub fn frame_accepted(&self) {
         self.metrics.frames_accepted.with_label_values(&[self.line.as_str()]).inc();
+    }
+
+    pub fn acceptance_paced(&self) {
+        self.metrics.acceptance_paced.with_label_values(&[self.line.as_str()]).inc();
     }
 
     /// Reported by the stage that reads the queue, each time it takes an item.

@@ -52,6 +52,7 @@ pub struct Metrics {
     model_created: IntGaugeVec,
     model_age: IntGaugeVec,
     frames_accepted: IntCounterVec,
+    acceptance_paced: IntCounterVec,
     retrain_frames: IntCounterVec,
     retrain_steps: IntCounterVec,
     retrain_loss: GaugeVec,
@@ -204,6 +205,12 @@ impl Metrics {
                 r,
                 "lineguard_frames_accepted_total",
                 "Scored frames published to the accepted topic as retraining candidates.",
+                &["line"],
+            )?,
+            acceptance_paced: counter(
+                r,
+                "lineguard_frames_acceptance_paced_total",
+                "Frames below the acceptance score not published: within retrain.accept_per_minute's interval.",
                 &["line"],
             )?,
             retrain_frames: counter(

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use crate::service::retrain::buffer::BufferCounts;
+
 use super::{CandidateOutcome, CandidateSource, GateOutcome, Metrics, RestartCause, StateWrite, WaitCause};
 
 impl Metrics {
@@ -14,7 +16,10 @@ impl Metrics {
         let rejections = GateOutcome::ALL.into_iter().filter(|o| *o != GateOutcome::Promoted);
         RetrainSummary {
             steps: self.retrain_steps.with_label_values(&[line]).get(),
-            buffered: self.replay_buffer.with_label_values(&[line, "recent"]).get() as u64,
+            buffered: ["recent", "marked"]
+                .map(|part| self.replay_buffer.with_label_values(&[line, part]).get() as u64)
+                .iter()
+                .sum(),
             promoted: gate(GateOutcome::Promoted),
             rejected: rejections.map(gate).sum(),
             model_version: self.model_version.with_label_values(&[line]).get() as u64,
@@ -115,8 +120,14 @@ impl RetrainMetrics {
         self.metrics.retrain_state_write_errors.with_label_values(&[self.line.as_str(), what.as_str()]).inc();
     }
 
-    pub fn buffer(&self, recent: usize, held_out: usize, pinned: usize) {
-        for (part, count) in [("recent", recent), ("held_out", held_out), ("pinned", pinned)] {
+    pub fn buffer(&self, counts: BufferCounts) {
+        let parts = [
+            ("recent", counts.recent),
+            ("marked", counts.marked),
+            ("held_out", counts.held_out),
+            ("pinned", counts.pinned),
+        ];
+        for (part, count) in parts {
             self.metrics.replay_buffer.with_label_values(&[self.line.as_str(), part]).set(count as i64);
         }
     }

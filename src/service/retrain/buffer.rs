@@ -1,9 +1,12 @@
 //! The replay buffer on disk: what the trainer learns from and what the promotion gate judges with.
 //!
-//! Three parts, each a folder of encoded images exactly as they arrived (`<seq>-<frame id hash>.img`):
+//! Four parts, each a folder of encoded images exactly as they arrived (`<seq>-<frame id hash>.img`):
 //! - `recent/`: accepted frames, a sliding window of `buffer_frames` (the line as it looks now);
-//! - `held_out/`: every `holdout_every`-th accepted frame instead, a window of `holdout_frames`, never
-//!   trained on, so the gate sees frames the candidate has not memorised;
+//! - `marked/`: frames operators marked normal, a window of `marked_frames` of their own, so the steady
+//!   flow of accepted frames cannot push out the few frames a person judged; training draws them with a
+//!   fixed share (see [`ReplayBuffer::training_set`]);
+//! - `held_out/`: every `holdout_every`-th candidate (accepted or marked) instead, a window of
+//!   `holdout_frames`, never trained on, so the gate sees frames the candidate has not memorised;
 //! - `pinned/`: a fixed sample of the original training images, copied once. Even-numbered ones are
 //!   replayed in training (the model must keep knowing the line it was built for), odd-numbered ones only
 //!   judge candidates.
@@ -19,17 +22,41 @@ use rand::SeedableRng;
 use tch::Tensor;
 
 use super::RetrainError;
-use crate::service::metrics::CandidateOutcome;
+use crate::service::metrics::{CandidateOutcome, CandidateSource};
 
-const PARTS: [&str; 3] = ["recent", "held_out", "pinned"];
+const PARTS: [&str; 4] = ["recent", "marked", "held_out", "pinned"];
 
 #[derive(Debug, Clone, Copy)]
 pub struct BufferLimits {
     /// The model's input side.
     pub side: u32,
     pub recent: usize,
+    pub marked: usize,
     pub held_out: usize,
     pub holdout_every: usize,
+}
+
+/// Frames per part of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferCounts {
+    pub recent: usize,
+    pub marked: usize,
+    pub held_out: usize,
+    pub pinned: usize,
+}
+
+impl BufferCounts {
+    /// Frames training may draw from besides the pinned originals.
+    pub fn trainable(&self) -> usize {
+        self.recent + self.marked
+    }
+}
+
+/// The images training draws from, [N, 3, S, S], and how often each is drawn (relative weights, one per
+/// image; None: all alike).
+pub struct TrainingSet {
+    pub images: Tensor,
+    pub weights: Option<Vec<f64>>,
 }
 
 struct Entry {
@@ -44,6 +71,7 @@ pub struct ReplayBuffer {
     root: PathBuf,
     limits: BufferLimits,
     recent: VecDeque<Entry>,
+    marked: VecDeque<Entry>,
     held_out: VecDeque<Entry>,
     pinned: Vec<Entry>,
     ids: HashSet<u64>,
@@ -64,6 +92,7 @@ impl ReplayBuffer {
             root: root.to_path_buf(),
             limits,
             recent: VecDeque::new(),
+            marked: VecDeque::new(),
             held_out: VecDeque::new(),
             pinned: Vec::new(),
             ids: HashSet::new(),
@@ -93,6 +122,7 @@ impl ReplayBuffer {
                         let entry = Entry { seq, id, path, input };
                         match part {
                             "recent" => buffer.recent.push_back(entry),
+                            "marked" => buffer.marked.push_back(entry),
                             "held_out" => buffer.held_out.push_back(entry),
                             _ => buffer.pinned.push(entry),
                         }
@@ -119,21 +149,30 @@ impl ReplayBuffer {
             return Err(RetrainError::Data(format!("retrain.originals: {} holds no images", folder.display())));
         }
         images.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-        for (seq, image) in images.into_iter().take(count).enumerate() {
+        for image in images.into_iter().take(count) {
             let bytes = std::fs::read(&image).map_err(|source| RetrainError::Io { path: image.clone(), source })?;
             let input = decode_input(&bytes, &image.display().to_string(), self.limits.side)?;
             let id = fnv64(image.display().to_string().as_bytes());
-            let path = self.write("pinned", seq as u64, id, &bytes)?;
-            self.pinned.push(Entry { seq: seq as u64, id, path, input });
+            // Numbered like every other frame: `gate_sequence` relies on a number naming one image.
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let path = Self::write_to(&self.root, "pinned", seq, id, &bytes)?;
+            self.pinned.push(Entry { seq, id, path, input });
         }
         log::info!("replay buffer: pinned {} original images from {}", self.pinned.len(), folder.display());
         self.changed = true;
         Ok(())
     }
 
-    /// Stores an accepted frame (encoded image bytes). A frame that does not decode is refused as
-    /// `Invalid` and never reaches training.
-    pub fn add(&mut self, frame_id: &str, bytes: &[u8]) -> Result<CandidateOutcome, RetrainError> {
+    /// Stores a candidate frame (encoded image bytes), accepted or marked normal by an operator. A frame
+    /// that does not decode is refused as `Invalid` and never reaches training. A frame already stored
+    /// is a `Duplicate` whatever its source (an accepted frame an operator also marks stays accepted).
+    pub fn add(
+        &mut self,
+        frame_id: &str,
+        bytes: &[u8],
+        source: CandidateSource,
+    ) -> Result<CandidateOutcome, RetrainError> {
         let id = fnv64(frame_id.as_bytes());
         if self.ids.contains(&id) {
             return Ok(CandidateOutcome::Duplicate);
@@ -148,18 +187,21 @@ impl ReplayBuffer {
         let seq = self.next_seq;
         self.next_seq += 1;
         let held_out = seq.is_multiple_of(self.limits.holdout_every as u64);
-        let part = if held_out { "held_out" } else { "recent" };
-        let path = self.write(part, seq, id, bytes)?;
-        let entry = Entry { seq, id, path, input };
-        if held_out { &mut self.held_out } else { &mut self.recent }.push_back(entry);
+        let (part, queue) = match (held_out, source) {
+            (true, _) => ("held_out", &mut self.held_out),
+            (false, CandidateSource::Auto) => ("recent", &mut self.recent),
+            (false, CandidateSource::Feedback) => ("marked", &mut self.marked),
+        };
+        let path = Self::write_to(&self.root, part, seq, id, bytes)?;
+        queue.push_back(Entry { seq, id, path, input });
         self.ids.insert(id);
         self.trim();
         self.changed = true;
         Ok(if held_out { CandidateOutcome::HeldOut } else { CandidateOutcome::Buffered })
     }
 
-    fn write(&self, part: &str, seq: u64, id: u64, bytes: &[u8]) -> Result<PathBuf, RetrainError> {
-        let path = self.root.join(part).join(format!("{seq:012}-{id:016x}.img"));
+    fn write_to(root: &Path, part: &str, seq: u64, id: u64, bytes: &[u8]) -> Result<PathBuf, RetrainError> {
+        let path = root.join(part).join(format!("{seq:012}-{id:016x}.img"));
         crate::model::weights::write_atomically(&path, bytes)
             .map_err(|e| RetrainError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
         Ok(path)
@@ -168,7 +210,12 @@ impl ReplayBuffer {
     /// Drops the oldest frames beyond the window sizes (their ids are forgotten too: a frame that old
     /// coming back is new evidence).
     fn trim(&mut self) {
-        for (queue, limit) in [(&mut self.recent, self.limits.recent), (&mut self.held_out, self.limits.held_out)] {
+        let windows = [
+            (&mut self.recent, self.limits.recent),
+            (&mut self.marked, self.limits.marked),
+            (&mut self.held_out, self.limits.held_out),
+        ];
+        for (queue, limit) in windows {
             while queue.len() > limit {
                 if let Some(old) = queue.pop_front() {
                     self.ids.remove(&old.id);
@@ -178,10 +225,19 @@ impl ReplayBuffer {
         }
     }
 
-    /// Recent frames and the replayed half of the pinned originals, [N, 3, S, S]; None when empty.
-    pub fn training_images(&self) -> Option<Tensor> {
-        let replayed = self.pinned.iter().filter(|e| e.seq % 2 == 0);
-        stack(self.recent.iter().chain(replayed))
+    /// What training draws from: recent and marked frames and the replayed half of the pinned originals;
+    /// None when empty. While there are marked frames and others, the marked ones together take
+    /// `marked_share` of the draws, the others the rest, each alike within its group.
+    pub fn training_set(&self, marked_share: f64) -> Option<TrainingSet> {
+        let replayed: Vec<&Entry> = self.pinned.iter().filter(|e| e.seq % 2 == 0).collect();
+        let others = self.recent.len() + replayed.len();
+        let marked = self.marked.len();
+        let images = stack(self.marked.iter().chain(&self.recent).chain(replayed))?;
+        let weights = (marked > 0 && others > 0 && marked_share > 0.0).then(|| {
+            let (each_marked, each_other) = (marked_share / marked as f64, (1.0 - marked_share) / others as f64);
+            std::iter::repeat_n(each_marked, marked).chain(std::iter::repeat_n(each_other, others)).collect()
+        });
+        Some(TrainingSet { images, weights })
     }
 
     /// (calibration, evaluation) images of the gate. With pinned originals, a candidate's map scale is
@@ -207,9 +263,13 @@ impl ReplayBuffer {
         self.held_out.iter().chain(&self.pinned).map(|e| e.seq).collect()
     }
 
-    /// (recent, held out, pinned) frame counts.
-    pub fn counts(&self) -> (usize, usize, usize) {
-        (self.recent.len(), self.held_out.len(), self.pinned.len())
+    pub fn counts(&self) -> BufferCounts {
+        BufferCounts {
+            recent: self.recent.len(),
+            marked: self.marked.len(),
+            held_out: self.held_out.len(),
+            pinned: self.pinned.len(),
+        }
     }
 
     /// Whether frames arrived or left since the last call.
@@ -245,23 +305,25 @@ mod tests {
     }
 
     fn limits() -> BufferLimits {
-        BufferLimits { side: 32, recent: 3, held_out: 2, holdout_every: 3 }
+        BufferLimits { side: 32, recent: 3, marked: 2, held_out: 2, holdout_every: 3 }
     }
 
     #[test]
     fn windows_holdout_duplicates_and_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let mut buffer = ReplayBuffer::open(dir.path(), limits()).unwrap();
-        assert_eq!(buffer.add("f0", &png(0)).unwrap(), CandidateOutcome::HeldOut, "seq 0 is held out");
-        assert_eq!(buffer.add("f1", &png(1)).unwrap(), CandidateOutcome::Buffered);
-        assert_eq!(buffer.add("f1", &png(1)).unwrap(), CandidateOutcome::Duplicate, "redelivery");
-        assert_eq!(buffer.add("bad", b"not an image").unwrap(), CandidateOutcome::Invalid);
+        assert_eq!(buffer.add("f0", &png(0), AUTO).unwrap(), CandidateOutcome::HeldOut, "seq 0 is held out");
+        assert_eq!(buffer.add("f1", &png(1), AUTO).unwrap(), CandidateOutcome::Buffered);
+        assert_eq!(buffer.add("f1", &png(1), AUTO).unwrap(), CandidateOutcome::Duplicate, "redelivery");
+        assert_eq!(buffer.add("bad", b"not an image", AUTO).unwrap(), CandidateOutcome::Invalid);
         for i in 2..10 {
-            buffer.add(&format!("f{i}"), &png(i as u8)).unwrap();
+            buffer.add(&format!("f{i}"), &png(i as u8), AUTO).unwrap();
         }
         // seq 0..9: held out 0, 3, 6, 9 (window 2 keeps 6, 9); recent keeps the last three of the rest.
-        assert_eq!(buffer.counts(), (3, 2, 0));
-        assert_eq!(buffer.training_images().unwrap().size(), vec![3, 3, 32, 32]);
+        assert_eq!(buffer.counts(), counts(3, 0, 2, 0));
+        let set = buffer.training_set(0.5).unwrap();
+        assert_eq!(set.images.size(), vec![3, 3, 32, 32]);
+        assert!(set.weights.is_none(), "no marked frames: all drawn alike");
         let (calibration, evaluation) = buffer.gate_images();
         assert_eq!((calibration.unwrap().size()[0], evaluation.unwrap().size()[0]), (1, 1));
         assert!(buffer.take_changed());
@@ -269,11 +331,56 @@ mod tests {
 
         // A restart sees the same frames and keeps numbering after them.
         let mut reopened = ReplayBuffer::open(dir.path(), limits()).unwrap();
-        assert_eq!(reopened.counts(), (3, 2, 0));
-        assert_eq!(reopened.add("f9", &png(9)).unwrap(), CandidateOutcome::Duplicate);
-        assert_eq!(reopened.add("f10", &png(10)).unwrap(), CandidateOutcome::Buffered);
+        assert_eq!(reopened.counts(), counts(3, 0, 2, 0));
+        assert_eq!(reopened.add("f9", &png(9), AUTO).unwrap(), CandidateOutcome::Duplicate);
+        assert_eq!(reopened.add("f10", &png(10), AUTO).unwrap(), CandidateOutcome::Buffered);
         let stored = std::fs::read_dir(dir.path().join("recent")).unwrap().count();
         assert_eq!(stored, 3, "evicted frames leave the disk too");
+    }
+
+    /// Before: operator-marked frames shared the accepted frames' window, and a line's steady flow of
+    /// accepted frames pushed them out within minutes; among hundreds of accepted frames they were also
+    /// drawn as rarely as any.
+    #[test]
+    fn marked_frames_keep_a_window_of_their_own_and_a_fixed_share_of_the_draws() {
+        let dir = tempfile::tempdir().unwrap();
+        let originals = dir.path().join("originals");
+        std::fs::create_dir_all(&originals).unwrap();
+        for i in 0..4 {
+            std::fs::write(originals.join(format!("{i:03}.png")), png(200 + i)).unwrap();
+        }
+        let root = dir.path().join("buffer");
+        let mut buffer = ReplayBuffer::open(&root, limits()).unwrap();
+        buffer.pin_originals(&originals, 4, 1).unwrap();
+        // seq 4, 5 (pinned took 0..3): a marked frame and an accepted one; seq 6 is held out.
+        assert_eq!(buffer.add("m0", &png(10), MARKED).unwrap(), CandidateOutcome::Buffered);
+        assert_eq!(buffer.add("a0", &png(11), AUTO).unwrap(), CandidateOutcome::Buffered);
+        assert_eq!(buffer.add("m1", &png(12), MARKED).unwrap(), CandidateOutcome::HeldOut);
+        for i in 0..10 {
+            buffer.add(&format!("a{}", i + 1), &png(20 + i), AUTO).unwrap();
+        }
+        // The flood of accepted frames filled its own window and the held-out one, not the marked one.
+        let after_flood = buffer.counts();
+        assert_eq!((after_flood.recent, after_flood.marked, after_flood.pinned), (3, 1, 4));
+        assert_eq!(buffer.add("a10", &png(29), MARKED).unwrap(), CandidateOutcome::Duplicate, "stored once");
+
+        // One marked frame, three accepted ones and two replayed originals: the marked one takes the share.
+        let set = buffer.training_set(0.5).unwrap();
+        assert_eq!(set.images.size()[0], 6);
+        let weights = set.weights.unwrap();
+        let total: f64 = weights.iter().sum();
+        assert!((weights[0] / total - 0.5).abs() < 1e-12, "{weights:?}");
+        assert!(weights[1..].iter().all(|w| (w / total - 0.1).abs() < 1e-12), "{weights:?}");
+        assert!(buffer.training_set(0.0).unwrap().weights.is_none(), "share 0: all alike");
+
+        // The marked window keeps its newest frames, and survives a restart.
+        for i in 0..4 {
+            buffer.add(&format!("m{}", i + 2), &png(40 + i), MARKED).unwrap();
+        }
+        let reopened = ReplayBuffer::open(&root, limits()).unwrap();
+        assert_eq!(reopened.counts().marked, 2);
+        assert_eq!(reopened.counts(), buffer.counts());
+        assert_eq!(std::fs::read_dir(root.join("marked")).unwrap().count(), 2);
     }
 
     #[test]
@@ -287,16 +394,23 @@ mod tests {
         let root = dir.path().join("buffer");
         let mut buffer = ReplayBuffer::open(&root, limits()).unwrap();
         buffer.pin_originals(&originals, 4, 1).unwrap();
-        assert_eq!(buffer.counts(), (0, 0, 4));
-        assert_eq!(buffer.training_images().unwrap().size()[0], 2);
+        assert_eq!(buffer.counts(), counts(0, 0, 0, 4));
+        assert_eq!(buffer.training_set(0.5).unwrap().images.size()[0], 2);
         let (calibration, evaluation) = buffer.gate_images();
         assert_eq!((calibration.unwrap().size()[0], evaluation.unwrap().size()[0]), (2, 2));
         let mut reopened = ReplayBuffer::open(&root, limits()).unwrap();
         reopened.pin_originals(&originals, 4, 2).unwrap();
-        assert_eq!(reopened.counts(), (0, 0, 4), "a second call keeps the first sample");
+        assert_eq!(reopened.counts(), counts(0, 0, 0, 4), "a second call keeps the first sample");
         let empty = dir.path().join("empty");
         std::fs::create_dir_all(&empty).unwrap();
         let err = ReplayBuffer::open(&dir.path().join("b2"), limits()).unwrap().pin_originals(&empty, 4, 1);
         assert!(err.unwrap_err().to_string().contains("holds no images"));
+    }
+
+    const AUTO: CandidateSource = CandidateSource::Auto;
+    const MARKED: CandidateSource = CandidateSource::Feedback;
+
+    fn counts(recent: usize, marked: usize, held_out: usize, pinned: usize) -> BufferCounts {
+        BufferCounts { recent, marked, held_out, pinned }
     }
 }

@@ -263,6 +263,7 @@ impl Running {
         let limits = BufferLimits {
             side,
             recent: settings.buffer_frames,
+            marked: settings.marked_frames,
             held_out: settings.holdout_frames,
             holdout_every: settings.holdout_every,
         };
@@ -333,8 +334,7 @@ impl Running {
             }
             self.ingest()?;
             self.follow_publications()?;
-            let (recent, held_out, pinned) = self.buffer.counts();
-            self.stage.metrics.buffer(recent, held_out, pinned);
+            self.stage.metrics.buffer(self.buffer.counts());
             self.stage.metrics.heartbeat();
             // Keeps the model-age gauge moving in a trainer-only process.
             self.stage.metrics.current_model(self.current.info.model_version, self.current.info.created_unix);
@@ -378,7 +378,7 @@ impl Running {
             } else {
                 (CandidateSource::Auto, Some(payload.to_vec()))
             };
-            let outcome = match image.map(|image| self.buffer.add(&frame_id, &image)) {
+            let outcome = match image.map(|image| self.buffer.add(&frame_id, &image, source)) {
                 Some(Ok(outcome)) => {
                     self.writes.succeeded(StateWrite::Buffer);
                     outcome
@@ -452,7 +452,7 @@ impl Running {
 
     fn ready_to_step(&self) -> Result<(), WaitCause> {
         let settings = &self.stage.settings;
-        if self.buffer.counts().0 < settings.min_frames {
+        if self.buffer.counts().trainable() < settings.min_frames {
             return Err(WaitCause::TooFewFrames);
         }
         let busy = self.stage.inference.as_ref().is_some_and(|i| i.queued_frames() > settings.pause_when_queue_above);
@@ -471,8 +471,9 @@ impl Running {
         if self.trainer.is_none() {
             self.trainer = Some(self.make_trainer()?);
         } else if self.buffer.take_changed() {
-            if let (Some(trainer), Some(images)) = (self.trainer.as_mut(), self.buffer.training_images()) {
-                trainer.set_images(images)?;
+            let marked_share = self.stage.settings.marked_share;
+            if let (Some(trainer), Some(set)) = (self.trainer.as_mut(), self.buffer.training_set(marked_share)) {
+                trainer.set_images(set.images, set.weights.as_deref())?;
             }
         }
         let Some(trainer) = self.trainer.as_mut() else { return Ok(()) };
@@ -510,17 +511,21 @@ impl Running {
 
     /// Resumes the checkpoint when it continues the current model, else starts from the current model.
     fn make_trainer(&mut self) -> Result<Trainer, RetrainError> {
-        let images = self.buffer.training_images().ok_or_else(|| RetrainError::Data("empty replay buffer".into()))?;
+        let set = self
+            .buffer
+            .training_set(self.stage.settings.marked_share)
+            .ok_or_else(|| RetrainError::Data("empty replay buffer".into()))?;
         let _ = self.buffer.take_changed();
         let checkpoint = self.dir.join("trainer.safetensors");
         let version = self.current.info.model_version;
         let mut trainer = if checkpoint.is_file() && self.state.resumes(version) {
             log::info!("line {}: resuming retraining from {}", self.stage.line, checkpoint.display());
-            Trainer::resume(&checkpoint, images, self.stage.device)?
+            Trainer::resume(&checkpoint, set.images, self.stage.device)?
         } else {
             self.state = TrainerState::continuing(version);
-            Trainer::continue_from(self.store.load(version, self.stage.device)?, images)?
+            Trainer::continue_from(self.store.load(version, self.stage.device)?, set.images)?
         };
+        trainer.set_draw_weights(set.weights.as_deref())?;
         fine_tuning(&mut trainer.model.recipe.train, &self.stage.settings);
         trainer.model.recipe.train.seed = trainer.model.recipe.train.seed.wrapping_add(self.restarts);
         Ok(trainer)
