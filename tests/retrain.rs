@@ -328,9 +328,10 @@ fn drift_is_learned_and_promoted_to_every_replica_after_a_crash_mid_write() {
 
     // The restarted trainer resumes the buffer, promotes, and both replicas swap the new model in.
     let mut trainer = harness.run_with(&trainer_file, "log", &["--role", "trainer"], &[]);
-    let buffered = |port| metric(port, "lineguard_replay_buffer_frames{line=\"trays\",part=\"recent\"}");
+    let buffered =
+        |part: &str| metric(ports[0], &format!("lineguard_replay_buffer_frames{{line=\"trays\",part=\"{part}\"}}"));
     wait_for("the reopened replay buffer", Duration::from_secs(60), &all(&trainer, &replicas), || {
-        buffered(ports[0]).is_some_and(|n| n > 0.0)
+        ["recent", "marked"].iter().filter_map(|part| buffered(part)).sum::<f64>() > 0.0
     });
     // A promotion for headroom alone, or one held-out frame cleared, changes few verdicts on new trays:
     // the test goes on once a promoted model raises at most half the false alarms on the held-out frames

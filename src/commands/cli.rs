@@ -427,6 +427,10 @@ pub struct DemoArgs {
     /// trays to whichever model serves.
     #[arg(long, default_value_t = 6.0)]
     pub drift_minutes: f64,
+    /// The share of the trainer's draws taken from the frames the operator marked normal in the second
+    /// act (`retrain.marked_share`; 0 draws them like every other frame).
+    #[arg(long, default_value_t = lineguard::service::settings::RetrainSettings::default().marked_share)]
+    pub marked_share: f64,
     /// Stream a real category in MVTec LOCO layout instead of the synthetic line (e.g. the official
     /// juice_bottle folder, or ../shared/datasets/mvtec_loco_juice_bottle): its test images are the frames,
     /// its validation images set the threshold. Only the first act plays.

@@ -305,6 +305,7 @@ async fn stream(
         // The demo line runs at a few frames a second and its acts last minutes: every confidently normal
         // tray may teach (a plant's line keeps the default spacing).
         accept_per_minute: 6000.0,
+        marked_share: args.marked_share,
         ..RetrainSettings::default()
     };
     let settings = demo_settings(&kafka, &topics, model_path, threshold, retrain);

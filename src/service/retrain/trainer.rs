@@ -144,8 +144,7 @@ struct Running {
     state: TrainerState,
     next_step_at: Instant,
     waiting: Option<WaitCause>,
-    non_finite_in_a_row: u32,
-    /// How the current line of training fared at its gates.
+    /// How the current line of training fared at its steps and gates.
     line_record: LineRecord,
     writes: StateWrites,
     /// Runs restarted from the serving model (after regressed or non-finite candidates, or non-finite
@@ -159,16 +158,37 @@ struct Running {
 
 /// Regressed gates in a row after which a line of training is dropped (see [`LineRecord::after_gate`]).
 const REGRESSIONS_BEFORE_RESTART: u32 = 3;
+/// Non-finite losses in a row after which a line of training is dropped (see [`LineRecord::after_step`]).
+const NON_FINITE_STEPS_BEFORE_RESTART: u32 = 3;
 
-/// How the current line of training has fared at its gates: whether to go on with it or to drop it for a
-/// fresh start from the serving model.
+/// How the current line of training has fared at its steps and gates: whether to go on with it or to drop
+/// it for a fresh start from the serving model.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 struct LineRecord {
     /// Gates in a row at which its candidate regressed (see [`LineRecord::after_gate`]).
     regressed_in_a_row: u32,
+    /// Steps in a row whose loss was not finite (their updates were skipped).
+    non_finite_in_a_row: u32,
 }
 
 impl LineRecord {
+    /// Records one step, finite or not; why the line is to be dropped, if it is. A non-finite loss skips
+    /// its update; several in a row mean the weights themselves went wrong. The count belongs to the line:
+    /// carried over a restart (as it was when the trainer kept it), it restarted the next line at its
+    /// first non-finite loss.
+    fn after_step(&mut self, finite: bool) -> Option<RestartCause> {
+        if finite {
+            self.non_finite_in_a_row = 0;
+            return None;
+        }
+        self.non_finite_in_a_row += 1;
+        let drop = self.non_finite_in_a_row >= NON_FINITE_STEPS_BEFORE_RESTART;
+        if drop {
+            *self = LineRecord::default();
+        }
+        drop.then_some(RestartCause::NonFiniteLosses)
+    }
+
     /// Records one gate; why the line is to be dropped, if it is (the record then starts again).
     ///
     /// One regressed candidate is not yet a line gone wrong: fine-tuning first disturbs a model (fresh
@@ -313,7 +333,6 @@ impl Running {
             state,
             next_step_at: Instant::now(),
             waiting: None,
-            non_finite_in_a_row: 0,
             line_record: LineRecord::default(),
             writes: StateWrites {
                 line: stage.line.clone(),
@@ -479,18 +498,17 @@ impl Running {
         let Some(trainer) = self.trainer.as_mut() else { return Ok(()) };
         match trainer.step() {
             Ok(losses) => {
-                self.non_finite_in_a_row = 0;
+                let _ = self.line_record.after_step(true);
                 self.stage.metrics.step(&losses);
                 self.state.steps_since_gate += 1;
             }
             Err(TrainError::NonFinite { step, loss }) => {
                 self.stage.metrics.waited(WaitCause::NonFiniteLoss);
-                self.non_finite_in_a_row += 1;
                 log::warn!("line {}: retraining step {step}: loss {loss}; update skipped", self.stage.line);
-                if self.non_finite_in_a_row >= 3 {
+                if let Some(cause) = self.line_record.after_step(false) {
                     log::warn!("line {}: restarting training from the serving model", self.stage.line);
                     // (Not from the last gate's checkpoint: the weights that keep failing descend from it.)
-                    self.restart_from_serving_model(RestartCause::NonFiniteLosses);
+                    self.restart_from_serving_model(cause);
                 }
             }
             Err(err) => return Err(err.into()),
@@ -904,6 +922,24 @@ mod tests {
         assert_eq!(record.after_gate(RejectedNonFinite, false), Some(RestartCause::NonFiniteCandidate));
         let causes: Vec<_> = regressions.iter().map(|&outcome| record.after_gate(outcome, false)).collect();
         assert_eq!(causes, [None, None, Some(RestartCause::RegressedCandidates)]);
+    }
+
+    #[test]
+    fn a_line_of_training_is_dropped_after_three_non_finite_losses_in_a_row_and_the_next_gets_three_too() {
+        let mut record = LineRecord::default();
+        let play = |record: &mut LineRecord, steps: &[bool]| -> Vec<Option<RestartCause>> {
+            steps.iter().map(|&finite| record.after_step(finite)).collect()
+        };
+        let dropped = Some(RestartCause::NonFiniteLosses);
+        assert_eq!(play(&mut record, &[false, false, true, false, false]), [None; 5], "a finite step resets");
+        assert_eq!(play(&mut record, &[false]), [dropped]);
+        // The fresh line starts counting from zero.
+        assert_eq!(play(&mut record, &[false, false, false]), [None, None, dropped]);
+        // A gate that drops the line for regressions resets the count of losses too.
+        let mut record = LineRecord::default();
+        let _ = play(&mut record, &[false, false]);
+        assert_eq!(record.after_gate(GateOutcome::RejectedNonFinite, false), Some(RestartCause::NonFiniteCandidate));
+        assert_eq!(play(&mut record, &[false, false]), [None, None]);
     }
 
     /// Before: a regression recorded the serving version as the checkpoint's base, so the next run resumed
