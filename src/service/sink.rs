@@ -77,8 +77,8 @@ pub struct AcceptancePacer {
 
 impl AcceptancePacer {
     pub fn new(per_minute: f64) -> AcceptancePacer {
-        // Settings validation keeps `per_minute` finite and positive; the clamp keeps a rate too high to
-        // matter from overflowing `Duration`.
+        // Settings validation keeps `per_minute` finite and positive; the floor keeps a rate of zero or
+        // NaN, should one get past it, from making `Duration::from_secs_f64` panic.
         AcceptancePacer { interval: Duration::from_secs_f64(60.0 / per_minute.max(1e-6)), next_at: None }
     }
 
@@ -460,6 +460,11 @@ mod tests {
         // After a quiet spell the next frame passes, and only one: no burst allowance builds up.
         assert!(pacer.admit(at(60.0)));
         assert!(!pacer.admit(at(60.1)));
+        // A rate that validation refuses makes a pacer that admits almost nothing, not a panic.
+        for refused in [0.0, f64::NAN] {
+            let mut pacer = AcceptancePacer::new(refused);
+            assert!(pacer.admit(start) && !pacer.admit(at(3600.0)));
+        }
     }
 
     #[test]
