@@ -225,6 +225,7 @@ impl Trainer {
             return Err(TrainError::Data("no training images".into()));
         }
         self.images = images.to_device(self.model.device);
+        // Weights of the old images must not outlive them, even when the new ones are refused.
         self.draw = None;
         self.set_draw_weights(weights)
     }

@@ -304,6 +304,16 @@ mod tests {
         bytes
     }
 
+    /// `dir/originals/`, one PNG per shade.
+    fn originals_folder(dir: &Path, shades: &[u8]) -> PathBuf {
+        let originals = dir.join("originals");
+        std::fs::create_dir_all(&originals).unwrap();
+        for (i, shade) in shades.iter().enumerate() {
+            std::fs::write(originals.join(format!("{i:03}.png")), png(*shade)).unwrap();
+        }
+        originals
+    }
+
     fn limits() -> BufferLimits {
         BufferLimits { side: 32, recent: 3, marked: 2, held_out: 2, holdout_every: 3 }
     }
@@ -344,11 +354,7 @@ mod tests {
     #[test]
     fn marked_frames_keep_a_window_of_their_own_and_a_fixed_share_of_the_draws() {
         let dir = tempfile::tempdir().unwrap();
-        let originals = dir.path().join("originals");
-        std::fs::create_dir_all(&originals).unwrap();
-        for i in 0..4 {
-            std::fs::write(originals.join(format!("{i:03}.png")), png(200 + i)).unwrap();
-        }
+        let originals = originals_folder(dir.path(), &[200, 201, 202, 203]);
         let root = dir.path().join("buffer");
         let mut buffer = ReplayBuffer::open(&root, limits()).unwrap();
         buffer.pin_originals(&originals, 4, 1).unwrap();
@@ -386,11 +392,7 @@ mod tests {
     #[test]
     fn originals_are_pinned_once_and_split_between_training_and_judging() {
         let dir = tempfile::tempdir().unwrap();
-        let originals = dir.path().join("originals");
-        std::fs::create_dir_all(&originals).unwrap();
-        for i in 0..6 {
-            std::fs::write(originals.join(format!("{i:03}.png")), png(i * 20)).unwrap();
-        }
+        let originals = originals_folder(dir.path(), &[0, 20, 40, 60, 80, 100]);
         let root = dir.path().join("buffer");
         let mut buffer = ReplayBuffer::open(&root, limits()).unwrap();
         buffer.pin_originals(&originals, 4, 1).unwrap();
