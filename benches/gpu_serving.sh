@@ -3,7 +3,9 @@
 #   1. synthetic trays at 256 px: model-only images/s for f32, bf16 and f16 at batch 1-64, the end-to-end
 #      curve through a local nisshi broker and the pipeline at rising offered rates until the knee, and
 #      inference beside a background trainer;
-#   2. the 400x800 juice_bottle frames (when they travelled): the end-to-end curve in PRECISION.
+#   2. the 400x800 juice_bottle frames (when they travelled): the end-to-end curve in PRECISION, with
+#      INFERENCE_WORKERS model copies scoring side by side (one's host work - copies, maps back - overlaps
+#      the other's kernels), and the model-only rates of that many workers beside one's.
 # Each writes serving.json and serving.md into RESULTS/<run>/ as measurements finish, so a timeout still
 # returns what finished; gpu-serving.log holds the commands and the device. Commit them to
 # benches/results/gpu-serving/.
@@ -18,6 +20,7 @@
 #   FRAMES         real frames for run 2                       (../shared/datasets/mvtec_loco_juice_bottle/test)
 #   PRECISIONS     run 1's precisions                          (f32,bf16,f16)
 #   PRECISION      run 2's precision                           (bf16)
+#   INFERENCE_WORKERS  run 2's inference workers               (2)
 #   RESULTS        where results go                            ($OUT, else runs/gpu-serving)
 #   REQUIRE_CUDA   stop at once unless CUDA is used            (1)
 #   LIBTORCH_LIB   libtorch's lib folder                       (Python torch's, when importable)
@@ -42,6 +45,7 @@ NISSHI=${NISSHI:-.tools/bin/nisshi}
 FRAMES=${FRAMES:-../shared/datasets/mvtec_loco_juice_bottle/test}
 PRECISIONS=${PRECISIONS:-f32,bf16,f16}
 PRECISION=${PRECISION:-bf16}
+INFERENCE_WORKERS=${INFERENCE_WORKERS:-2}
 RESULTS=${RESULTS:-${OUT:-runs/gpu-serving}}
 REQUIRE_CUDA=${REQUIRE_CUDA:-1}
 mkdir -p "$RESULTS"
@@ -66,9 +70,9 @@ if ! "$LINEGUARD" bench-serving "${cuda[@]}" --precisions "$PRECISIONS" --out-di
 fi
 
 if [ -d "$FRAMES" ]; then
-    stamp "run 2: the frames of $FRAMES in $PRECISION"
+    stamp "run 2: the frames of $FRAMES in $PRECISION, $INFERENCE_WORKERS inference workers"
     "$LINEGUARD" bench-serving "${cuda[@]}" --frames "$FRAMES" --precisions "$PRECISION" --trainer-rounds 0 \
-        --out-dir "$RESULTS/frames" ${SERVING_ARGS:-} 2>&1 | keep || stamp "run 2 failed"
+        --inference-workers "$INFERENCE_WORKERS" --out-dir "$RESULTS/frames" ${SERVING_ARGS:-} 2>&1 | keep || stamp "run 2 failed"
 else
     stamp "no frames at $FRAMES: run 2 skipped"
 fi

@@ -9,7 +9,10 @@
 //! - `main-team`: the main thread builds the model with libtorch's default threads (a team of workers
 //!   that then sits idle), the spawned thread scores;
 //! - `opt-in`: parallelism opt-in first, so the main thread has no team; the spawned thread opts in;
-//! - `main-thread`: the main thread scores (the old model-only measurement).
+//! - `main-thread`: the main thread scores (the old model-only measurement);
+//! - `two-workers`: opt-in, then two spawned threads of one libtorch thread each score side by side, each
+//!   with its own copy of the model (`inference_workers = 2`); time per image = the slower one's time /
+//!   all calls, so it compares with the others' time per call at batch 1.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,7 +25,7 @@ use lineguard::model::config::{Preset, Recipe};
 use lineguard::model::{EfficientAd, MapQuantiles, Precision};
 use tch::{Device, Kind, Tensor};
 
-const CASES: [&str; 3] = ["main-team", "opt-in", "main-thread"];
+const CASES: [&str; 4] = ["main-team", "opt-in", "main-thread", "two-workers"];
 const CHILD: &str = "LINEGUARD_BENCH_THREADS_CASE";
 
 fn main() {
@@ -61,7 +64,7 @@ fn run_case(case: &str, args: &[String]) -> f64 {
     let calls: usize = arg(args, "--calls", 15);
     let precision: String = arg(args, "--precision", "f32".to_string());
     let precision = <Precision as clap::ValueEnum>::from_str(&precision, true).expect("--precision f32|bf16|f16");
-    if case == "opt-in" {
+    if case == "opt-in" || case == "two-workers" {
         lineguard::torch::make_parallelism_opt_in();
     }
     let recipe = Recipe { image_size: side, ..Recipe::preset(Preset::Dfsc) };
@@ -84,6 +87,31 @@ fn run_case(case: &str, args: &[String]) -> f64 {
         return score(&model.with_precision(precision));
     }
     let bytes = model.to_bytes().expect("model bytes");
+    if case == "two-workers" {
+        // Both workers start timing together, after their warm-up; the slower one sets the rate.
+        let start_line = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let bytes = bytes.clone();
+                let start_line = start_line.clone();
+                std::thread::spawn(move || {
+                    lineguard::torch::use_threads(1);
+                    let model = EfficientAd::from_bytes(&bytes, Path::new("<bench>"), Device::Cpu).expect("a model");
+                    let model = model.with_precision(precision);
+                    let images = Tensor::rand([batch, side, side, 3], (Kind::Float, Device::Cpu)).permute([0, 3, 1, 2]);
+                    let _ = model.anomaly_maps(&images, side, side).expect("maps");
+                    start_line.wait();
+                    let started = Instant::now();
+                    for _ in 0..calls {
+                        let _ = model.anomaly_maps(&images, side, side).expect("maps").to_device(Device::Cpu);
+                    }
+                    started.elapsed().as_secs_f64() * 1e3
+                })
+            })
+            .collect();
+        let slowest = workers.into_iter().map(|w| w.join().expect("worker")).fold(0.0, f64::max);
+        return slowest / (2 * calls) as f64;
+    }
     std::thread::spawn(move || {
         lineguard::torch::use_threads(lineguard::torch::parallel_threads());
         let model = EfficientAd::from_bytes(&bytes, Path::new("<bench>"), Device::Cpu).expect("a model");

@@ -68,9 +68,16 @@ fn gpu_serving_script_rehearses_on_the_cpu() {
         }
     }
 
-    for (report, precisions) in
-        [(&synthetic, &["f32", "bf16"][..]), (&report(&results.join("frames/serving.json")), &["f32"])]
-    {
+    // Run 2 streams through two inference workers, and measures two side by side model-only too.
+    let frames = report(&results.join("frames/serving.json"));
+    assert_eq!(frames["inference_workers"], 2, "{frames}");
+    let side_by_side: Vec<&Value> =
+        frames["model_only"].as_array().unwrap().iter().filter(|row| row["workers"] == 2).collect();
+    assert_eq!(side_by_side.iter().map(|row| row["batch"].as_i64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    assert!(side_by_side.iter().all(|row| number(&row["images_per_second"]) > 0.0), "{side_by_side:?}");
+    assert!(rows.iter().all(|row| row["workers"] == 1), "run 1 measures one worker: {rows:?}");
+
+    for (report, precisions) in [(&synthetic, &["f32", "bf16"][..]), (&frames, &["f32"])] {
         let steps = report["end_to_end"].as_array().unwrap();
         for precision in precisions {
             let mine: Vec<&Value> = steps.iter().filter(|s| s["precision"] == *precision).collect();

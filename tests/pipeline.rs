@@ -106,7 +106,10 @@ fn every_frame_gets_exactly_one_result_and_a_decodable_map_on_two_lines() {
     let pipeline = harness.pipeline(
         "two-lines.toml",
         port,
-        &[("png_line", &png_line, "map_format = \"png\""), ("f16_line", &f16_line, "map_format = \"f16\"")],
+        &[
+            ("png_line", &png_line, "map_format = \"png\""),
+            ("f16_line", &f16_line, "map_format = \"f16\"\ninference_workers = 2"),
+        ],
     );
     let mut service = harness.run(&pipeline);
     wait_for("readiness", Duration::from_secs(60), &[&service], || {
@@ -525,7 +528,9 @@ fn sigkills_at_random_points_lose_no_frame_and_repeat_only_the_in_flight_window(
     let harness = Harness::new("chaos");
     let topics = harness.topics("line", 2);
     let port = free_port();
-    let extra = format!("max_in_flight = {MAX_IN_FLIGHT}\nmap_format = \"none\"");
+    // Two inference workers finish frames out of order: the per-frame acknowledgements must still keep
+    // every committed offset behind the frames without results.
+    let extra = format!("max_in_flight = {MAX_IN_FLIGHT}\nmap_format = \"none\"\ninference_workers = 2");
     let pipeline = harness.pipeline("chaos.toml", port, &[("line", &topics, &extra)]);
     edit_pipeline(&pipeline, &pipeline, "[shutdown]\n", "[shutdown]\ncommit_interval_ms = 100\n");
     let stream: Vec<PathBuf> = fixture().frames.iter().cycle().take(FRAMES).cloned().collect();

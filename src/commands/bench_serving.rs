@@ -46,6 +46,8 @@ struct Report {
     image_size: i64,
     channels: i64,
     model: String,
+    /// The pipeline's `inference_workers` in the end-to-end steps.
+    inference_workers: usize,
     /// The command line that reproduces this report.
     command: String,
     model_only: Vec<ModelOnlyRow>,
@@ -75,6 +77,9 @@ struct ModelOnlyRow {
     /// On CUDA: whether cuDNN chose its kernels by timing them (the service turns it on; one row measures
     /// the first precision at the largest batch without it).
     cudnn_benchmark: Option<bool>,
+    /// Threads scoring side by side, each with its own copy of the model and an equal share of the CPU
+    /// threads (`inference_workers`); the rate is their sum.
+    workers: usize,
     /// Whether the input reached the networks in channels-last memory order, as the service's normalisation
     /// of interleaved RGB bytes leaves it (oneDNN and cuDNN then keep that order through the
     /// convolutions); one row per precision measures the contiguous channel-major order for comparison.
@@ -119,6 +124,9 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
     // As `lineguard run` does: the measuring threads are the only ones with libtorch parallelism.
     lineguard::torch::make_parallelism_opt_in();
     let device = lineguard::torch::select_device(args.cpu);
+    if !(1..=64).contains(&args.inference_workers) {
+        bail!("--inference-workers {}: expected 1..=64", args.inference_workers);
+    }
     if args.require_cuda && !device.is_cuda() {
         bail!("--require-cuda: libtorch sees no CUDA device");
     }
@@ -130,6 +138,7 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
         image_size: model.recipe.image_size,
         channels: model.recipe.channels,
         model: args.model.as_ref().map_or("untrained DFSC preset".into(), |p| p.display().to_string()),
+        inference_workers: args.inference_workers,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         ..Default::default()
     };
@@ -248,12 +257,76 @@ fn measure_model_only(
                 calls: calls.len(),
                 map_difference_vs_f32: difference,
                 cudnn_benchmark,
+                workers: 1,
                 channels_last,
             });
             write_report(report, &args.out_dir)?;
         }
+        if args.inference_workers > 1 {
+            for &batch in &args.batches {
+                let (images_per_second, calls) = side_by_side(args, copy, precision, batch)?;
+                log::info!(
+                    "model only, {precision}, batch {batch}, {} workers: {images_per_second:.1} images/s",
+                    args.inference_workers
+                );
+                report.model_only.push(ModelOnlyRow {
+                    precision,
+                    batch,
+                    images_per_second,
+                    calls,
+                    map_difference_vs_f32: difference,
+                    cudnn_benchmark: cuda.then_some(true),
+                    workers: args.inference_workers,
+                    channels_last: true,
+                });
+                write_report(report, &args.out_dir)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// `--inference-workers` threads scoring batches of `batch` side by side, as the inference stage's workers
+/// do: each its own copy of the model and its share of the CPU threads. They start timing together after
+/// their warm-up; the rate is the sum of theirs. Returns (images/s, calls in all).
+fn side_by_side(
+    args: &BenchServingArgs,
+    copy: &dyn Fn(Precision) -> anyhow::Result<EfficientAd>,
+    precision: Precision,
+    batch: i64,
+) -> anyhow::Result<(f64, usize)> {
+    let workers = args.inference_workers;
+    let threads = (lineguard::torch::parallel_threads() / workers).max(1);
+    let models: Vec<EfficientAd> = (0..workers).map(|_| copy(precision)).collect::<anyhow::Result<_>>()?;
+    let start_line = std::sync::Barrier::new(workers);
+    let start_line = &start_line;
+    let rates = std::thread::scope(|scope| {
+        let handles: Vec<_> = models
+            .into_iter()
+            .map(|model| {
+                scope.spawn(move || -> anyhow::Result<(f64, usize)> {
+                    lineguard::torch::use_threads(threads);
+                    let images = host_frames(batch, model.recipe.image_size);
+                    let warm_up = (0..3).try_for_each(|_| maps_on_host(&model, &images, true).map(drop));
+                    // Every worker reaches the start line, even one whose warm-up failed.
+                    start_line.wait();
+                    warm_up?;
+                    let started = Instant::now();
+                    let mut calls = 0;
+                    while started.elapsed().as_secs_f64() < args.seconds || calls < 3 {
+                        let _ = maps_on_host(&model, &images, true)?;
+                        calls += 1;
+                    }
+                    Ok((batch as f64 * calls as f64 / started.elapsed().as_secs_f64(), calls))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().map_err(|_| anyhow::anyhow!("a model-only worker panicked"))?)
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    Ok(rates.iter().fold((0.0, 0), |(rate, calls), &(r, c)| (rate + r, calls + c)))
 }
 
 /// Host frames → maps back on the host (the copy back waits for the device), as the inference stage does
@@ -378,6 +451,7 @@ impl StreamLine<'_> {
                 lineguard::service::settings::DeviceChoice::Auto
             },
             max_batch: args.batches.iter().copied().max().unwrap_or(8).max(1) as usize,
+            inference_workers: args.inference_workers,
             max_batch_wait_ms: args.max_batch_wait_ms,
             max_in_flight: args.max_in_flight,
             ..LineSettings::with_defaults(self.model.to_path_buf(), vec![input.clone()], 0.5)
@@ -562,7 +636,7 @@ fn parse_stat(stat: &str) -> Option<(String, f64)> {
 }
 
 fn thread_group(name: &str) -> &'static str {
-    if name == "infer" {
+    if name == "infer" || name.starts_with("infer-") {
         "inference"
     } else if name.starts_with("preprocess") {
         "decode pool"
@@ -699,15 +773,16 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
 fn markdown(report: &Report) -> String {
     let mut out = format!(
         "# Serving speed: {}, {} px, {} channels, {}\n\nCPU: {}\n\n`{}`\n\n## Model only (frame bytes on the host → maps on the host)\n\n\
-         | precision | batch | images/s | calls | max map difference vs f32 (of range) | cuDNN benchmark | input order |\n\
-         |---|---|---|---|---|---|---|\n",
+         | precision | batch | workers | images/s | calls | max map difference vs f32 (of range) | cuDNN benchmark | input order |\n\
+         |---|---|---|---|---|---|---|---|\n",
         report.device, report.image_size, report.channels, report.model, report.cpu, report.command
     );
     for row in &report.model_only {
         out += &format!(
-            "| {} | {} | {:.1} | {} | {:.1e} | {} | {} |\n",
+            "| {} | {} | {} | {:.1} | {} | {:.1e} | {} | {} |\n",
             row.precision,
             row.batch,
+            row.workers,
             row.images_per_second,
             row.calls,
             row.map_difference_vs_f32,

@@ -277,6 +277,10 @@ pub struct BenchServingArgs {
     pub map_format: lineguard::service::settings::MapFormat,
     #[arg(long, default_value_t = 2)]
     pub max_batch_wait_ms: u64,
+    /// The pipeline's `inference_workers`; above 1, model-only rates are also measured with that many
+    /// workers side by side, and the end-to-end ratio compares with the best model-only rate of either.
+    #[arg(long, default_value_t = 1)]
+    pub inference_workers: usize,
     #[arg(long, default_value_t = 512)]
     pub max_in_flight: usize,
     /// Partitions of the frames topic.

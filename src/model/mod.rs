@@ -322,6 +322,13 @@ impl EfficientAd {
         self.to_tensor_file().to_bytes(Path::new("<model in memory>"))
     }
 
+    /// An independent copy on the same device (its own tensors, in f32), through the model file's bytes so
+    /// that nothing can be left out of it. For running one model on several threads: tensors are `Send`
+    /// but not `Sync`.
+    pub fn duplicate(&self) -> Result<EfficientAd, WeightsError> {
+        Self::from_bytes(&self.to_bytes()?, Path::new("<model copy>"), self.device)
+    }
+
     /// A model from the bytes of a model file; `origin` names them in errors.
     pub fn from_bytes(bytes: &[u8], origin: &Path, device: Device) -> Result<EfficientAd, WeightsError> {
         let mut file = TensorFile::from_bytes(bytes, origin, device)?;

@@ -1,18 +1,25 @@
-//! The inference stage: one OS thread that owns the model (libtorch tensors are `Send` but not `Sync`),
-//! gathers prepared frames into batches (up to `max_batch`, or whatever arrived `max_batch_wait` after
-//! the first frame), copies their bytes to the model's device, normalises and scores them without gradients,
-//! and hands each scored frame to the sink.
+//! The inference stage: `workers` OS threads, each owning a copy of the model (libtorch tensors are `Send`
+//! but not `Sync`), each gathering prepared frames from the shared queue into batches (up to `max_batch`,
+//! or whatever arrived `max_batch_wait` after the first), copying their bytes to the model's device,
+//! normalising and scoring them without gradients, and handing each scored frame to the sink.
 //!
-//! The model is replaceable at runtime through a [`ModelSwapper`]: a new model is picked up between two
-//! batches, so no frame is ever scored by a half-loaded model and every result names the version that
-//! produced it.
+//! Why several workers: one worker parallelises each batch across the cores (libtorch's OpenMP team), and
+//! the team's threads wait for each other at every layer, so any other thread that takes a core for a
+//! moment (the decode pool, the Kafka clients, a broker on the same machine) stalls the whole team. Workers
+//! of one thread each score different batches side by side and only stall one at a time; on a GPU, one
+//! worker's host work (copies, the maps' conversion) overlaps another's kernels. Frames may then leave the
+//! stage slightly out of order; offsets are committed per frame (`ack`), so that loses nothing.
+//!
+//! The model is replaceable at runtime through a [`ModelSwapper`]: every worker picks the new model up
+//! between two batches, so no frame is ever scored by a half-loaded model and every result names the
+//! version that produced it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 
@@ -27,17 +34,43 @@ pub struct Batching {
     pub max_wait: Duration,
 }
 
+/// How every worker of the stage runs its model.
+#[derive(Debug, Clone, Copy)]
+pub struct StageConfig {
+    pub precision: Precision,
+    pub batching: Batching,
+}
+
+/// `count` independent copies of `model` (the first is `model` itself): one per inference worker.
+pub fn replicate(model: EfficientAd, count: usize) -> Result<Vec<EfficientAd>, WeightsError> {
+    let mut copies = Vec::with_capacity(count.max(1));
+    for _ in 1..count {
+        copies.push(model.duplicate()?);
+    }
+    copies.insert(0, model);
+    Ok(copies)
+}
+
+/// A new model on its way to one worker; the last worker to install its copy makes the swap visible.
+struct Swap {
+    model: EfficientAd,
+    workers_left: Arc<AtomicUsize>,
+}
+
 /// Hands new models to a running inference stage, and tells how busy it is.
 #[derive(Clone)]
 pub struct ModelSwapper {
-    sender: Sender<EfficientAd>,
+    /// One sender per worker, each holding at most one pending swap. The lock makes a swap reach every
+    /// worker or none, whichever swapper sends it.
+    workers: Arc<Mutex<Vec<Sender<Swap>>>>,
     side: i64,
     queued: Arc<AtomicUsize>,
     serving: Arc<AtomicU64>,
 }
 
 impl ModelSwapper {
-    /// The version of the model scoring frames now (a queued swap counts once it is installed).
+    /// The version of the model that every worker scores with now (a queued swap counts once each worker
+    /// has installed it).
     pub fn serving_version(&self) -> u64 {
         self.serving.load(Ordering::Relaxed)
     }
@@ -62,10 +95,20 @@ impl ModelSwapper {
             );
             return Err(refused(refuse(reason), None));
         }
-        self.sender.try_send(model).map_err(|err| match err {
-            TrySendError::Full(model) => refused(refuse("a swap is already pending".into()), Some(model)),
-            TrySendError::Disconnected(_) => refused(refuse("the inference stage has stopped".into()), None),
-        })
+        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        if workers.iter().any(Sender::is_full) {
+            return Err(refused(refuse("a swap is already pending".into()), Some(model)));
+        }
+        let copies = replicate(model, workers.len()).map_err(|err| refused(err, None))?;
+        let workers_left = Arc::new(AtomicUsize::new(copies.len()));
+        for (worker, model) in workers.iter().zip(copies) {
+            // Only swappers send, under this lock, and every channel had room: a failure means a stopped
+            // worker, and a stopping stage serves nothing more.
+            if worker.try_send(Swap { model, workers_left: workers_left.clone() }).is_err() {
+                return Err(refused(refuse("the inference stage has stopped".into()), None));
+            }
+        }
+        Ok(())
     }
 
     /// Frames waiting in front of inference when the last batch started (the trainer yields to them).
@@ -93,77 +136,161 @@ pub fn check_servable(model: &EfficientAd) -> Result<(), WeightsError> {
     Ok(())
 }
 
-/// Starts the stage, scoring in `precision` (every model it is given, swapped ones included, is converted on
-/// this thread). It ends when `input` is closed and drained (shutdown) or the sink is gone; a
-/// libtorch failure ends it with the error (the frames of that batch stay unacknowledged, so they are
-/// consumed again after a restart).
+/// What every worker of one stage shares.
+struct Shared {
+    config: StageConfig,
+    /// libtorch CPU threads of each worker.
+    threads: usize,
+    input: Receiver<PreparedFrame>,
+    to_sink: mpsc::Sender<SinkItem>,
+    metrics: LineMetrics,
+    health: Arc<LineHealth>,
+    queued: Arc<AtomicUsize>,
+    serving: Arc<AtomicU64>,
+    /// Dropped by the first worker that fails, which ends the others: a stage that lost a worker to a
+    /// libtorch failure stops whole, as one worker did, rather than limp on at a fraction of its rate.
+    abort: Mutex<Option<Sender<()>>>,
+    aborted: Receiver<()>,
+}
+
+/// Starts the stage with one worker per model in `models` (copies of one model, see [`replicate`]),
+/// scoring in `config.precision` (every model it is given, swapped ones included, is converted on its
+/// worker's thread). It ends when `input` is closed and drained (shutdown) or the sink is gone; a
+/// libtorch failure ends it with the error (the frames of the failed batch stay unacknowledged, so they
+/// are consumed again after a restart).
 pub fn spawn(
-    model: EfficientAd,
-    precision: Precision,
-    batching: Batching,
+    models: Vec<EfficientAd>,
+    config: StageConfig,
     input: Receiver<PreparedFrame>,
     to_sink: mpsc::Sender<SinkItem>,
     metrics: LineMetrics,
     health: Arc<LineHealth>,
 ) -> std::io::Result<(JoinHandle<Result<(), String>>, ModelSwapper)> {
-    let (sender, swaps) = crossbeam_channel::bounded(1);
+    let Some(first) = models.first() else {
+        return Err(std::io::Error::other("the inference stage needs a model"));
+    };
+    let (side, version, created) = (first.recipe.image_size, first.info.model_version, first.info.created_unix);
+    let (senders, swaps): (Vec<_>, Vec<_>) = models.iter().map(|_| crossbeam_channel::bounded(1)).unzip();
     let queued = Arc::new(AtomicUsize::new(0));
-    let serving = Arc::new(AtomicU64::new(model.info.model_version));
+    let serving = Arc::new(AtomicU64::new(version));
     let swapper =
-        ModelSwapper { sender, side: model.recipe.image_size, queued: queued.clone(), serving: serving.clone() };
-    // A background trainer may set its own thread count; inference keeps the one the process started with.
-    let threads = crate::torch::parallel_threads();
+        ModelSwapper { workers: Arc::new(Mutex::new(senders)), side, queued: queued.clone(), serving: serving.clone() };
+    metrics.model_loaded(version, created);
+    let (abort, aborted) = crossbeam_channel::bounded(0);
+    // A background trainer may set its own thread count; inference keeps the one the process started with,
+    // shared out between its workers.
+    let threads = (crate::torch::parallel_threads() / models.len()).max(1);
+    let shared = Shared {
+        config,
+        threads,
+        input,
+        to_sink,
+        metrics,
+        health,
+        queued,
+        serving,
+        abort: Mutex::new(Some(abort)),
+        aborted,
+    };
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
-        crate::torch::use_threads(threads);
-        let mut model = model.with_precision(precision);
-        crate::torch::autotune_convolutions(model.device());
-        let mut swaps = swaps;
-        metrics.model_loaded(model.info.model_version, model.info.created_unix);
-        let install = |model: &mut EfficientAd, new: EfficientAd| {
-            log::info!("model version {} replaces version {}", new.info.model_version, model.info.model_version);
-            *model = new.with_precision(precision);
-            serving.store(model.info.model_version, Ordering::Relaxed);
-            metrics.model_loaded(model.info.model_version, model.info.created_unix);
-        };
-        loop {
-            // Idle, the stage waits for a frame or a new model, so a swap never waits for traffic; busy,
-            // swaps land between batches.
-            let next = crossbeam_channel::select! {
-                recv(input) -> frame => frame.ok().map(Ok),
-                recv(swaps) -> new => Some(Err(new.ok())),
-            };
-            let first = match next {
-                None => break,
-                Some(Ok(frame)) => frame,
-                Some(Err(Some(new))) => {
-                    install(&mut model, new);
-                    continue;
-                }
-                Some(Err(None)) => {
-                    // Every swapper is gone: no more swaps can come.
-                    swaps = crossbeam_channel::never();
-                    continue;
-                }
-            };
-            let batch = fill_batch(first, &input, batching.max_batch, batching.max_wait);
-            queued.store(input.len(), Ordering::Relaxed);
-            metrics.queue_depth(Queue::Inference, input.len());
-            if let Ok(new) = swaps.try_recv() {
-                install(&mut model, new);
-            }
-            metrics.batch_run(batch.len());
-            let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_batch(&model, batch)))
-                .map_err(|panic| format!("inference failed: {}", crate::service::panic_message(&*panic)))?;
-            report_output_health(&scored, &health, model.info.model_version);
-            for frame in scored {
-                if to_sink.blocking_send(SinkItem::Scored(frame)).is_err() {
-                    return Ok(());
+        std::thread::scope(|scope| {
+            let mut workers = models.into_iter().zip(swaps);
+            let Some((first_model, first_swaps)) = workers.next() else { return Ok(()) };
+            let mut others = Vec::new();
+            for (index, (model, swaps)) in workers.enumerate() {
+                let shared = &shared;
+                let thread = std::thread::Builder::new()
+                    .name(format!("infer-{}", index + 1))
+                    .spawn_scoped(scope, move || run_worker(shared, model, swaps));
+                match thread {
+                    Ok(thread) => others.push(thread),
+                    Err(err) => {
+                        shared.abort_all();
+                        return Err(format!("cannot start an inference worker: {err}"));
+                    }
                 }
             }
-        }
-        Ok(())
+            let mut outcome = run_worker(&shared, first_model, first_swaps);
+            for thread in others {
+                let joined = thread.join().unwrap_or_else(|_| Err("an inference worker panicked".into()));
+                if outcome.is_ok() {
+                    outcome = joined;
+                }
+            }
+            outcome
+        })
     })?;
     Ok((handle, swapper))
+}
+
+impl Shared {
+    fn abort_all(&self) {
+        drop(self.abort.lock().unwrap_or_else(PoisonError::into_inner).take());
+    }
+
+    fn install(&self, model: &mut EfficientAd, swap: Swap) {
+        let previous = model.info.model_version;
+        *model = swap.model.with_precision(self.config.precision);
+        if swap.workers_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            log::info!("model version {} replaces version {previous}", model.info.model_version);
+            self.serving.store(model.info.model_version, Ordering::Relaxed);
+            self.metrics.model_loaded(model.info.model_version, model.info.created_unix);
+        }
+    }
+}
+
+/// One worker: batches from the shared queue until it is closed and drained, the sink is gone, or another
+/// worker failed.
+fn run_worker(shared: &Shared, model: EfficientAd, swaps: Receiver<Swap>) -> Result<(), String> {
+    crate::torch::use_threads(shared.threads);
+    let mut model = model.with_precision(shared.config.precision);
+    crate::torch::autotune_convolutions(model.device());
+    let mut swaps = swaps;
+    let Batching { max_batch, max_wait } = shared.config.batching;
+    loop {
+        // Idle, the worker waits for a frame or a new model, so a swap never waits for traffic; busy,
+        // swaps land between batches.
+        let next = crossbeam_channel::select! {
+            recv(shared.input) -> frame => frame.ok().map(Ok),
+            recv(swaps) -> new => Some(Err(new.ok())),
+            recv(shared.aborted) -> _ => None,
+        };
+        let first = match next {
+            None => break,
+            Some(Ok(frame)) => frame,
+            Some(Err(Some(new))) => {
+                shared.install(&mut model, new);
+                continue;
+            }
+            Some(Err(None)) => {
+                // Every swapper is gone: no more swaps can come.
+                swaps = crossbeam_channel::never();
+                continue;
+            }
+        };
+        let batch = fill_batch(first, &shared.input, max_batch, max_wait);
+        shared.queued.store(shared.input.len(), Ordering::Relaxed);
+        shared.metrics.queue_depth(Queue::Inference, shared.input.len());
+        if let Ok(new) = swaps.try_recv() {
+            shared.install(&mut model, new);
+        }
+        shared.metrics.batch_run(batch.len());
+        let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score_batch(&model, batch)));
+        let scored = match scored {
+            Ok(scored) => scored,
+            Err(panic) => {
+                shared.abort_all();
+                return Err(format!("inference failed: {}", crate::service::panic_message(&*panic)));
+            }
+        };
+        report_output_health(&scored, &shared.health, model.info.model_version);
+        for frame in scored {
+            if shared.to_sink.blocking_send(SinkItem::Scored(frame)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A model whose every map in a batch is non-finite is broken (readiness goes false, so alerts and the
@@ -339,12 +466,102 @@ mod tests {
         max_batch: usize,
         health: Arc<LineHealth>,
     ) -> RunningStage {
+        start_workers(replicate(model, 1).unwrap(), precision, max_batch, health)
+    }
+
+    fn start_workers(
+        models: Vec<EfficientAd>,
+        precision: Precision,
+        max_batch: usize,
+        health: Arc<LineHealth>,
+    ) -> RunningStage {
         let (to_infer, input) = crossbeam_channel::bounded(8);
         let (to_sink, output) = mpsc::channel(8);
         let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let batching = Batching { max_batch, max_wait: Duration::from_millis(1) };
-        let (stage, swapper) = spawn(model, precision, batching, input, to_sink, metrics, health).unwrap();
+        let config = StageConfig { precision, batching };
+        let (stage, swapper) = spawn(models, config, input, to_sink, metrics, health).unwrap();
         RunningStage { to_infer, output, stage, swapper }
+    }
+
+    fn scored(item: Option<SinkItem>) -> ScoredFrame {
+        match item {
+            Some(SinkItem::Scored(frame)) => frame,
+            other => panic!("expected a scored frame, got {other:?}"),
+        }
+    }
+
+    /// Two workers, each with its own copy, score every frame once and to the same scores as one worker;
+    /// a swap counts as serving once both workers have it, and every frame sent after it is scored by the
+    /// new model, whichever worker takes it.
+    #[test]
+    fn two_workers_score_like_one_and_both_take_a_swap() {
+        let tracker = crate::service::ack::OffsetTracker::new();
+        let weights = tiny_model(1, 128).to_bytes().unwrap();
+        let copy = |version: u64| {
+            let mut model = EfficientAd::from_bytes(&weights, "<test>".as_ref(), Device::Cpu).unwrap();
+            model.info.model_version = version;
+            model
+        };
+        let frame = |offset: i64| {
+            let mut frame = prepared(&tracker, offset);
+            frame.input = (0..3 * 128 * 128).map(|i| ((i + offset as usize * 13) * 7 % 251) as u8).collect();
+            frame
+        };
+        let score_all = |models: Vec<EfficientAd>, swap_to: Option<u64>| {
+            let workers = models.len();
+            let RunningStage { to_infer, mut output, stage, swapper } =
+                start_workers(models, Precision::F32, 1, Arc::new(LineHealth::default()));
+            if let Some(version) = swap_to {
+                swapper.swap(copy(version)).unwrap();
+            }
+            let mut scores = std::collections::BTreeMap::new();
+            let mut frame_ids = std::collections::BTreeSet::new();
+            for offset in 0..12 {
+                to_infer.send(frame(offset)).unwrap();
+            }
+            for _ in 0..12 {
+                let frame = scored(output.blocking_recv());
+                assert_eq!(frame.model_version, swap_to.unwrap_or(1), "{workers} workers");
+                frame_ids.insert(frame.meta.frame_id.clone());
+                scores.insert(frame.meta.source.offset, frame.score);
+            }
+            assert_eq!(frame_ids.len(), 12, "every frame scored once");
+            // A worker that took no frame installs the swap when it wakes for it.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while swapper.serving_version() != swap_to.unwrap_or(1) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(swapper.serving_version(), swap_to.unwrap_or(1));
+            drop(to_infer);
+            assert_eq!(stage.join().unwrap(), Ok(()));
+            scores
+        };
+        let alone = score_all(vec![copy(1)], None);
+        let pair = score_all(replicate(copy(1), 2).unwrap(), None);
+        for (offset, score) in &alone {
+            assert!((score - pair[offset]).abs() <= 1e-4 * score.abs(), "frame {offset}: {score} vs {}", pair[offset]);
+        }
+        score_all(replicate(copy(1), 2).unwrap(), Some(5));
+    }
+
+    /// Before, a worker that failed would have left the other scoring at half the rate, and the stage's
+    /// failure would have surfaced only at shutdown. Now the first failure ends every worker.
+    #[test]
+    fn a_failing_worker_stops_the_whole_stage() {
+        let tracker = crate::service::ack::OffsetTracker::new();
+        let RunningStage { to_infer, output: _output, stage, .. } = start_workers(
+            replicate(tiny_model(1, 128), 3).unwrap(),
+            Precision::F32,
+            1,
+            Arc::new(LineHealth::default()),
+        );
+        let mut broken = prepared(&tracker, 0);
+        broken.input.truncate(10); // not a 128 px frame: the batch tensor cannot be shaped
+        to_infer.send(broken).unwrap();
+        let outcome = stage.join().unwrap();
+        assert!(outcome.as_ref().is_err_and(|reason| reason.contains("inference failed")), "{outcome:?}");
+        assert!(to_infer.send(prepared(&tracker, 1)).is_err(), "no worker is left to take frames");
     }
 
     /// Before: `f32::max` skipped the NaN values and the frame was scored on the rest, `normal`.
@@ -359,10 +576,6 @@ mod tests {
             Some(crate::model::MapQuantiles { student_teacher: (f64::NAN, 1.0), autoencoder: (0.0, 1.0) });
         let RunningStage { to_infer, mut output, stage, swapper } =
             start_stage(broken, Precision::F32, 1, health.clone());
-        let scored = |item: Option<SinkItem>| match item {
-            Some(SinkItem::Scored(frame)) => frame,
-            other => panic!("expected a scored frame, got {other:?}"),
-        };
         to_infer.send(prepared(&tracker, 0)).unwrap();
         let frame = scored(output.blocking_recv());
         // The padded border of the map stays finite (zeros), so `f32::max` alone would have scored it 0.

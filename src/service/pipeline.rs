@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::model::EfficientAd;
 use crate::service::ack::OffsetTracker;
-use crate::service::infer::{Batching, ModelSwapper};
+use crate::service::infer::{Batching, ModelSwapper, StageConfig};
 use crate::service::metrics::{LineHealth, LineMetrics, Metrics};
 use crate::service::preprocess::PoolConfig;
 use crate::service::retrain::models_topic::{FeedError, ModelFeed, Published};
@@ -328,15 +328,24 @@ async fn start_line(
     .map_err(|err| PipelineError::Stage { line: name.into(), reason: format!("loading the model panicked: {err}") })?;
     let (model, from_topic) =
         loaded.map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
+    let workers = line.inference_workers;
     log::info!(
-        "line {name}: model {} version {} ({} px, {}) on {} in {}",
+        "line {name}: model {} version {} ({} px, {}) in {} on {} inference worker{} of {}",
         if from_topic { "from the models topic".to_string() } else { line.model.display().to_string() },
         model.info.model_version,
         model.recipe.image_size,
         model.recipe.preset,
-        crate::torch::describe_threads(device, crate::torch::parallel_threads()),
-        line.precision
+        line.precision,
+        workers,
+        if workers == 1 { "" } else { "s" },
+        crate::torch::describe_threads(device, (crate::torch::parallel_threads() / workers).max(1)),
     );
+    if !device.is_cuda() && workers > crate::torch::parallel_threads() {
+        log::warn!(
+            "line {name}: {workers} inference workers on {} CPU threads: each gets one, and they compete for cores",
+            crate::torch::parallel_threads()
+        );
+    }
     health.model_loaded.store(true, Ordering::Relaxed);
     let side = model.recipe.image_size as u32;
     let serving_version = model.info.model_version;
@@ -381,11 +390,15 @@ async fn start_line(
         to_sink.clone(),
         line_metrics.clone(),
     )?;
-    let batching = Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() };
+    let stage = StageConfig {
+        precision: line.precision,
+        batching: Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() },
+    };
+    let models = crate::service::infer::replicate(model, line.inference_workers)
+        .map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
     let (infer, swapper) = crate::service::infer::spawn(
-        model,
-        line.precision,
-        batching,
+        models,
+        stage,
         infer_queue,
         to_sink.clone(),
         line_metrics.clone(),

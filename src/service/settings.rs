@@ -239,6 +239,12 @@ pub struct LineSettings {
     /// Decoding threads; 0 means one per CPU core.
     #[serde(default)]
     pub preprocess_workers: usize,
+    /// Threads scoring batches side by side, each with its own copy of the model and an equal share of
+    /// the CPU threads. One worker spreads each batch over every core; on CPUs shared with other work
+    /// (decoding, Kafka clients, a broker) two or more workers of fewer threads each stall less, at the
+    /// cost of each frame's inference taking longer (see BENCHMARKS.md, "Serving speed").
+    #[serde(default = "default_inference_workers")]
+    pub inference_workers: usize,
     /// Largest inference batch.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
@@ -489,6 +495,9 @@ fn default_map_format() -> MapFormat {
 fn default_device() -> DeviceChoice {
     DeviceChoice::Auto
 }
+fn default_inference_workers() -> usize {
+    1
+}
 fn default_max_batch() -> usize {
     8
 }
@@ -620,6 +629,9 @@ impl Settings {
             if !(line.threshold.is_finite()) {
                 problems.push(format!("{}: {} is not a finite number", key("threshold"), line.threshold));
             }
+            if line.inference_workers == 0 || line.inference_workers > 64 {
+                problems.push(format!("{}: {} (expected 1..=64)", key("inference_workers"), line.inference_workers));
+            }
             if line.max_batch == 0 || line.max_batch > 256 {
                 problems.push(format!("{}: {} (expected 1..=256)", key("max_batch"), line.max_batch));
             }
@@ -721,6 +733,7 @@ impl LineSettings {
             device: default_device(),
             precision: Precision::F32,
             preprocess_workers: 0,
+            inference_workers: default_inference_workers(),
             max_batch: default_max_batch(),
             max_batch_wait_ms: default_max_batch_wait_ms(),
             max_in_flight: default_max_in_flight(),
@@ -793,7 +806,10 @@ threshold = 0.4
         assert_eq!(line.results_topic, "lineguard.results");
         assert_eq!(line.maps_output(), Some("lineguard.maps"));
         assert_eq!(line.group_id("juice"), "lineguard-juice");
-        assert_eq!((line.max_batch, line.max_batch_wait_ms, line.max_in_flight), (8, 20, 64));
+        assert_eq!(
+            (line.max_batch, line.max_batch_wait_ms, line.max_in_flight, line.inference_workers),
+            (8, 20, 64, 1)
+        );
         assert_eq!(settings.metrics.listen, "0.0.0.0:9464");
     }
 
@@ -919,6 +935,7 @@ results_topic = "frames"
 threshold = 0.4
 max_batch = 16
 max_in_flight = 4
+inference_workers = 0
 [lines.b]
 model = "m"
 input_topics = []
@@ -931,6 +948,7 @@ group_id = "lineguard-a"
             "metrics.listen",
             "lines.a.results_topic",
             "lines.a.max_in_flight",
+            "lines.a.inference_workers",
             "lines.b.input_topics",
             "lines.b.group_id",
         ] {
