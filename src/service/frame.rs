@@ -112,10 +112,15 @@ pub struct ScoredFrame {
 }
 
 impl ScoredFrame {
-    /// Whether the frame may teach the model: judged (an unjudged frame's score is NaN) and scored below
-    /// the acceptance score.
+    /// Whether the model's map of the frame is finite, so its score can give a verdict (otherwise the score
+    /// is NaN and the frame gets an error result).
+    pub fn is_judged(&self) -> bool {
+        self.non_finite == 0
+    }
+
+    /// Whether the frame may teach the model: judged and scored below the acceptance score.
     pub fn is_acceptable(&self, accept_below: f32) -> bool {
-        self.non_finite == 0 && self.score < accept_below
+        self.is_judged() && self.score < accept_below
     }
 }
 

@@ -219,6 +219,7 @@ async fn publish_scored(
     health: &LineHealth,
 ) {
     let started = Instant::now();
+    let judged = frame.is_judged();
     let ScoredFrame {
         meta,
         camera,
@@ -233,7 +234,6 @@ async fn publish_scored(
         payload,
         ack,
     } = frame;
-    let judged = non_finite == 0;
     let anomalous = judged && score > config.threshold;
     let verdict = match (judged, anomalous) {
         (false, _) => "error",
