@@ -1,14 +1,16 @@
-//! The inference stage: `workers` OS threads, each owning a copy of the model (libtorch tensors are `Send`
-//! but not `Sync`), each gathering prepared frames from the shared queue into batches (up to `max_batch`,
-//! or whatever arrived `max_batch_wait` after the first), copying their bytes to the model's device,
-//! normalising and scoring them without gradients, and handing each scored frame to the sink.
+//! The inference stage: `inference_workers` OS threads, each owning a copy of the model (libtorch
+//! tensors are `Send` but not `Sync`), each gathering prepared frames from the shared queue into batches
+//! (up to `max_batch`, or whatever arrived `max_batch_wait` after the first), copying their bytes to the
+//! model's device, normalising and scoring them without gradients, and handing each scored frame to the
+//! sink.
 //!
 //! Why several workers: one worker parallelises each batch across the cores (libtorch's OpenMP team), and
 //! the team's threads wait for each other at every layer, so any other thread that takes a core for a
 //! moment (the decode pool, the Kafka clients, a broker on the same machine) stalls the whole team. Workers
-//! of one thread each score different batches side by side and only stall one at a time; on a GPU, one
-//! worker's host work (copies, the maps' conversion) overlaps another's kernels. Frames may then leave the
-//! stage slightly out of order; offsets are committed per frame (`ack`), so that loses nothing.
+//! of one thread each score different batches side by side and only stall one at a time (measured in
+//! BENCHMARKS.md); on a GPU, one worker's host work (copies, the maps' conversion) can overlap another's
+//! kernels (not measured yet). Frames may then leave the stage slightly out of order; offsets are
+//! committed per frame (`ack`), so that loses nothing.
 //!
 //! The model is replaceable at runtime through a [`ModelSwapper`]: every worker picks the new model up
 //! between two batches, so no frame is ever scored by a half-loaded model and every result names the
