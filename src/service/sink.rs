@@ -408,15 +408,20 @@ pub fn encode_map(map: &[f32], side: u32, range: (f32, f32), format: MapFormat) 
     match format {
         MapFormat::F16 => ("f16", map.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
         MapFormat::Png | MapFormat::None => {
-            let (low, high) = range;
-            let span = (high - low).max(1e-6);
-            let picture = image::RgbImage::from_fn(side, side, |x, y| {
-                let v = map.get((y * side + x) as usize).copied().unwrap_or(0.0);
-                crate::eval::heatmap::colour(((v - low) / span).clamp(0.0, 1.0))
-            });
+            use image::ImageEncoder;
+            let mut pixels = crate::eval::heatmap::colourise(map, range);
+            // A short map (never from the inference stage) is padded dark rather than refused.
+            pixels.resize(3 * (side * side) as usize, 0);
             let mut bytes = Vec::new();
+            // fdeflate's fast mode, which `image` also picks by default: a 256 px map takes 0.58 ms in all,
+            // where the balanced level takes 15.7 ms for 13% fewer bytes (`cargo bench --bench maps`).
             // Writing a PNG into memory only fails on allocation failure.
-            if let Err(err) = picture.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png) {
+            let encoder = image::codecs::png::PngEncoder::new_with_quality(
+                &mut bytes,
+                image::codecs::png::CompressionType::Fast,
+                image::codecs::png::FilterType::Adaptive,
+            );
+            if let Err(err) = encoder.write_image(&pixels, side, side, image::ExtendedColorType::Rgb8) {
                 log::error!("cannot encode a heatmap PNG: {err}");
             }
             ("png", bytes)
