@@ -296,7 +296,7 @@ fn side_by_side(
     batch: i64,
 ) -> anyhow::Result<(f64, usize)> {
     let workers = args.inference_workers;
-    let threads = (lineguard::torch::parallel_threads() / workers).max(1);
+    let threads = lineguard::service::infer::threads_per_worker(workers);
     let models: Vec<EfficientAd> = (0..workers).map(|_| copy(precision)).collect::<anyhow::Result<_>>()?;
     let start_line = std::sync::Barrier::new(workers);
     let start_line = &start_line;

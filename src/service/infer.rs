@@ -43,6 +43,13 @@ pub struct StageConfig {
     pub batching: Batching,
 }
 
+/// libtorch CPU threads of each of `workers` inference workers: the process's parallel threads shared
+/// out, at least one each. (A background trainer may set its own thread count; inference keeps the one
+/// the process started with.)
+pub fn threads_per_worker(workers: usize) -> usize {
+    (crate::torch::parallel_threads() / workers.max(1)).max(1)
+}
+
 /// `count` independent copies of `model` (the first is `model` itself): one per inference worker.
 pub fn replicate(model: EfficientAd, count: usize) -> Result<Vec<EfficientAd>, WeightsError> {
     let mut copies = Vec::with_capacity(count.max(1));
@@ -168,23 +175,23 @@ pub fn spawn(
     metrics: LineMetrics,
     health: Arc<LineHealth>,
 ) -> std::io::Result<(JoinHandle<Result<(), String>>, ModelSwapper)> {
-    let Some(first) = models.first() else {
+    let worker_count = models.len();
+    let (senders, swaps): (Vec<_>, Vec<_>) = models.iter().map(|_| crossbeam_channel::bounded(1)).unzip();
+    let mut workers = models.into_iter().zip(swaps);
+    let Some((first_model, first_swaps)) = workers.next() else {
         return Err(std::io::Error::other("the inference stage needs a model"));
     };
-    let (side, version, created) = (first.recipe.image_size, first.info.model_version, first.info.created_unix);
-    let (senders, swaps): (Vec<_>, Vec<_>) = models.iter().map(|_| crossbeam_channel::bounded(1)).unzip();
+    let (side, version, created) =
+        (first_model.recipe.image_size, first_model.info.model_version, first_model.info.created_unix);
     let queued = Arc::new(AtomicUsize::new(0));
     let serving = Arc::new(AtomicU64::new(version));
     let swapper =
         ModelSwapper { workers: Arc::new(Mutex::new(senders)), side, queued: queued.clone(), serving: serving.clone() };
     metrics.model_loaded(version, created);
     let (abort, aborted) = crossbeam_channel::bounded(0);
-    // A background trainer may set its own thread count; inference keeps the one the process started with,
-    // shared out between its workers.
-    let threads = (crate::torch::parallel_threads() / models.len()).max(1);
     let shared = Shared {
         config,
-        threads,
+        threads: threads_per_worker(worker_count),
         input,
         to_sink,
         metrics,
@@ -196,8 +203,6 @@ pub fn spawn(
     };
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
         std::thread::scope(|scope| {
-            let mut workers = models.into_iter().zip(swaps);
-            let Some((first_model, first_swaps)) = workers.next() else { return Ok(()) };
             let mut others = Vec::new();
             for (index, (model, swaps)) in workers.enumerate() {
                 let shared = &shared;
@@ -299,7 +304,7 @@ fn run_worker(shared: &Shared, model: EfficientAd, swaps: Receiver<Swap>) -> Res
 /// orchestrator see it); one fully finite batch makes it healthy again. A single bad map among good ones
 /// is that frame's problem and only gives it an error result.
 fn report_output_health(scored: &[ScoredFrame], health: &LineHealth, version: u64) {
-    let broken = scored.iter().filter(|frame| frame.non_finite > 0).count();
+    let broken = scored.iter().filter(|frame| !frame.is_judged()).count();
     if broken == scored.len() && broken > 0 {
         if !health.model_output_broken.swap(true, Ordering::Relaxed) {
             log::error!("model version {version} produces non-finite anomaly maps: frames get error results");

@@ -338,7 +338,7 @@ async fn start_line(
         line.precision,
         workers,
         if workers == 1 { "" } else { "s" },
-        crate::torch::describe_threads(device, (crate::torch::parallel_threads() / workers).max(1)),
+        crate::torch::describe_threads(device, crate::service::infer::threads_per_worker(workers)),
     );
     if !device.is_cuda() && workers > crate::torch::parallel_threads() {
         log::warn!(
