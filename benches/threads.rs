@@ -12,7 +12,12 @@
 //! - `main-thread`: the main thread scores (the old model-only measurement);
 //! - `two-workers`: opt-in, then two spawned threads of one libtorch thread each score side by side, each
 //!   with its own copy of the model (`inference_workers = 2`); time per image = the slower one's time /
-//!   all calls, so it compares with the others' time per call at batch 1.
+//!   all calls, so it compares with the others' time per call at batch 1;
+//! - `two-lines`: as `two-workers`, but each thread takes all the CPU threads, as two lines of one
+//!   process each sized their inference alone (before the threads were shared out across lines): two
+//!   OpenMP teams, twice as many threads as cores;
+//! - `half-threads`: opt-in, one spawned thread scores with half the CPU threads: a line whose threads
+//!   were shared with another line of the process that has nothing to score.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,7 +30,7 @@ use lineguard::model::config::{Preset, Recipe};
 use lineguard::model::{EfficientAd, MapQuantiles, Precision};
 use tch::{Device, Kind, Tensor};
 
-const CASES: [&str; 4] = ["main-team", "opt-in", "main-thread", "two-workers"];
+const CASES: [&str; 6] = ["main-team", "opt-in", "main-thread", "two-workers", "two-lines", "half-threads"];
 const CHILD: &str = "LINEGUARD_BENCH_THREADS_CASE";
 
 fn main() {
@@ -64,7 +69,7 @@ fn run_case(case: &str, args: &[String]) -> f64 {
     let calls: usize = arg(args, "--calls", 15);
     let precision: String = arg(args, "--precision", "f32".to_string());
     let precision = <Precision as clap::ValueEnum>::from_str(&precision, true).expect("--precision f32|bf16|f16");
-    if case == "opt-in" || case == "two-workers" {
+    if case != "main-team" && case != "main-thread" {
         lineguard::torch::make_parallelism_opt_in();
     }
     let recipe = Recipe { image_size: side, ..Recipe::preset(Preset::Dfsc) };
@@ -87,7 +92,8 @@ fn run_case(case: &str, args: &[String]) -> f64 {
         return score(&model.with_precision(precision));
     }
     let bytes = model.to_bytes().expect("model bytes");
-    if case == "two-workers" {
+    if case == "two-workers" || case == "two-lines" {
+        let threads = if case == "two-lines" { lineguard::torch::parallel_threads() } else { 1 };
         // Both workers start timing together, after their warm-up; the slower one sets the rate.
         let start_line = std::sync::Arc::new(std::sync::Barrier::new(2));
         let workers: Vec<_> = (0..2)
@@ -95,7 +101,7 @@ fn run_case(case: &str, args: &[String]) -> f64 {
                 let bytes = bytes.clone();
                 let start_line = start_line.clone();
                 std::thread::spawn(move || {
-                    lineguard::torch::use_threads(1);
+                    lineguard::torch::use_threads(threads);
                     let model = EfficientAd::from_bytes(&bytes, Path::new("<bench>"), Device::Cpu).expect("a model");
                     let model = model.with_precision(precision);
                     let images = Tensor::rand([batch, side, side, 3], (Kind::Float, Device::Cpu)).permute([0, 3, 1, 2]);
@@ -112,8 +118,10 @@ fn run_case(case: &str, args: &[String]) -> f64 {
         let slowest = workers.into_iter().map(|w| w.join().expect("worker")).fold(0.0, f64::max);
         return slowest / (2 * calls) as f64;
     }
+    let threads = lineguard::torch::parallel_threads();
+    let threads = if case == "half-threads" { (threads / 2).max(1) } else { threads };
     std::thread::spawn(move || {
-        lineguard::torch::use_threads(lineguard::torch::parallel_threads());
+        lineguard::torch::use_threads(threads);
         let model = EfficientAd::from_bytes(&bytes, Path::new("<bench>"), Device::Cpu).expect("a model");
         score(&model.with_precision(precision))
     })

@@ -1,6 +1,6 @@
 //! The serving benchmark's GPU script, rehearsed on the CPU at toy sizes so that it cannot rot between
 //! lent windows: both runs of `benches/gpu_serving.sh` through a real broker and the real pipeline,
-//! checked for every measurement the GPU window is meant to bring back.
+//! checked for every measurement the GPU window is meant to bring back; and `bench-serving --lines`.
 
 mod common;
 
@@ -99,4 +99,33 @@ fn gpu_serving_script_rehearses_on_the_cpu() {
     assert!(number(&sharing["trainer_steps_per_second"]) > 0.0, "the trainer ran: {sharing}");
     assert!(number(&sharing["ratio"]) > 0.0, "{sharing}");
     assert!(std::fs::read_to_string(results.join("synthetic/serving.md")).unwrap().contains("## Sharing the device"));
+}
+
+/// `--lines 2`: two lines consume every frame, and each step waits for and counts both lines' results.
+#[test]
+fn two_lines_each_score_every_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lineguard"))
+        .args(["bench-serving", "--cpu", "--side", "128", "--channels", "8", "--precisions", "f32", "--batches", "1"])
+        .args(["--seconds", "0.2", "--stream-seconds", "3", "--start-rate", "4", "--max-steps", "1"])
+        .args(["--trainer-rounds", "0", "--distinct-frames", "4", "--lines", "2", "--inference-threads", "1"])
+        .arg("--out-dir")
+        .arg(&out)
+        .env("LINEGUARD_NISSHI", common::kafka::nisshi())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", common::stdout(&output), common::stderr(&output));
+    assert!(output.status.success(), "{text}");
+    let report = report(&out.join("serving.json"));
+    assert_eq!((report["lines"].as_u64(), report["inference_threads"].as_u64()), (Some(2), Some(1)), "{report}");
+    let steps = report["end_to_end"].as_array().unwrap();
+    // 4 frames/s offered for 3 s: 12 frames, each scored by both lines.
+    assert_eq!(steps[0]["offered_per_second"], 4.0, "{steps:?}");
+    assert_eq!(steps[0]["frames"], 24, "{steps:?}");
+    assert!(steps.iter().all(|step| step["frames"].as_u64().unwrap() % 2 == 0), "{steps:?}");
+    let side_by_side = report["model_only"].as_array().unwrap().iter().filter(|row| row["workers"] == 2).count();
+    assert_eq!(side_by_side, 1, "both lines' workers measured side by side: {report}");
+    let markdown = std::fs::read_to_string(out.join("serving.md")).unwrap();
+    assert!(markdown.contains("2 lines of 1 inference worker(s) of 1 CPU thread(s)"), "{markdown}");
 }

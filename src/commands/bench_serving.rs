@@ -46,8 +46,12 @@ struct Report {
     image_size: i64,
     channels: i64,
     model: String,
-    /// The pipeline's `inference_workers` in the end-to-end steps.
+    /// The pipeline's `inference_workers` in the end-to-end steps, in each of its `lines`.
     inference_workers: usize,
+    /// Lines in the pipeline, each scoring every frame; end-to-end rates count the results of all.
+    lines: usize,
+    /// The pipeline's `inference_threads` (0: each line's workers share all the CPU threads).
+    inference_threads: usize,
     /// The command line that reproduces this report.
     command: String,
     model_only: Vec<ModelOnlyRow>,
@@ -91,7 +95,9 @@ struct StreamStep {
     precision: Precision,
     /// Frames/s offered by the producer; `None` = flat out.
     offered_per_second: Option<f64>,
+    /// Results: frames × lines (every line scores every frame).
     frames: usize,
+    /// Results per second, all lines together.
     achieved_per_second: f64,
     latency_p50_ms: f64,
     latency_p99_ms: f64,
@@ -127,6 +133,12 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
     if !(1..=64).contains(&args.inference_workers) {
         bail!("--inference-workers {}: expected 1..=64", args.inference_workers);
     }
+    if !(1..=16).contains(&args.lines) {
+        bail!("--lines {}: expected 1..=16", args.lines);
+    }
+    if args.inference_threads > 1024 {
+        bail!("--inference-threads {}: expected 0..=1024", args.inference_threads);
+    }
     if args.require_cuda && !device.is_cuda() {
         bail!("--require-cuda: libtorch sees no CUDA device");
     }
@@ -139,6 +151,8 @@ pub fn run(args: &BenchServingArgs) -> anyhow::Result<()> {
         channels: model.recipe.channels,
         model: args.model.as_ref().map_or("untrained DFSC preset".into(), |p| p.display().to_string()),
         inference_workers: args.inference_workers,
+        lines: args.lines,
+        inference_threads: args.inference_threads,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         ..Default::default()
     };
@@ -262,12 +276,12 @@ fn measure_model_only(
             });
             write_report(report, &args.out_dir)?;
         }
-        if args.inference_workers > 1 {
+        let workers = args.inference_workers * args.lines;
+        if workers > 1 {
             for &batch in &args.batches {
-                let (images_per_second, calls) = side_by_side(args, copy, precision, batch)?;
+                let (images_per_second, calls) = side_by_side(args, copy, precision, batch, workers)?;
                 log::info!(
-                    "model only, {precision}, batch {batch}, {} workers: {images_per_second:.1} images/s",
-                    args.inference_workers
+                    "model only, {precision}, batch {batch}, {workers} workers: {images_per_second:.1} images/s"
                 );
                 report.model_only.push(ModelOnlyRow {
                     precision,
@@ -276,7 +290,7 @@ fn measure_model_only(
                     calls,
                     map_difference_vs_f32: difference,
                     cudnn_benchmark: cuda.then_some(true),
-                    workers: args.inference_workers,
+                    workers,
                     channels_last: true,
                 });
                 write_report(report, &args.out_dir)?;
@@ -286,17 +300,20 @@ fn measure_model_only(
     Ok(())
 }
 
-/// `--inference-workers` threads scoring batches of `batch` side by side, as the inference stage's workers
-/// do: each its own copy of the model and its share of the CPU threads. They start timing together after
-/// their warm-up; the rate is the sum of theirs. Returns (images/s, calls in all).
+/// `workers` threads scoring batches of `batch` side by side, as the inference stages' workers do (every
+/// line's): each its own copy of the model and its share of the CPU threads. They start timing together
+/// after their warm-up; the rate is the sum of theirs. Returns (images/s, calls in all).
 fn side_by_side(
     args: &BenchServingArgs,
     copy: &dyn Fn(Precision) -> anyhow::Result<EfficientAd>,
     precision: Precision,
     batch: i64,
+    workers: usize,
 ) -> anyhow::Result<(f64, usize)> {
-    let workers = args.inference_workers;
-    let threads = lineguard::service::infer::threads_per_worker(workers);
+    let threads = match args.inference_threads {
+        0 => lineguard::service::infer::threads_per_worker(workers),
+        threads => threads,
+    };
     let models: Vec<EfficientAd> = (0..workers).map(|_| copy(precision)).collect::<anyhow::Result<_>>()?;
     let start_line = std::sync::Barrier::new(workers);
     let start_line = &start_line;
@@ -438,11 +455,11 @@ impl StreamLine<'_> {
         let topic = |kind: &str| format!("serving.{precision}.{kind}");
         let (input, results, maps, dead) = (topic("frames"), topic("results"), topic("maps"), topic("dead-letter"));
         lineguard::service::kafka::ensure_topics(&kafka, &[&input, &results, &maps, &dead], args.partitions).await?;
-        let line = LineSettings {
+        let line = |index: usize| LineSettings {
             results_topic: results.clone(),
-            maps_topic: maps,
-            dead_letter_topic: dead,
-            group_id: Some(format!("serving-{precision}")),
+            maps_topic: maps.clone(),
+            dead_letter_topic: dead.clone(),
+            group_id: Some(format!("serving-{precision}-{index}")),
             map_format: args.map_format,
             precision,
             device: if args.cpu {
@@ -452,15 +469,17 @@ impl StreamLine<'_> {
             },
             max_batch: args.batches.iter().copied().max().unwrap_or(8).max(1) as usize,
             inference_workers: args.inference_workers,
+            inference_threads: args.inference_threads,
             max_batch_wait_ms: args.max_batch_wait_ms,
             max_in_flight: args.max_in_flight,
             ..LineSettings::with_defaults(self.model.to_path_buf(), vec![input.clone()], 0.5)
         };
+        let lines = (0..args.lines).map(|index| (format!("bench-{index}"), line(index))).collect();
         let settings = Settings {
             kafka: kafka.clone(),
             metrics: MetricsSettings { listen: String::new(), ..Default::default() },
             shutdown: Default::default(),
-            lines: BTreeMap::from([("bench".to_string(), line)]),
+            lines,
         };
         let pipeline = lineguard::service::pipeline::start(&settings).await?;
         let reader: StreamConsumer = ClientConfig::new()
@@ -472,16 +491,24 @@ impl StreamLine<'_> {
             .create()?;
         reader.subscribe(&[&results])?;
         let producer = lineguard::service::kafka::producer_config(&kafka).create()?;
-        let stream =
-            Stream { input: &input, reader: &reader, producer: &producer, frames, broker_pid: self.broker_pid };
+        let stream = Stream {
+            input: &input,
+            lines: args.lines,
+            reader: &reader,
+            producer: &producer,
+            frames,
+            broker_pid: self.broker_pid,
+        };
 
         // Group join, first fetch, first batches: not part of any step.
         stream.step("warm-up", precision, 2 * frames.len().max(8), None).await?;
-        let mut rate = args.start_rate.unwrap_or(0.25 * model_only_rate).max(1.0);
+        // Offered rates are frames/s into the topic; every line scores each frame.
+        let lines = args.lines as f64;
+        let mut rate = args.start_rate.unwrap_or(0.25 * model_only_rate / lines).max(1.0);
         for step in 0..args.max_steps {
             let count = ((rate * args.stream_seconds).ceil() as usize).max(8);
             let measured = stream.step(&format!("step{step}"), precision, count, Some(rate)).await?;
-            let kept_up = measured.achieved_per_second >= 0.9 * rate;
+            let kept_up = measured.achieved_per_second >= 0.9 * rate * lines;
             log::info!(
                 "{precision}: offered {rate:.1}/s, achieved {:.1}/s, p50 {:.1} ms, p99 {:.1} ms",
                 measured.achieved_per_second,
@@ -495,9 +522,8 @@ impl StreamLine<'_> {
             }
             rate *= args.rate_factor;
         }
-        let count = ((report.end_to_end.last().map_or(1.0, |s| s.achieved_per_second) * args.stream_seconds).ceil()
-            as usize)
-            .max(8);
+        let last_rate = report.end_to_end.last().map_or(1.0, |s| s.achieved_per_second) / lines;
+        let count = ((last_rate * args.stream_seconds).ceil() as usize).max(8);
         let flat_out = stream.step("flat", precision, count, None).await?;
         log::info!("{precision}: flat out {:.1}/s", flat_out.achieved_per_second);
         report.end_to_end.push(flat_out);
@@ -509,6 +535,8 @@ impl StreamLine<'_> {
 
 struct Stream<'a> {
     input: &'a str,
+    /// Lines scoring every frame: each frame has this many results.
+    lines: usize,
     reader: &'a StreamConsumer,
     producer: &'a rdkafka::producer::FutureProducer,
     frames: &'a [PathBuf],
@@ -517,7 +545,7 @@ struct Stream<'a> {
 
 impl Stream<'_> {
     /// Sends `count` frames (cycling through the files) at `rate` (`None`: flat out) and waits for all of
-    /// their results.
+    /// their results (every line's); rates and per-frame figures count results.
     async fn step(
         &self,
         name: &str,
@@ -535,22 +563,23 @@ impl Stream<'_> {
         let sent = send_files(self.producer, &files, &sending, 0, |_| {});
         tokio::pin!(sent);
         let mut sent_done = false;
+        let results = count * self.lines;
         let mut seen = HashSet::new();
-        let mut latencies = Vec::with_capacity(count);
-        let mut in_pipeline = Vec::with_capacity(count);
+        let mut latencies = Vec::with_capacity(results);
+        let mut in_pipeline = Vec::with_capacity(results);
         let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut batch_sizes = 0usize;
         let mut last = started;
         // A step that cannot finish (a stalled pipeline) must not hang the benchmark.
         let patience = Duration::from_secs_f64(count as f64 / rate.unwrap_or(50.0).max(1.0) + 60.0);
-        while seen.len() < count {
+        while seen.len() < results {
             let remaining = patience.saturating_sub(started.elapsed());
             tokio::select! {
                 done = &mut sent, if !sent_done => { done?; sent_done = true; }
                 message = self.reader.recv() => {
                     let message = message?;
                     let result: ResultRecord = serde_json::from_slice(message.payload().unwrap_or_default())?;
-                    if result.frame_id.starts_with(&prefix) && seen.insert(result.frame_id.clone()) {
+                    if result.frame_id.starts_with(&prefix) && seen.insert((result.line.clone(), result.frame_id.clone())) {
                         latencies.push((lineguard::service::kafka::unix_ms() - result.camera.captured_at_ms) as f64);
                         let timings = &result.timings_ms;
                         in_pipeline.push(timings.in_pipeline);
@@ -562,23 +591,23 @@ impl Stream<'_> {
                         last = Instant::now();
                     }
                 }
-                _ = tokio::time::sleep(remaining) => bail!("{name}: {} of {count} results after {patience:?}", seen.len()),
+                _ = tokio::time::sleep(remaining) => bail!("{name}: {} of {results} results after {patience:?}", seen.len()),
             }
         }
         let wall = (last - started).as_secs_f64();
         let cpu = ThreadCpu::read(self.broker_pid).since(&cpu_before);
-        let per_frame = |seconds: f64| seconds * 1e3 / count as f64;
+        let per_frame = |seconds: f64| seconds * 1e3 / results as f64;
         Ok(StreamStep {
             precision,
             offered_per_second: rate,
-            frames: count,
-            achieved_per_second: count as f64 / wall,
+            frames: results,
+            achieved_per_second: results as f64 / wall,
             latency_p50_ms: percentile(&latencies, 0.5),
             latency_p99_ms: percentile(&latencies, 0.99),
             in_pipeline_p50_ms: percentile(&in_pipeline, 0.5),
             in_pipeline_p99_ms: percentile(&in_pipeline, 0.99),
             stage_p50_ms: stages.iter().map(|(stage, ms)| (stage.clone(), median(ms))).collect(),
-            mean_batch: batch_sizes as f64 / count as f64,
+            mean_batch: batch_sizes as f64 / results as f64,
             gpu_utilisation_percent: gpu.and_then(GpuSampler::stop),
             cpu_ms_per_frame: cpu.groups.into_iter().map(|(group, seconds)| (group, per_frame(seconds))).collect(),
             broker_cpu_ms_per_frame: cpu.broker.map(per_frame),
@@ -791,8 +820,20 @@ fn markdown(report: &Report) -> String {
         );
     }
     if !report.end_to_end.is_empty() {
-        out += "\n## End to end (JPEG frames through the broker and the pipeline)\n\n\
-                | precision | offered/s | achieved/s | p50 / p99 ms | in pipeline p50 / p99 ms | mean batch | GPU % | CPU ms per frame |\n\
+        out += "\n## End to end (JPEG frames through the broker and the pipeline)\n\n";
+        if report.lines > 1 {
+            out += &format!(
+                "{} lines of {} inference worker(s) of {} each score every frame: offered = frames/s into the \
+                 topic, achieved = results/s of all lines.\n\n",
+                report.lines,
+                report.inference_workers,
+                match report.inference_threads {
+                    0 => "the line's share of the CPU threads".to_string(),
+                    threads => format!("{threads} CPU thread(s)"),
+                }
+            );
+        }
+        out += "| precision | offered/s | achieved/s | p50 / p99 ms | in pipeline p50 / p99 ms | mean batch | GPU % | CPU ms per frame |\n\
                 |---|---|---|---|---|---|---|---|\n";
         for step in &report.end_to_end {
             let cpu: Vec<String> = step

@@ -281,6 +281,16 @@ pub struct BenchServingArgs {
     /// workers side by side, and the end-to-end ratio compares with the best model-only rate of either.
     #[arg(long, default_value_t = 1)]
     pub inference_workers: usize,
+    /// Lines in the pipeline, each scoring every frame (its own consumer group of the same topic, as lines
+    /// watching different cameras would). Rates count results of all lines; model-only rates are also
+    /// measured with every line's workers side by side.
+    #[arg(long, default_value_t = 1)]
+    pub lines: usize,
+    /// The pipeline's `inference_threads` (each worker's libtorch CPU threads); 0 shares the CPU threads
+    /// out over one line's workers. Model-only side-by-side rates use the same count (0 there: the CPU
+    /// threads shared out over all the workers side by side).
+    #[arg(long, default_value_t = 0)]
+    pub inference_threads: usize,
     #[arg(long, default_value_t = 512)]
     pub max_in_flight: usize,
     /// Partitions of the frames topic.

@@ -41,11 +41,13 @@ pub struct Batching {
 pub struct StageConfig {
     pub precision: Precision,
     pub batching: Batching,
+    /// libtorch CPU threads of each worker (unused on a GPU).
+    pub cpu_threads: usize,
 }
 
-/// libtorch CPU threads of each of `workers` inference workers: the process's parallel threads shared
-/// out, at least one each. (A background trainer may set its own thread count; inference keeps the one
-/// the process started with.)
+/// libtorch CPU threads of each of a line's `workers` inference workers when `inference_threads` is not
+/// set: the process's parallel threads shared out, at least one each. (A background trainer may set its
+/// own thread count; inference keeps the one the process started with.)
 pub fn threads_per_worker(workers: usize) -> usize {
     (crate::torch::parallel_threads() / workers.max(1)).max(1)
 }
@@ -175,7 +177,6 @@ pub fn spawn(
     metrics: LineMetrics,
     health: Arc<LineHealth>,
 ) -> std::io::Result<(JoinHandle<Result<(), String>>, ModelSwapper)> {
-    let worker_count = models.len();
     let (senders, swaps): (Vec<_>, Vec<_>) = models.iter().map(|_| crossbeam_channel::bounded(1)).unzip();
     let mut workers = models.into_iter().zip(swaps);
     let Some((first_model, first_swaps)) = workers.next() else {
@@ -191,7 +192,7 @@ pub fn spawn(
     let (abort, aborted) = crossbeam_channel::bounded(0);
     let shared = Shared {
         config,
-        threads: threads_per_worker(worker_count),
+        threads: config.cpu_threads.max(1),
         input,
         to_sink,
         metrics,
@@ -486,7 +487,7 @@ mod tests {
         let (to_sink, output) = mpsc::channel(8);
         let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let batching = Batching { max_batch, max_wait: Duration::from_millis(1) };
-        let config = StageConfig { precision, batching };
+        let config = StageConfig { precision, batching, cpu_threads: threads_per_worker(models.len()) };
         let (stage, swapper) = spawn(models, config, input, to_sink, metrics, health).unwrap();
         RunningStage { to_infer, output, stage, swapper }
     }

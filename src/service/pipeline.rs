@@ -125,6 +125,9 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
         address: settings.metrics.listen.clone(),
         source: std::io::Error::other(err.to_string()),
     })?;
+    if role != Role::Trainer {
+        warn_of_oversubscription(settings)?;
+    }
     let (ended_tx, line_ended) = mpsc::unbounded_channel();
     let mut lines = Vec::new();
     let mut health = Vec::new();
@@ -329,6 +332,7 @@ async fn start_line(
     let (model, from_topic) =
         loaded.map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
     let workers = line.inference_workers;
+    let cpu_threads = inference_threads(line);
     log::info!(
         "line {name}: model {} version {} ({} px, {}) in {} on {} inference worker{} of {}",
         if from_topic { "from the models topic".to_string() } else { line.model.display().to_string() },
@@ -338,14 +342,8 @@ async fn start_line(
         line.precision,
         workers,
         if workers == 1 { "" } else { "s" },
-        crate::torch::describe_threads(device, crate::service::infer::threads_per_worker(workers)),
+        crate::torch::describe_threads(device, cpu_threads),
     );
-    if !device.is_cuda() && workers > crate::torch::parallel_threads() {
-        log::warn!(
-            "line {name}: {workers} inference workers on {} CPU threads: each gets one, and they compete for cores",
-            crate::torch::parallel_threads()
-        );
-    }
     health.model_loaded.store(true, Ordering::Relaxed);
     let side = model.recipe.image_size as u32;
     let serving_version = model.info.model_version;
@@ -393,6 +391,7 @@ async fn start_line(
     let stage = StageConfig {
         precision: line.precision,
         batching: Batching { max_batch: line.max_batch, max_wait: line.max_batch_wait() },
+        cpu_threads,
     };
     let models = crate::service::infer::replicate(model, line.inference_workers)
         .map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
@@ -552,6 +551,41 @@ async fn join_background(background: Background) -> Result<(), PipelineError> {
     }
 }
 
+/// libtorch CPU threads of each of the line's inference workers.
+fn inference_threads(line: &LineSettings) -> usize {
+    match line.inference_threads {
+        0 => crate::service::infer::threads_per_worker(line.inference_workers),
+        threads => threads,
+    }
+}
+
+/// libtorch CPU threads that the inference workers of every CPU line ask for together.
+fn cpu_inference_threads(settings: &Settings) -> Result<usize, PipelineError> {
+    let mut threads = 0;
+    for (name, line) in &settings.lines {
+        if !choose_device(name, line.device)?.is_cuda() {
+            threads += line.inference_workers * inference_threads(line);
+        }
+    }
+    Ok(threads)
+}
+
+/// Each line sizes its inference for the whole machine by default, which is fastest for a line alone or
+/// beside idle lines; when several CPU lines (or more workers than threads) are busy at once, their
+/// threads outnumber the cores. Says so, with what was measured, rather than choosing for the user.
+fn warn_of_oversubscription(settings: &Settings) -> Result<(), PipelineError> {
+    let (asked, available) = (cpu_inference_threads(settings)?, crate::torch::parallel_threads());
+    if asked > available {
+        log::warn!(
+            "the inference workers of the CPU lines ask for {asked} libtorch threads in all, on {available} CPU \
+             threads: while they are busy at once they compete for cores (two busy lines in bf16 scored 13% fewer \
+             frames/s than with lines.<name>.inference_threads sharing the threads out; BENCHMARKS.md, \"two lines \
+             in one process\")"
+        );
+    }
+    Ok(())
+}
+
 fn choose_device(line: &str, choice: DeviceChoice) -> Result<Device, PipelineError> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -564,5 +598,42 @@ fn choose_device(line: &str, choice: DeviceChoice) -> Result<Device, PipelineErr
                     .into(),
             }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::service::settings::{KafkaSettings, MetricsSettings};
+
+    fn cpu_line(topic: &str, inference_workers: usize, inference_threads: usize) -> LineSettings {
+        LineSettings {
+            device: DeviceChoice::Cpu,
+            inference_workers,
+            inference_threads,
+            results_topic: format!("{topic}.results"),
+            maps_topic: format!("{topic}.maps"),
+            dead_letter_topic: format!("{topic}.dead"),
+            ..LineSettings::with_defaults(PathBuf::from("model.safetensors"), vec![topic.to_string()], 0.5)
+        }
+    }
+
+    #[test]
+    fn the_warning_counts_every_cpu_line_and_its_workers() {
+        let settings = |lines: Vec<(&str, LineSettings)>| Settings {
+            kafka: KafkaSettings::for_brokers("localhost:9092", "test"),
+            metrics: MetricsSettings::default(),
+            shutdown: Default::default(),
+            lines: lines.into_iter().map(|(name, line)| (name.to_string(), line)).collect(),
+        };
+        let shared_out = settings(vec![("a", cpu_line("a", 1, 1)), ("b", cpu_line("b", 2, 3))]);
+        assert_eq!(cpu_inference_threads(&shared_out).unwrap(), 1 + 2 * 3);
+        // Unset, a line's workers share all of the process's threads: two such lines ask for twice as many.
+        let alone = crate::torch::parallel_threads();
+        let sized_alone = settings(vec![("a", cpu_line("a", 1, 0)), ("b", cpu_line("b", 1, 0))]);
+        assert_eq!(cpu_inference_threads(&sized_alone).unwrap(), 2 * alone);
+        assert_eq!(inference_threads(&cpu_line("a", 2, 0)), (alone / 2).max(1));
     }
 }

@@ -245,6 +245,14 @@ pub struct LineSettings {
     /// cost of each frame's inference taking longer (see BENCHMARKS.md, "Serving speed").
     #[serde(default = "default_inference_workers")]
     pub inference_workers: usize,
+    /// libtorch CPU threads of each inference worker; 0 (the default) shares the process's CPU threads out
+    /// over this line's workers, as if the line were alone. Several lines busy at once in one process then
+    /// hold more threads than there are cores; giving each worker its share of the whole process (e.g. 1
+    /// for two lines on 2 cores) scored 15% more frames/s in bf16 with both lines busy and the same in f32,
+    /// but a line whose neighbours are idle then scores 1.5–1.8× slower (BENCHMARKS.md, "two lines in one
+    /// process"). Unused on a GPU.
+    #[serde(default)]
+    pub inference_threads: usize,
     /// Largest inference batch.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
@@ -632,6 +640,13 @@ impl Settings {
             if line.inference_workers == 0 || line.inference_workers > 64 {
                 problems.push(format!("{}: {} (expected 1..=64)", key("inference_workers"), line.inference_workers));
             }
+            if line.inference_threads > 1024 {
+                problems.push(format!(
+                    "{}: {} (expected 0..=1024; 0 shares the process's CPU threads out over the line's workers)",
+                    key("inference_threads"),
+                    line.inference_threads
+                ));
+            }
             if line.max_batch == 0 || line.max_batch > 256 {
                 problems.push(format!("{}: {} (expected 1..=256)", key("max_batch"), line.max_batch));
             }
@@ -734,6 +749,7 @@ impl LineSettings {
             precision: Precision::F32,
             preprocess_workers: 0,
             inference_workers: default_inference_workers(),
+            inference_threads: 0,
             max_batch: default_max_batch(),
             max_batch_wait_ms: default_max_batch_wait_ms(),
             max_in_flight: default_max_in_flight(),
@@ -936,6 +952,7 @@ threshold = 0.4
 max_batch = 16
 max_in_flight = 4
 inference_workers = 0
+inference_threads = 5000
 [lines.b]
 model = "m"
 input_topics = []
@@ -949,6 +966,7 @@ group_id = "lineguard-a"
             "lines.a.results_topic",
             "lines.a.max_in_flight",
             "lines.a.inference_workers",
+            "lines.a.inference_threads",
             "lines.b.input_topics",
             "lines.b.group_id",
         ] {
