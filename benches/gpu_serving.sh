@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The serving benchmark on a GPU (issue 12) in one device call: `lineguard bench-serving` twice,
-#   1. synthetic trays at 256 px: model-only images/s for f32, bf16 and f16 at batch 1-64, the end-to-end
+#   1. synthetic trays at 256 px: model-only images/s for f32, bf16 and f16 at batch 1-64 (batches assembled
+#      in pinned host memory as the service does, plus one row per precision from pageable memory), the end-to-end
 #      curve through a local nisshi broker and the pipeline at rising offered rates until the knee, and
 #      inference beside a background trainer;
 #   2. the 400x800 juice_bottle frames (when they travelled): the end-to-end curve in PRECISION, with

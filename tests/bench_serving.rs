@@ -61,6 +61,7 @@ fn gpu_serving_script_rehearses_on_the_cpu() {
     );
     for row in rows {
         assert!(number(&row["images_per_second"]) > 0.0, "{row}");
+        assert!(row["pinned_host_memory"].is_null(), "pinned or pageable is a GPU's question: {row}");
         let difference = number(&row["map_difference_vs_f32"]);
         match row["precision"].as_str() {
             Some("f32") => assert_eq!(difference, 0.0, "{row}"),

@@ -88,6 +88,9 @@ struct ModelOnlyRow {
     /// of interleaved RGB bytes leaves it (oneDNN and cuDNN then keep that order through the
     /// convolutions); one row per precision measures the contiguous channel-major order for comparison.
     channels_last: bool,
+    /// On CUDA: whether the batch was assembled in pinned host memory, as the service does on a GPU (one
+    /// row per precision measures pageable memory for comparison).
+    pinned_host_memory: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -229,41 +232,49 @@ fn measure_model_only(
     let side = reference.recipe.image_size;
     tch::manual_seed(17);
     let probe = host_frames(4, side);
-    let reference_maps = maps_on_host(reference, &probe, true)?;
+    let reference_maps = maps_on_host(reference, &probe, true, false)?;
     let range = (reference_maps.max() - reference_maps.min()).double_value(&[]).max(f64::MIN_POSITIVE);
     let cuda = reference.device().is_cuda();
     let largest = args.batches.iter().copied().max().unwrap_or(1);
     for (index, &precision) in args.precisions.iter().enumerate() {
         let model = copy(precision)?;
-        let maps = maps_on_host(&model, &probe, true)?;
+        let maps = maps_on_host(&model, &probe, true, false)?;
         let difference = (maps - &reference_maps).abs().max().double_value(&[]) / range;
-        // (batch, cuDNN benchmark, channels-last input)
-        let mut cases: Vec<(i64, Option<bool>, bool)> = Vec::new();
+        // (batch, cuDNN benchmark, channels-last input, pinned host memory)
+        let mut cases: Vec<(i64, Option<bool>, bool, Option<bool>)> = Vec::new();
+        let pinned = cuda.then_some(true);
         if cuda && index == 0 {
             // cuDNN's heuristic choice first, then (as the service runs) its timed choice for every case.
-            cases.push((largest, Some(false), true));
+            cases.push((largest, Some(false), true, pinned));
         }
         // The channel-major input order, next to the same case in channels-last order.
-        cases.push((largest, cuda.then_some(true), false));
-        cases.extend(args.batches.iter().map(|&batch| (batch, cuda.then_some(true), true)));
-        for (batch, cudnn_benchmark, channels_last) in cases {
+        cases.push((largest, cuda.then_some(true), false, pinned));
+        if cuda {
+            // Pageable host memory, next to the same case from pinned memory.
+            cases.push((largest, Some(true), true, Some(false)));
+        }
+        cases.extend(args.batches.iter().map(|&batch| (batch, cuda.then_some(true), true, pinned)));
+        for (batch, cudnn_benchmark, channels_last, pinned_host_memory) in cases {
+            let pageable = pinned_host_memory == Some(false);
             if let Some(on) = cudnn_benchmark {
                 tch::Cuda::cudnn_set_benchmark(on);
             }
             let images = host_frames(batch, side);
             for _ in 0..3 {
-                let _ = maps_on_host(&model, &images, channels_last)?; // warm-up: allocator, cuDNN's kernel choice
+                // Warm-up: allocators, cuDNN's kernel choice.
+                let _ = maps_on_host(&model, &images, channels_last, pageable)?;
             }
             let mut calls = Vec::new();
             let started = Instant::now();
             while started.elapsed().as_secs_f64() < args.seconds || calls.len() < 3 {
                 let call = Instant::now();
-                let _ = maps_on_host(&model, &images, channels_last)?;
+                let _ = maps_on_host(&model, &images, channels_last, pageable)?;
                 calls.push(call.elapsed().as_secs_f64());
             }
             let images_per_second = batch as f64 / median(&calls);
             let order = if channels_last { "" } else { " (channel-major input)" };
-            log::info!("model only, {precision}, batch {batch}{order}: {images_per_second:.1} images/s");
+            let memory = if pageable { " (pageable host memory)" } else { "" };
+            log::info!("model only, {precision}, batch {batch}{order}{memory}: {images_per_second:.1} images/s");
             report.model_only.push(ModelOnlyRow {
                 precision,
                 batch,
@@ -273,6 +284,7 @@ fn measure_model_only(
                 cudnn_benchmark,
                 workers: 1,
                 channels_last,
+                pinned_host_memory,
             });
             write_report(report, &args.out_dir)?;
         }
@@ -292,6 +304,7 @@ fn measure_model_only(
                     cudnn_benchmark: cuda.then_some(true),
                     workers,
                     channels_last: true,
+                    pinned_host_memory: cuda.then_some(true),
                 });
                 write_report(report, &args.out_dir)?;
             }
@@ -324,14 +337,14 @@ fn side_by_side(
                 scope.spawn(move || -> anyhow::Result<(f64, usize)> {
                     lineguard::torch::use_threads(threads);
                     let images = host_frames(batch, model.recipe.image_size);
-                    let warm_up = (0..3).try_for_each(|_| maps_on_host(&model, &images, true).map(drop));
+                    let warm_up = (0..3).try_for_each(|_| maps_on_host(&model, &images, true, false).map(drop));
                     // Every worker reaches the start line, even one whose warm-up failed.
                     start_line.wait();
                     warm_up?;
                     let started = Instant::now();
                     let mut calls = 0;
                     while started.elapsed().as_secs_f64() < args.seconds || calls < 3 {
-                        let _ = maps_on_host(&model, &images, true)?;
+                        let _ = maps_on_host(&model, &images, true, false)?;
                         calls += 1;
                     }
                     Ok((batch as f64 * calls as f64 / started.elapsed().as_secs_f64(), calls))
@@ -347,10 +360,14 @@ fn side_by_side(
 }
 
 /// Host frames → maps back on the host (the copy back waits for the device), as the inference stage does
-/// it: RGB bytes [B, side, side, 3] copied to the device and normalised there.
-fn maps_on_host(model: &EfficientAd, frames: &Tensor, channels_last: bool) -> anyhow::Result<Tensor> {
-    let side = model.recipe.image_size;
-    let images = lineguard::data::preprocess::normalise_bytes(&frames.to_device(model.device()));
+/// it: the frames' RGB bytes [B, side, side, 3] written into one batch tensor on the host (pinned for a
+/// GPU unless `pageable`), copied to the device and normalised there.
+fn maps_on_host(model: &EfficientAd, frames: &Tensor, channels_last: bool, pageable: bool) -> anyhow::Result<Tensor> {
+    let (side, device) = (model.recipe.image_size, model.device());
+    let host = lineguard::torch::host_bytes(&frames.size(), if pageable { Device::Cpu } else { device }, |bytes| {
+        frames.copy_data_u8(bytes, bytes.len())
+    });
+    let images = lineguard::data::preprocess::normalise_bytes(&lineguard::torch::to_device_async(&host, device));
     let images = if channels_last { images } else { images.contiguous() };
     let maps = model.anomaly_maps(&images, side, side)?;
     Ok(maps.to_device(Device::Cpu))
@@ -727,7 +744,7 @@ fn measure_trainer_sharing(
         let started = Instant::now();
         let mut scored = 0;
         while started.elapsed().as_secs_f64() < duration || scored == 0 || !done() {
-            let _ = maps_on_host(&model, &images, true)?;
+            let _ = maps_on_host(&model, &images, true, false)?;
             scored += batch;
         }
         Ok(scored as f64 / started.elapsed().as_secs_f64())
@@ -802,13 +819,13 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
 fn markdown(report: &Report) -> String {
     let mut out = format!(
         "# Serving speed: {}, {} px, {} channels, {}\n\nCPU: {}\n\n`{}`\n\n## Model only (frame bytes on the host → maps on the host)\n\n\
-         | precision | batch | workers | images/s | calls | max map difference vs f32 (of range) | cuDNN benchmark | input order |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | precision | batch | workers | images/s | calls | max map difference vs f32 (of range) | cuDNN benchmark | input order | host memory |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         report.device, report.image_size, report.channels, report.model, report.cpu, report.command
     );
     for row in &report.model_only {
         out += &format!(
-            "| {} | {} | {} | {:.1} | {} | {:.1e} | {} | {} |\n",
+            "| {} | {} | {} | {:.1} | {} | {:.1e} | {} | {} | {} |\n",
             row.precision,
             row.batch,
             row.workers,
@@ -816,7 +833,8 @@ fn markdown(report: &Report) -> String {
             row.calls,
             row.map_difference_vs_f32,
             row.cudnn_benchmark.map_or("-", |on| if on { "on" } else { "off" }),
-            if row.channels_last { "channels-last" } else { "channel-major" }
+            if row.channels_last { "channels-last" } else { "channel-major" },
+            row.pinned_host_memory.map_or("-", |pinned| if pinned { "pinned" } else { "pageable" })
         );
     }
     if !report.end_to_end.is_empty() {

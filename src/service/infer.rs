@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 use tokio::sync::mpsc;
 
 use crate::error::WeightsError;
@@ -340,12 +340,14 @@ fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFram
     let started = Instant::now();
     let side = model.recipe.image_size;
     let count = batch.len();
-    let mut pixels = Vec::with_capacity(count * batch.first().map_or(0, |f| f.input.len()));
-    for frame in &batch {
-        pixels.extend_from_slice(&frame.input);
-    }
-    let bytes = Tensor::from_slice(&pixels).reshape([count as i64, side, side, 3]).to_device(model.device());
-    let images = crate::data::preprocess::normalise_bytes(&bytes);
+    let device = model.device();
+    // Every frame was resized to the model's side (a swap keeps the side), so each fills one slot exactly.
+    let host = crate::torch::host_bytes(&[count as i64, side, side, 3], device, |bytes| {
+        for (slot, frame) in bytes.chunks_exact_mut((side * side * 3) as usize).zip(&batch) {
+            slot.copy_from_slice(&frame.input);
+        }
+    });
+    let images = crate::data::preprocess::normalise_bytes(&crate::torch::to_device_async(&host, device));
     // Servability is checked before a model reaches this thread, so the maps can always be normalised.
     let maps = match model.anomaly_maps(&images, side, side) {
         Ok(maps) => maps,
@@ -637,7 +639,7 @@ mod tests {
             scored.score
         };
         let direct_score = |precision: Precision| -> f32 {
-            let bytes = Tensor::from_slice(&input).reshape([1, 128, 128, 3]);
+            let bytes = tch::Tensor::from_slice(&input).reshape([1, 128, 128, 3]);
             let images = crate::data::preprocess::normalise_bytes(&bytes);
             let maps = copy(1).with_precision(precision).anomaly_maps(&images, 128, 128).unwrap();
             maps.max().double_value(&[]) as f32
