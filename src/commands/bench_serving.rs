@@ -323,10 +323,7 @@ fn side_by_side(
     batch: i64,
     workers: usize,
 ) -> anyhow::Result<(f64, usize)> {
-    let threads = match args.inference_threads {
-        0 => lineguard::service::infer::threads_per_worker(workers),
-        threads => threads,
-    };
+    let threads = lineguard::service::infer::threads_per_worker(args.inference_threads, workers);
     let models: Vec<EfficientAd> = (0..workers).map(|_| copy(precision)).collect::<anyhow::Result<_>>()?;
     let start_line = std::sync::Barrier::new(workers);
     let start_line = &start_line;

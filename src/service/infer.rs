@@ -45,11 +45,14 @@ pub struct StageConfig {
     pub cpu_threads: usize,
 }
 
-/// libtorch CPU threads of each of a line's `workers` inference workers when `inference_threads` is not
-/// set: the process's parallel threads shared out, at least one each. (A background trainer may set its
-/// own thread count; inference keeps the one the process started with.)
-pub fn threads_per_worker(workers: usize) -> usize {
-    (crate::torch::parallel_threads() / workers.max(1)).max(1)
+/// libtorch CPU threads of each of `workers` inference workers: `configured` (`inference_threads`) when
+/// set, else the process's parallel threads shared out, at least one each. (A background trainer may set
+/// its own thread count; inference keeps the one the process started with.)
+pub fn threads_per_worker(configured: usize, workers: usize) -> usize {
+    match configured {
+        0 => (crate::torch::parallel_threads() / workers.max(1)).max(1),
+        threads => threads,
+    }
 }
 
 /// `count` independent copies of `model` (the first is `model` itself): one per inference worker.
@@ -150,8 +153,6 @@ pub fn check_servable(model: &EfficientAd) -> Result<(), WeightsError> {
 /// What every worker of one stage shares.
 struct Shared {
     config: StageConfig,
-    /// libtorch CPU threads of each worker.
-    threads: usize,
     input: Receiver<PreparedFrame>,
     to_sink: mpsc::Sender<SinkItem>,
     metrics: LineMetrics,
@@ -190,18 +191,8 @@ pub fn spawn(
         ModelSwapper { workers: Arc::new(Mutex::new(senders)), side, queued: queued.clone(), serving: serving.clone() };
     metrics.model_loaded(version, created);
     let (abort, aborted) = crossbeam_channel::bounded(0);
-    let shared = Shared {
-        config,
-        threads: config.cpu_threads.max(1),
-        input,
-        to_sink,
-        metrics,
-        health,
-        queued,
-        serving,
-        abort: Mutex::new(Some(abort)),
-        aborted,
-    };
+    let shared =
+        Shared { config, input, to_sink, metrics, health, queued, serving, abort: Mutex::new(Some(abort)), aborted };
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
         std::thread::scope(|scope| {
             let mut others = Vec::new();
@@ -250,7 +241,7 @@ impl Shared {
 /// One worker: batches from the shared queue until it is closed and drained, the sink is gone, or another
 /// worker failed.
 fn run_worker(shared: &Shared, model: EfficientAd, swaps: Receiver<Swap>) -> Result<(), String> {
-    crate::torch::use_threads(shared.threads);
+    crate::torch::use_threads(shared.config.cpu_threads);
     let mut model = model.with_precision(shared.config.precision);
     crate::torch::autotune_convolutions(model.device());
     let mut swaps = swaps;
@@ -489,7 +480,7 @@ mod tests {
         let (to_sink, output) = mpsc::channel(8);
         let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let batching = Batching { max_batch, max_wait: Duration::from_millis(1) };
-        let config = StageConfig { precision, batching, cpu_threads: threads_per_worker(models.len()) };
+        let config = StageConfig { precision, batching, cpu_threads: threads_per_worker(0, models.len()) };
         let (stage, swapper) = spawn(models, config, input, to_sink, metrics, health).unwrap();
         RunningStage { to_infer, output, stage, swapper }
     }

@@ -553,10 +553,7 @@ async fn join_background(background: Background) -> Result<(), PipelineError> {
 
 /// libtorch CPU threads of each of the line's inference workers.
 fn inference_threads(line: &LineSettings) -> usize {
-    match line.inference_threads {
-        0 => crate::service::infer::threads_per_worker(line.inference_workers),
-        threads => threads,
-    }
+    crate::service::infer::threads_per_worker(line.inference_threads, line.inference_workers)
 }
 
 /// libtorch CPU threads that the inference workers of every CPU line ask for together.
