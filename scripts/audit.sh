@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks Cargo.lock against the RustSec advisory database: any vulnerability, and any warning (an
+# Checks Cargo.lock (and fuzz/Cargo.lock) against the RustSec advisory database: any vulnerability, and any warning (an
 # unmaintained or unsound crate, a yanked version) not excepted with a reason in .cargo/audit.toml, fails.
 # These machines cannot fetch the database, so it reads the offline copy in ../shared/advisory-db (or
 # $ADVISORY_DB); where there is none it says so and skips, as the tests on real data do.
@@ -13,4 +13,6 @@ if [ ! -d "$db" ]; then
 fi
 audit=.tools/bin/cargo-audit
 command -v "$audit" >/dev/null 2>&1 || audit=cargo-audit
-exec "$audit" audit --db "$db" --no-fetch --deny warnings
+"$audit" audit --db "$db" --no-fetch --deny warnings
+# The fuzz targets' own lock file (fuzz/ is a workspace of its own, built only by scripts/fuzz.sh).
+"$audit" audit --db "$db" --no-fetch --deny warnings --file fuzz/Cargo.lock

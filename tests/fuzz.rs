@@ -6,6 +6,10 @@
 //!
 //! CI runs `FUZZ_CASES` cases per property (default 2,000, a few seconds). Longer runs:
 //! `FUZZ_CASES=100000 cargo test --release --test fuzz`.
+//!
+//! Coverage-guided fuzzing (`scripts/fuzz.sh`, libFuzzer through `cargo +nightly fuzz`) checks the same
+//! properties and one more, AU-sPRO against its definition (`fuzz/harness.rs`); the inputs it keeps are
+//! committed in `fuzz/corpus` and replayed here on every run, with the seeds it starts from (`fuzz/seeds`).
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -18,6 +22,9 @@ use lineguard::service::preprocess::{prepare, PoolConfig};
 use lineguard::service::retrain::models_topic::Assembler;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+
+#[path = "../fuzz/harness.rs"]
+mod harness;
 
 fn cases() -> u32 {
     std::env::var("FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(2000)
@@ -235,4 +242,86 @@ fn checkpoints_and_pickles_never_panic() {
         })
         .unwrap();
     report("checkpoints", started);
+}
+
+fn files_in(folder: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(folder) {
+        Ok(entries) => entries.map(|entry| entry.unwrap().path()).filter(|path| path.is_file()).collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    files
+}
+
+fn fuzz_folder(kind: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(kind)
+}
+
+/// The inputs of a packed corpus (`scripts/fuzz.sh`: each a 4-byte little-endian length and its bytes).
+fn unpack(packed: &[u8]) -> Vec<&[u8]> {
+    let mut inputs = Vec::new();
+    let mut rest = packed;
+    while !rest.is_empty() {
+        let (length, tail) = rest.split_at(4);
+        let length = u32::from_le_bytes(length.try_into().unwrap()) as usize;
+        let (input, tail) = tail.split_at(length);
+        inputs.push(input);
+        rest = tail;
+    }
+    inputs
+}
+
+/// The seeds the coverage-guided fuzzer starts from, and every input it kept, pass their target's checks.
+#[test]
+fn the_coverage_guided_corpus_replays_cleanly() {
+    for (target, check) in harness::TARGETS {
+        let started = Instant::now();
+        let seeds: Vec<(String, Vec<u8>)> = files_in(&fuzz_folder("seeds").join(target))
+            .into_iter()
+            .map(|path| (path.display().to_string(), std::fs::read(&path).unwrap()))
+            .collect();
+        let packed = std::fs::read(fuzz_folder("corpus").join(format!("{target}.corpus"))).unwrap_or_default();
+        let corpus = unpack(&packed);
+        assert!(!corpus.is_empty(), "{target}: no fuzz/corpus/{target}.corpus (scripts/fuzz.sh writes it)");
+        let named = seeds.iter().map(|(name, bytes)| (name.clone(), bytes.as_slice()));
+        let found = corpus.iter().enumerate().map(|(i, bytes)| (format!("corpus input {i}"), *bytes));
+        for (name, bytes) in named.chain(found) {
+            let outcome = std::panic::catch_unwind(|| check(bytes));
+            assert!(outcome.is_ok(), "{target}: {name} fails its check");
+        }
+        eprintln!(
+            "fuzz {target}: {} seeds and {} corpus inputs replayed in {:.1}s",
+            seeds.len(),
+            corpus.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// The seeds stay what the fuzzer needs to start well: the model-file seed a header that makes a valid
+/// model, the frame seeds frames that decode. `FUZZ_WRITE_SEEDS=1` writes them again (after a change of
+/// the model format).
+#[test]
+fn the_fuzzers_seeds_are_valid_inputs() {
+    let mut seeds: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("frame", "png", harness::frame_input(&encoded(image::ImageFormat::Png, 40))),
+        ("frame", "jpeg", harness::frame_input(&encoded(image::ImageFormat::Jpeg, 40))),
+    ];
+    seeds.extend(harness::model_file_seeds().into_iter().map(|(name, bytes)| ("model_file", name, bytes)));
+    if std::env::var_os("FUZZ_WRITE_SEEDS").is_some() {
+        for (target, name, bytes) in &seeds {
+            let folder = fuzz_folder("seeds").join(target);
+            std::fs::create_dir_all(&folder).unwrap();
+            std::fs::write(folder.join(name), bytes).unwrap();
+        }
+    }
+    for (name, _) in harness::model_file_seeds() {
+        let seed = std::fs::read(fuzz_folder("seeds").join("model_file").join(name)).unwrap();
+        assert!(harness::load_model_file(&seed).is_ok(), "the committed model-file seed {name} no longer loads");
+    }
+    for name in ["png", "jpeg"] {
+        let bytes = std::fs::read(fuzz_folder("seeds").join("frame").join(name)).unwrap();
+        let prepared = harness::prepare_frame(&bytes);
+        assert!(matches!(prepared, Some(Ok(_))), "the committed {name} frame seed no longer decodes");
+    }
 }

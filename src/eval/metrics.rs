@@ -325,6 +325,54 @@ pub fn au_spro(good_maps: &[&[f32]], anomalous: &[(&[f32], &[DefectRegion])], ma
     Some(area / max_fpr)
 }
 
+/// [`au_spro`] by its definition, the slow way: a threshold at every distinct score, pixels flagged at
+/// `score >= threshold`, the trapezoids integrated with interpolation at the limit. O(distinct scores ×
+/// pixels): the reference that the tests and the fuzzer (`fuzz/harness.rs`) compare [`au_spro`] with.
+/// Finite scores only, and at least one region and one negative pixel.
+pub fn au_spro_by_definition(good: &[Vec<f32>], anom: &[(Vec<f32>, Vec<DefectRegion>)], max_fpr: f64) -> f64 {
+    let mut values: Vec<f32> = good.iter().flatten().chain(anom.iter().flat_map(|(m, _)| m.iter())).copied().collect();
+    values.sort_by(|a, b| b.total_cmp(a));
+    values.dedup();
+    let n_regions: usize = anom.iter().map(|(_, r)| r.len()).sum();
+    let mut points = vec![(0.0, 0.0)];
+    for &t in &values {
+        let (mut fp, mut n) = (0usize, 0usize);
+        for m in good {
+            n += m.len();
+            fp += m.iter().filter(|&&x| x >= t).count();
+        }
+        let mut spro = 0.0;
+        for (m, regions) in anom {
+            let mut inside = vec![false; m.len()];
+            for r in regions {
+                let hit = r.pixels.iter().filter(|&&p| m[p as usize] >= t).count();
+                spro += (hit as f64 / r.saturation).min(1.0);
+                for &p in &r.pixels {
+                    inside[p as usize] = true;
+                }
+            }
+            for (i, &x) in m.iter().enumerate() {
+                if !inside[i] {
+                    n += 1;
+                    fp += usize::from(x >= t);
+                }
+            }
+        }
+        points.push((fp as f64 / n as f64, spro / n_regions as f64));
+    }
+    let mut area = 0.0;
+    for w in points.windows(2) {
+        let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+        if x1 > max_fpr {
+            let y = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0);
+            area += (max_fpr - x0) * (y0 + y) / 2.0;
+            break;
+        }
+        area += (x1 - x0) * (y0 + y1) / 2.0;
+    }
+    area / max_fpr
+}
+
 /// Order keys of all negative pixels: every pixel of the good maps and the pixels of
 /// anomalous maps that belong to no region (regions may overlap, hence the mask).
 fn collect_negative_keys(good_maps: &[&[f32]], anomalous: &[(&[f32], &[DefectRegion])]) -> Vec<u32> {
@@ -535,53 +583,6 @@ mod tests {
         assert_eq!(au_spro(&[&good], &[(&anom, &one)], 1.5), None);
     }
 
-    /// Straightforward reference: threshold at every distinct score, flag `score >= v`,
-    /// integrate with interpolation at the limit.
-    fn brute_force_au_spro(good: &[Vec<f32>], anom: &[(Vec<f32>, Vec<DefectRegion>)], max_fpr: f64) -> f64 {
-        let mut values: Vec<f32> =
-            good.iter().flatten().chain(anom.iter().flat_map(|(m, _)| m.iter())).copied().collect();
-        values.sort_by(|a, b| b.total_cmp(a));
-        values.dedup();
-        let n_regions: usize = anom.iter().map(|(_, r)| r.len()).sum();
-        let mut points = vec![(0.0, 0.0)];
-        for &t in &values {
-            let (mut fp, mut n) = (0usize, 0usize);
-            for m in good {
-                n += m.len();
-                fp += m.iter().filter(|&&x| x >= t).count();
-            }
-            let mut spro = 0.0;
-            for (m, regions) in anom {
-                let mut inside = vec![false; m.len()];
-                for r in regions {
-                    let hit = r.pixels.iter().filter(|&&p| m[p as usize] >= t).count();
-                    spro += (hit as f64 / r.saturation).min(1.0);
-                    for &p in &r.pixels {
-                        inside[p as usize] = true;
-                    }
-                }
-                for (i, &x) in m.iter().enumerate() {
-                    if !inside[i] {
-                        n += 1;
-                        fp += usize::from(x >= t);
-                    }
-                }
-            }
-            points.push((fp as f64 / n as f64, spro / n_regions as f64));
-        }
-        let mut area = 0.0;
-        for w in points.windows(2) {
-            let ((x0, y0), (x1, y1)) = (w[0], w[1]);
-            if x1 > max_fpr {
-                let y = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0);
-                area += (max_fpr - x0) * (y0 + y) / 2.0;
-                break;
-            }
-            area += (x1 - x0) * (y0 + y1) / 2.0;
-        }
-        area / max_fpr
-    }
-
     #[test]
     fn spro_matches_brute_force_on_random_maps() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -632,7 +633,7 @@ mod tests {
                 let anom_refs: Vec<(&[f32], &[DefectRegion])> =
                     anom.iter().map(|(m, r)| (m.as_slice(), r.as_slice())).collect();
                 let fast = au_spro(&good_refs, &anom_refs, max_fpr).unwrap();
-                let slow = brute_force_au_spro(&good, &anom, max_fpr);
+                let slow = au_spro_by_definition(&good, &anom, max_fpr);
                 assert!(close(fast, slow), "case {case} max_fpr {max_fpr}: {fast} vs {slow}");
             }
         }
