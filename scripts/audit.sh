@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Checks Cargo.lock (and fuzz/Cargo.lock) against the RustSec advisory database: any vulnerability, and any warning (an
-# unmaintained or unsound crate, a yanked version) not excepted with a reason in .cargo/audit.toml, fails.
+# Checks Cargo.lock and fuzz/Cargo.lock against the RustSec advisory database: any vulnerability, and any
+# warning (an unmaintained or unsound crate, a yanked version) not excepted with a reason in
+# .cargo/audit.toml, fails.
 # These machines cannot fetch the database, so it reads the offline copy in ../shared/advisory-db (or
 # $ADVISORY_DB); where there is none it says so and skips, as the tests on real data do.
 # Elsewhere, with network: `cargo install cargo-audit --locked && cargo audit` (it fetches the database).

@@ -298,8 +298,8 @@ fn the_coverage_guided_corpus_replays_cleanly() {
     }
 }
 
-/// The seeds stay what the fuzzer needs to start well: the model-file seed a header that makes a valid
-/// model, the frame seeds frames that decode. `FUZZ_WRITE_SEEDS=1` writes them again (after a change of
+/// The seeds stay what the fuzzer needs to start well: the model-file seeds (a header, a recipe) make a
+/// valid model, the frame seeds are frames that decode. `FUZZ_WRITE_SEEDS=1` writes them again (after a change of
 /// the model format).
 #[test]
 fn the_fuzzers_seeds_are_valid_inputs() {
