@@ -19,6 +19,7 @@ use lineguard::service::frame::{
 };
 use lineguard::service::preprocess::{prepare, PoolConfig};
 use lineguard::service::retrain::models_topic::Assembler;
+use lineguard::service::settings::Secret;
 use tch::{Device, Kind, Tensor};
 
 /// A target's checks on one input: panics when a property fails.
@@ -120,22 +121,25 @@ struct Record {
 const REASSEMBLY_LIMIT: usize = 4096;
 
 /// The models topic as a follower reads it, any sequence of records from whoever can write to it:
-/// reassembly never holds more than its limit and completes only publications whose bytes match their
-/// manifest.
+/// reassembly never holds more than its limit and completes only publications as long as their manifest
+/// says; a follower with a signing key completes none (the records cannot carry its signature).
 pub fn models_topic(bytes: &[u8]) {
     let Ok(records) = Vec::<Record>::arbitrary_take_rest(Unstructured::new(bytes)) else { return };
     let mut assembler = Assembler::with_limit("trays", None, REASSEMBLY_LIMIT);
+    let mut signed = Assembler::with_limit("trays", Some(Secret::new("the line's key")), REASSEMBLY_LIMIT);
     for record in &records {
         let key = match record.kind {
             0 => b"trays/manifest".to_vec(),
             i @ 1..=4 => format!("trays/chunk/{}", i - 1).into_bytes(),
             _ => record.other.clone(),
         };
-        if let Some(published) = assembler.offer(&key, record.publication.as_deref(), &record.payload) {
+        let publication = record.publication.as_deref();
+        if let Some(published) = assembler.offer(&key, publication, &record.payload) {
             assert_eq!(published.model.len() as u64, published.manifest.bytes);
             assert!(published.model.len() <= REASSEMBLY_LIMIT);
         }
         assert!(assembler.held_bytes() <= REASSEMBLY_LIMIT);
+        assert!(signed.offer(&key, publication, &record.payload).is_none(), "an unsigned publication completed");
     }
 }
 
