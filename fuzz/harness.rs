@@ -35,14 +35,14 @@ pub const TARGETS: [(&str, Check); 5] = [
 ];
 
 /// PyTorch checkpoints (`import-teacher`): our reader of PyTorch's zip and legacy formats and of the
-/// pickle subset inside them returns tensors or an error, and a tensor it returns holds the elements its
-/// shape declares.
+/// pickle subset inside them returns tensors or an error, and every element of a tensor it returns can
+/// be read (summing touches the whole view, strides and offset included).
 pub fn checkpoint(bytes: &[u8]) {
     let _ = lineguard::model::pth::pickle::load(bytes);
     if let Ok(state) = lineguard::model::pth::parse_state_dict(bytes, Path::new("fuzz.pth")) {
         for (name, tensor) in &state.tensors {
-            let declared: i64 = tensor.size().iter().product();
-            assert_eq!(tensor.numel() as i64, declared, "{name}");
+            let read = tensor.f_to_kind(Kind::Double).and_then(|t| t.f_sum(Kind::Double));
+            assert!(read.is_ok(), "{name}: {:?}", read.err());
         }
     }
 }
@@ -93,20 +93,23 @@ pub fn prepare_frame(bytes: &[u8]) -> Option<Result<PreparedFrame, Box<RejectedF
         decode_limits: DecodeLimits { max_width: 1024, max_height: 1024, max_pixels: 1 << 18 },
         keep_payload: false,
     };
-    let tracker = OffsetTracker::new();
-    let raw = RawFrame {
+    Some(prepare(&config, raw_frame(payload.to_vec(), headers, &OffsetTracker::new(), 0)))
+}
+
+/// A frame as the source stage hands it on: consumed from line `line`'s topic `frames` at `offset`.
+pub fn raw_frame(payload: Vec<u8>, headers: Vec<(String, Vec<u8>)>, tracker: &OffsetTracker, offset: i64) -> RawFrame {
+    RawFrame {
         meta: FrameMeta {
-            frame_id: "fuzz".into(),
+            frame_id: format!("fuzz-{offset}"),
             line: "line".into(),
-            source: SourcePosition { topic: "frames".into(), partition: 0, offset: 0 },
+            source: SourcePosition { topic: "frames".into(), partition: 0, offset },
             headers,
             received_at: Instant::now(),
             timings: StageTimings::default(),
         },
-        payload: payload.to_vec(),
-        ack: tracker.register(TopicPartition { topic: "frames".into(), partition: 0 }, 0, None),
-    };
-    Some(prepare(&config, raw))
+        payload,
+        ack: tracker.register(TopicPartition { topic: "frames".into(), partition: 0 }, offset, None),
+    }
 }
 
 #[derive(Debug, Arbitrary)]
@@ -143,9 +146,11 @@ pub fn models_topic(bytes: &[u8]) {
     }
 }
 
-/// A valid model file of the smallest recipe, cut into its safetensors header (JSON) and its tensor data.
+/// A valid model file of the smallest recipe, cut into its safetensors header (JSON, as bytes and parsed)
+/// and its tensor data.
 struct ValidModel {
     header: Vec<u8>,
+    parsed_header: serde_json::Value,
     data: Vec<u8>,
 }
 
@@ -157,7 +162,9 @@ fn valid_model() -> &'static ValidModel {
         model.map_quantiles = Some(MapQuantiles { student_teacher: (0.1, 0.2), autoencoder: (0.1, 0.3) });
         let bytes = model.to_bytes().expect("a fresh model serialises");
         let length = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-        ValidModel { header: bytes[8..8 + length].to_vec(), data: bytes[8 + length..].to_vec() }
+        let header = bytes[8..8 + length].to_vec();
+        let parsed_header = serde_json::from_slice(&header).expect("a model file's header is JSON");
+        ValidModel { header, parsed_header, data: bytes[8 + length..].to_vec() }
     })
 }
 
@@ -177,8 +184,7 @@ pub fn load_model_file(bytes: &[u8]) -> Result<EfficientAd, lineguard::error::We
             WHOLE_FILE => rest.to_vec(),
             HEADER => with_header(rest),
             _ => {
-                let mut header: serde_json::Value =
-                    serde_json::from_slice(&valid_model().header).expect("a valid model's header is JSON");
+                let mut header = valid_model().parsed_header.clone();
                 header["__metadata__"]["recipe"] = String::from_utf8_lossy(rest).into();
                 with_header(&serde_json::to_vec(&header).expect("JSON serialises"))
             }
@@ -194,9 +200,7 @@ fn with_header(header: &[u8]) -> Vec<u8> {
 
 /// The seeds of `model_file`, by name: a valid model's header, and its recipe.
 pub fn model_file_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let header: serde_json::Value =
-        serde_json::from_slice(&valid_model().header).expect("a valid model's header is JSON");
-    let recipe = header["__metadata__"]["recipe"].as_str().expect("the recipe is in the metadata");
+    let recipe = valid_model().parsed_header["__metadata__"]["recipe"].as_str().expect("the recipe is in the metadata");
     vec![
         ("valid-header", [&[HEADER][..], &valid_model().header].concat()),
         ("valid-recipe", [&[RECIPE][..], recipe.as_bytes()].concat()),

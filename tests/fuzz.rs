@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lineguard::data::preprocess::{decode_within, DecodeLimits};
-use lineguard::service::ack::{OffsetTracker, TopicPartition};
-use lineguard::service::frame::{FrameMeta, RawFrame, RejectReason, SourcePosition, StageTimings};
+use lineguard::service::ack::OffsetTracker;
+use lineguard::service::frame::RejectReason;
 use lineguard::service::preprocess::{prepare, PoolConfig};
 use lineguard::service::retrain::models_topic::Assembler;
 use proptest::prelude::*;
@@ -115,22 +115,6 @@ fn frames_decode_within_the_limits_or_fail_with_an_error() {
     report("decode", started);
 }
 
-fn frame(payload: Vec<u8>, headers: Vec<(String, Vec<u8>)>, tracker: &OffsetTracker, offset: i64) -> RawFrame {
-    let position = TopicPartition { topic: "frames".into(), partition: 0 };
-    RawFrame {
-        meta: FrameMeta {
-            frame_id: format!("fuzz-{offset}"),
-            line: "line".into(),
-            source: SourcePosition { topic: "frames".into(), partition: 0, offset },
-            headers,
-            received_at: Instant::now(),
-            timings: StageTimings::default(),
-        },
-        payload,
-        ack: tracker.register(position, offset, None),
-    }
-}
-
 /// Headers drawn from the contract's names (and others), with valid-looking or random values.
 fn headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
     let name = prop_oneof![
@@ -164,7 +148,7 @@ fn every_consumed_frame_is_prepared_or_rejected_with_its_reason_and_bytes() {
     runner()
         .run(&(input(image_seeds()), headers()), |(payload, headers)| {
             let offset = offsets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match prepare(&config, frame(payload.clone(), headers, &tracker, offset)) {
+            match prepare(&config, harness::raw_frame(payload.clone(), headers, &tracker, offset)) {
                 Ok(prepared) => prop_assert_eq!(prepared.input.len(), 3 * 32 * 32),
                 Err(rejected) => {
                     prop_assert!(RejectReason::ALL.contains(&rejected.reason));
