@@ -645,6 +645,50 @@ fn sigterm_drains_in_flight_frames_and_a_restart_resumes_from_committed_offsets(
     assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
 }
 
+/// A fatal consumer error, made for real: static group membership (`group.instance.id`) where a second
+/// replica is started with the first one's instance id. The broker fences the first on its next
+/// heartbeat, which librdkafka reports as a fatal error that never clears. The fenced line must stop its
+/// process (so an orchestrator starts a fresh one) rather than log the error forever, and the process's
+/// other line must drain and commit on the way out; the replica that took the id over scores what comes next.
+#[test]
+fn a_fenced_consumer_stops_its_process_and_the_other_line_drains() {
+    let harness = Harness::new("fenced");
+    let (fenced, other) = (harness.topics("line", 1), harness.topics("other", 1));
+    let static_member = "\"session.timeout.ms\" = \"6000\"\n\"group.instance.id\" = \"replica-1\"\n";
+    let port = free_port();
+    let both = harness.pipeline("fenced.toml", port, &[("line", &fenced, ""), ("other", &other, "")]);
+    edit_pipeline(&both, &both, "\"session.timeout.ms\" = \"6000\"\n", static_member);
+    let mut first = harness.run(&both);
+    let frames = &fixture().frames;
+    harness.produce(&fenced.frames, &frames[..4], "before");
+    harness.produce(&other.frames, &frames[..4], "other");
+    for topics in [&fenced, &other] {
+        let results = read_topic(&harness.brokers(), &topics.results, 4, Duration::from_secs(120));
+        assert_eq!(count_by_key(&results).len(), 4, "{}", first.log());
+    }
+
+    let successor = harness.pipeline("successor.toml", free_port(), &[("line", &fenced, "")]);
+    edit_pipeline(&successor, &successor, "\"session.timeout.ms\" = \"6000\"\n", static_member);
+    let mut second = harness.run(&successor);
+    let status = first.wait_exit(Duration::from_secs(120));
+    let log = first.log();
+    assert_eq!(status.code(), Some(2), "the fenced process exits with an error\n{log}");
+    // The exit status's message names the line and the cause, and the other line drained and committed.
+    assert!(log.contains("error: line line: the consumer failed fatally") && log.contains("FencedInstanceId"), "{log}");
+    assert!(log.contains("line other: drained") && log.contains("line other: stopped cleanly"), "{log}");
+
+    harness.produce(&fenced.frames, &frames[4..8], "after");
+    let results = read_topic(&harness.brokers(), &fenced.results, 8, Duration::from_secs(120));
+    let counts = count_by_key(&results);
+    assert_eq!(
+        keys_with_prefix(&counts, "after"),
+        4,
+        "the successor scores what follows: {counts:?}\n{}",
+        second.log()
+    );
+    assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
+}
+
 #[test]
 fn a_killed_instance_loses_no_frame_its_successor_may_repeat_some() {
     let harness = Harness::new("killed");

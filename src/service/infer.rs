@@ -169,7 +169,7 @@ struct Shared {
 /// scoring in `config.precision` (every model it is given, swapped ones included, is converted on its
 /// worker's thread). It ends when `input` is closed and drained (shutdown) or the sink is gone; a
 /// libtorch failure ends it with the error (the frames of the failed batch stay unacknowledged, so they
-/// are consumed again after a restart).
+/// are consumed again after a restart). `on_exit` hears the outcome as the stage ends.
 pub fn spawn(
     models: Vec<EfficientAd>,
     config: StageConfig,
@@ -177,6 +177,7 @@ pub fn spawn(
     to_sink: mpsc::Sender<SinkItem>,
     metrics: LineMetrics,
     health: Arc<LineHealth>,
+    on_exit: crate::service::OnExit,
 ) -> std::io::Result<(JoinHandle<Result<(), String>>, ModelSwapper)> {
     let (senders, swaps): (Vec<_>, Vec<_>) = models.iter().map(|_| crossbeam_channel::bounded(1)).unzip();
     let mut workers = models.into_iter().zip(swaps);
@@ -194,7 +195,7 @@ pub fn spawn(
     let shared =
         Shared { config, input, to_sink, metrics, health, queued, serving, abort: Mutex::new(Some(abort)), aborted };
     let handle = std::thread::Builder::new().name("infer".into()).spawn(move || {
-        std::thread::scope(|scope| {
+        let outcome = std::thread::scope(|scope| {
             let mut others = Vec::new();
             for (index, (model, swaps)) in workers.enumerate() {
                 let shared = &shared;
@@ -217,7 +218,9 @@ pub fn spawn(
                 }
             }
             outcome
-        })
+        });
+        on_exit(&outcome);
+        outcome
     })?;
     Ok((handle, swapper))
 }
@@ -459,6 +462,8 @@ mod tests {
         output: mpsc::Receiver<SinkItem>,
         stage: JoinHandle<Result<(), String>>,
         swapper: ModelSwapper,
+        /// What the stage's `on_exit` heard.
+        exit: Receiver<Result<(), String>>,
     }
 
     fn start_stage(
@@ -481,8 +486,12 @@ mod tests {
         let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let batching = Batching { max_batch, max_wait: Duration::from_millis(1) };
         let config = StageConfig { precision, batching, cpu_threads: threads_per_worker(0, models.len()) };
-        let (stage, swapper) = spawn(models, config, input, to_sink, metrics, health).unwrap();
-        RunningStage { to_infer, output, stage, swapper }
+        let (exited, exit) = crossbeam_channel::bounded(1);
+        let on_exit = Box::new(move |outcome: &Result<(), String>| {
+            let _ = exited.send(outcome.clone());
+        });
+        let (stage, swapper) = spawn(models, config, input, to_sink, metrics, health, on_exit).unwrap();
+        RunningStage { to_infer, output, stage, swapper, exit }
     }
 
     fn scored(item: Option<SinkItem>) -> ScoredFrame {
@@ -511,7 +520,7 @@ mod tests {
         };
         let score_all = |models: Vec<EfficientAd>, swap_to: Option<u64>| {
             let workers = models.len();
-            let RunningStage { to_infer, mut output, stage, swapper } =
+            let RunningStage { to_infer, mut output, stage, swapper, .. } =
                 start_workers(models, Precision::F32, 1, Arc::new(LineHealth::default()));
             if let Some(version) = swap_to {
                 swapper.swap(copy(version)).unwrap();
@@ -551,7 +560,7 @@ mod tests {
     #[test]
     fn a_failing_worker_stops_the_whole_stage() {
         let tracker = crate::service::ack::OffsetTracker::new();
-        let RunningStage { to_infer, output: _output, stage, .. } = start_workers(
+        let RunningStage { to_infer, output: _output, stage, exit, .. } = start_workers(
             replicate(tiny_model(1, 128), 3).unwrap(),
             Precision::F32,
             1,
@@ -560,8 +569,11 @@ mod tests {
         let mut broken = prepared(&tracker, 0);
         broken.input.truncate(10); // not a 128 px frame: the batch tensor cannot be shaped
         to_infer.send(broken).unwrap();
-        let outcome = stage.join().unwrap();
-        assert!(outcome.as_ref().is_err_and(|reason| reason.contains("inference failed")), "{outcome:?}");
+        // The pipeline hears of it at once (it stops the line then, not when the next frames would
+        // find no worker), and the same outcome is what the thread returns.
+        let heard = exit.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert!(heard.as_ref().is_err_and(|reason| reason.contains("inference failed")), "{heard:?}");
+        assert_eq!(stage.join().unwrap(), heard);
         assert!(to_infer.send(prepared(&tracker, 1)).is_err(), "no worker is left to take frames");
     }
 
@@ -575,7 +587,7 @@ mod tests {
         let mut broken = tiny_model(1, 128);
         broken.map_quantiles =
             Some(crate::model::MapQuantiles { student_teacher: (f64::NAN, 1.0), autoencoder: (0.0, 1.0) });
-        let RunningStage { to_infer, mut output, stage, swapper } =
+        let RunningStage { to_infer, mut output, stage, swapper, .. } =
             start_stage(broken, Precision::F32, 1, health.clone());
         to_infer.send(prepared(&tracker, 0)).unwrap();
         let frame = scored(output.blocking_recv());
@@ -612,7 +624,7 @@ mod tests {
             model
         };
         let stage_score = |precision: Precision, swap: bool| -> f32 {
-            let RunningStage { to_infer, mut output, stage, swapper } =
+            let RunningStage { to_infer, mut output, stage, swapper, .. } =
                 start_stage(copy(1), precision, 1, Arc::new(LineHealth::default()));
             if swap {
                 swapper.swap(copy(2)).unwrap();
@@ -653,7 +665,7 @@ mod tests {
     #[test]
     fn a_swapped_model_scores_from_the_next_batch_on() {
         let tracker = crate::service::ack::OffsetTracker::new();
-        let RunningStage { to_infer, mut output, stage, swapper } =
+        let RunningStage { to_infer, mut output, stage, swapper, .. } =
             start_stage(tiny_model(1, 128), Precision::F32, 2, Arc::new(LineHealth::default()));
         let version = |item: SinkItem| match item {
             SinkItem::Scored(frame) => {

@@ -46,6 +46,10 @@ pub mod ack;
 pub mod pipeline;
 pub mod retrain;
 
+/// Called with a stage thread's result when it ends, so that the pipeline reacts to a failure when it
+/// happens rather than when the thread is joined at shutdown.
+pub type OnExit = Box<dyn FnOnce(&Result<(), String>) + Send>;
+
 /// The message of a caught panic (stages catch their own so the line can say which one failed).
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic

@@ -3,8 +3,9 @@
 //!
 //! Stopping (SIGTERM in `lineguard run`) follows the data: sources stop consuming, each stage ends when
 //! its input closes and is drained, the sink finishes publishing, sources commit and return. A line whose
-//! stages stop on their own (a libtorch failure) stops the whole process with the error, so an
-//! orchestrator restarts it; unacknowledged frames are consumed again.
+//! source or inference stops on its own (a fatal consumer error, a libtorch failure) stops the whole
+//! process, every other line drained, with that line's error, so an orchestrator restarts it;
+//! unacknowledged frames are consumed again.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -68,7 +69,7 @@ struct RunningLine {
     name: String,
     follower: Option<Background>,
     stop: watch::Sender<bool>,
-    source: JoinHandle<()>,
+    source: JoinHandle<Result<(), String>>,
     infer: std::thread::JoinHandle<Result<(), String>>,
     pool: Vec<std::thread::JoinHandle<()>>,
     sampler: JoinHandle<()>,
@@ -259,25 +260,26 @@ impl RunningPipeline {
                     first_error.get_or_insert(reason);
                 }
             }
-            if tokio::time::timeout_at(deadline, source).await.is_err() {
-                late.push(name.clone());
-                continue;
-            }
+            let consumed = match tokio::time::timeout_at(deadline, source).await {
+                Err(_) => {
+                    late.push(name.clone());
+                    continue;
+                }
+                Ok(joined) => joined.unwrap_or_else(|err| Err(format!("the source task failed: {err}"))),
+            };
             sampler.abort();
-            let joined = tokio::task::spawn_blocking(move || {
+            let inferred = tokio::task::spawn_blocking(move || {
                 for worker in pool {
                     let _ = worker.join();
                 }
                 infer.join().unwrap_or_else(|_| Err("the inference thread panicked".into()))
             })
-            .await;
-            match joined {
-                Ok(Ok(())) => log::info!("line {name}: stopped cleanly"),
-                Ok(Err(reason)) => {
+            .await
+            .unwrap_or_else(|err| Err(err.to_string()));
+            match consumed.and(inferred) {
+                Ok(()) => log::info!("line {name}: stopped cleanly"),
+                Err(reason) => {
                     first_error.get_or_insert(PipelineError::Stage { line: name, reason });
-                }
-                Err(err) => {
-                    first_error.get_or_insert(PipelineError::Stage { line: name, reason: err.to_string() });
                 }
             }
         }
@@ -395,6 +397,15 @@ async fn start_line(
     };
     let models = crate::service::infer::replicate(model, line.inference_workers)
         .map_err(|source| PipelineError::Model { line: name.into(), path: line.model.clone(), source })?;
+    // A failed inference stage ends the line now: otherwise its source would notice only when frames
+    // found no worker left, and an idle line would wait, dead, for them.
+    let (failed, line_name) = (ended.clone(), name.to_string());
+    let on_exit = Box::new(move |outcome: &Result<(), String>| {
+        if let Err(reason) = outcome {
+            log::error!("line {line_name}: {reason}; the line stops");
+            let _ = failed.send(line_name);
+        }
+    });
     let (infer, swapper) = crate::service::infer::spawn(
         models,
         stage,
@@ -402,6 +413,7 @@ async fn start_line(
         to_sink.clone(),
         line_metrics.clone(),
         health.clone(),
+        on_exit,
     )?;
     let follower = match feed {
         Some(feed) => {
@@ -486,8 +498,9 @@ async fn start_line(
     };
     let line_name = name.to_string();
     let source = tokio::spawn(async move {
-        source.run(stop_rx, drained).await;
+        let consumed = source.run(stop_rx, drained).await;
         let _ = ended.send(line_name);
+        consumed
     });
     Ok(RunningLine { name: name.to_string(), follower, stop, source, infer, pool, sampler, swapper })
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -120,13 +120,15 @@ pub struct Source {
 }
 
 impl Source {
-    /// Consumes until `stop` turns true (or the pool is gone), then commits until `drained` fires, then
-    /// commits a last time synchronously.
-    pub async fn run(self, mut stop: watch::Receiver<bool>, drained: oneshot::Receiver<()>) {
+    /// Consumes until `stop` turns true (or the pool is gone, or the consumer fails fatally), then commits
+    /// until `drained` fires, then commits a last time synchronously. A fatal consumer error is returned
+    /// after the drain: it is why the line stopped.
+    pub async fn run(self, mut stop: watch::Receiver<bool>, drained: oneshot::Receiver<()>) -> Result<(), String> {
         let Source { line, consumer, tracker, permits, to_preprocess, metrics, commit_interval } = self;
         let mut commits = tokio::time::interval(commit_interval);
         commits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut paused = false;
+        let mut failure = None;
         'consume: loop {
             if *stop.borrow() {
                 break;
@@ -148,7 +150,7 @@ impl Source {
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                _ = commits.tick() => commit(&consumer, &tracker, false),
+                _ = commits.tick() => commit_changed(&consumer, &tracker),
                 message = consumer.recv() => match message {
                     Ok(message) => {
                         metrics.frame_received();
@@ -164,16 +166,19 @@ impl Source {
                             }
                         }
                     }
-                    // A fatal error (e.g. the consumer was fenced or its credentials revoked) never clears:
-                    // end the line, which stops the process, so the orchestrator starts a fresh one.
-                    Err(err) if err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
-                        log::error!("line {line}: fatal consumer error: {err}; the line stops");
-                        break;
-                    }
-                    Err(err) => {
-                        log::warn!("line {line}: consumer error: {err}");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+                    Err(err) => match fatal_reason(&consumer, &err) {
+                        // A fatal error never clears: end the line, which stops the process, so the
+                        // orchestrator starts a fresh one.
+                        Some(reason) => {
+                            log::error!("line {line}: the consumer failed fatally ({reason}); the line stops");
+                            failure = Some(format!("the consumer failed fatally: {reason}"));
+                            break;
+                        }
+                        None => {
+                            log::warn!("line {line}: consumer error: {err}");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    },
                 },
             }
         }
@@ -185,13 +190,35 @@ impl Source {
         loop {
             tokio::select! {
                 _ = &mut drained => break,
-                _ = commits.tick() => commit(&consumer, &tracker, false),
+                _ = commits.tick() => commit_changed(&consumer, &tracker),
             }
         }
-        commit(&consumer, &tracker, true);
-        log::info!("line {line}: drained in {:.1}s; offsets committed", started.elapsed().as_secs_f64());
+        let drained_in = started.elapsed().as_secs_f64();
+        match commit_all(&consumer, &tracker) {
+            Ok(()) => log::info!("line {line}: drained in {drained_in:.1}s; offsets committed"),
+            Err(err) => log::warn!(
+                "line {line}: drained in {drained_in:.1}s, but the last offset commit failed ({err}): frames \
+                 published since the previous commit will be consumed again"
+            ),
+        }
         consumer.unsubscribe();
+        failure.map_or(Ok(()), Err)
     }
+}
+
+/// Whether a consumer error is fatal, and why. librdkafka raises a fatal error when, for example, a
+/// static group member is fenced by another started with the same `group.instance.id`; it reaches us as
+/// `MessageConsumptionFatal` carrying the broker's code (`FencedInstanceId`), not as the generic `Fatal`
+/// code. Matching that code alone missed it: the fenced line logged three warnings, then consumed nothing
+/// while its process stayed healthy (tests/pipeline.rs). The client's own record is asked first, since it
+/// holds the original cause.
+fn fatal_reason(consumer: &StreamConsumer<SourceContext>, err: &KafkaError) -> Option<String> {
+    if let Some((code, reason)) = consumer.client().fatal_error() {
+        return Some(format!("{reason} ({code:?})"));
+    }
+    let fatal = matches!(err, KafkaError::MessageConsumptionFatal(_))
+        || err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
+    fatal.then(|| err.to_string())
 }
 
 fn set_paused(consumer: &StreamConsumer<SourceContext>, metrics: &LineMetrics, paused: &mut bool, pause: bool) {
@@ -219,19 +246,26 @@ fn set_paused(consumer: &StreamConsumer<SourceContext>, metrics: &LineMetrics, p
 }
 
 /// Periodic commits are asynchronous (their outcome arrives in `commit_callback`) and only send what
-/// changed; the last one waits, and sends everything, failed earlier attempts included.
-fn commit(consumer: &StreamConsumer<SourceContext>, tracker: &OffsetTracker, last: bool) {
-    let offsets = if last { tracker.all_committable() } else { tracker.take_committable() };
+/// changed since the last one.
+fn commit_changed(consumer: &StreamConsumer<SourceContext>, tracker: &OffsetTracker) {
+    let offsets = tracker.take_committable();
     if offsets.is_empty() {
         return;
     }
-    let result = consumer.commit(&to_list(&offsets), if last { CommitMode::Sync } else { CommitMode::Async });
-    if last {
-        consumer.context().metrics.offsets_committed(result.is_ok());
-    }
-    if let Err(err) = result {
+    if let Err(err) = consumer.commit(&to_list(&offsets), CommitMode::Async) {
         log::warn!("offset commit failed: {err}");
     }
+}
+
+/// The last commit waits, and sends everything, failed earlier attempts included.
+fn commit_all(consumer: &StreamConsumer<SourceContext>, tracker: &OffsetTracker) -> KafkaResult<()> {
+    let offsets = tracker.all_committable();
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let result = consumer.commit(&to_list(&offsets), CommitMode::Sync);
+    consumer.context().metrics.offsets_committed(result.is_ok());
+    result
 }
 
 fn to_frame(
@@ -341,7 +375,7 @@ mod tests {
             frame.ack.delivered();
         }
         drained_tx.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(30), running).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), running).await.unwrap().unwrap().unwrap();
         assert_eq!(tracker.in_flight(), 0);
         let page = metrics.render();
         assert!(page.contains("lineguard_offset_commits_total{line=\"test\",result=\"ok\"}"), "{page}");

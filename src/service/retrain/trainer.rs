@@ -102,14 +102,11 @@ impl TrainerState {
     }
 }
 
-/// Called with the trainer's result when its thread ends.
-pub type OnExit = Box<dyn FnOnce(&Result<(), String>) + Send>;
-
 /// Starts the stage; it runs until `stop` is set (then checkpoints) or fails.
 pub fn spawn(
     stage: TrainerStage,
     stop: Arc<AtomicBool>,
-    on_exit: OnExit,
+    on_exit: crate::service::OnExit,
 ) -> std::io::Result<JoinHandle<Result<(), String>>> {
     let name = format!("retrain-{}", stage.line);
     std::thread::Builder::new().name(name).spawn(move || {
