@@ -645,6 +645,10 @@ fn sigterm_drains_in_flight_frames_and_a_restart_resumes_from_committed_offsets(
     assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
 }
 
+/// The `[kafka.consumer]` of a static group member: a replica started with the same instance id fences
+/// the one that joined before it.
+const STATIC_MEMBER: &str = "\"session.timeout.ms\" = \"6000\"\n\"group.instance.id\" = \"replica-1\"\n";
+
 /// A fatal consumer error, made for real: static group membership (`group.instance.id`) where a second
 /// replica is started with the first one's instance id. The broker fences the first on its next
 /// heartbeat, which librdkafka reports as a fatal error that never clears. The fenced line must stop its
@@ -654,10 +658,9 @@ fn sigterm_drains_in_flight_frames_and_a_restart_resumes_from_committed_offsets(
 fn a_fenced_consumer_stops_its_process_and_the_other_line_drains() {
     let harness = Harness::new("fenced");
     let (fenced, other) = (harness.topics("line", 1), harness.topics("other", 1));
-    let static_member = "\"session.timeout.ms\" = \"6000\"\n\"group.instance.id\" = \"replica-1\"\n";
     let port = free_port();
     let both = harness.pipeline("fenced.toml", port, &[("line", &fenced, ""), ("other", &other, "")]);
-    edit_pipeline(&both, &both, "\"session.timeout.ms\" = \"6000\"\n", static_member);
+    edit_pipeline(&both, &both, "\"session.timeout.ms\" = \"6000\"\n", STATIC_MEMBER);
     let mut first = harness.run(&both);
     let frames = &fixture().frames;
     harness.produce(&fenced.frames, &frames[..4], "before");
@@ -668,7 +671,7 @@ fn a_fenced_consumer_stops_its_process_and_the_other_line_drains() {
     }
 
     let successor = harness.pipeline("successor.toml", free_port(), &[("line", &fenced, "")]);
-    edit_pipeline(&successor, &successor, "\"session.timeout.ms\" = \"6000\"\n", static_member);
+    edit_pipeline(&successor, &successor, "\"session.timeout.ms\" = \"6000\"\n", STATIC_MEMBER);
     let mut second = harness.run(&successor);
     let status = first.wait_exit(Duration::from_secs(120));
     let log = first.log();
@@ -687,6 +690,42 @@ fn a_fenced_consumer_stops_its_process_and_the_other_line_drains() {
         second.log()
     );
     assert!(second.terminate(Duration::from_secs(60)).success(), "{}", second.log());
+}
+
+/// The trainer's consumer of candidate frames meets the same fatal error when a second trainer of the
+/// line joins with its `group.instance.id`. Before, it logged a warning and trained on what it had
+/// forever, hearing of no new frame; now the fenced trainer process exits with the cause. Which of the two
+/// is fenced depends on which joined the group last, so the test accepts either, and the other trains on.
+#[test]
+fn a_fenced_trainer_exits_with_the_cause_and_the_other_trains_on() {
+    let harness = Harness::new("fencedtrainer");
+    let topics = harness.topics("line", 1);
+    harness.create_topics(&[&format!("{}.accepted", harness.name), &format!("{}.models", harness.name)], 1);
+    let trainer = |name: &str| {
+        let state = harness.dir.path().join(format!("{name}-state"));
+        let retrain = retrain_table(&harness, path_str(&state));
+        let pipeline = harness.pipeline(&format!("{name}.toml"), free_port(), &[("line", &topics, &retrain)]);
+        edit_pipeline(&pipeline, &pipeline, "\"session.timeout.ms\" = \"6000\"\n", STATIC_MEMBER);
+        harness.run_with(&pipeline, "log", &["--role", "trainer"], &[])
+    };
+    let first = trainer("first");
+    wait_for("the first trainer to start", Duration::from_secs(120), &[&first], || {
+        first.log().contains("trainer starts from model version")
+    });
+    let second = trainer("second");
+    let mut trainers = [first, second];
+    let mut exited = None;
+    wait_for("one trainer to be fenced", Duration::from_secs(120), &[], || {
+        exited = trainers.iter_mut().enumerate().find_map(|(index, t)| t.try_exit().map(|status| (index, status)));
+        exited.is_some()
+    });
+    let (index, status) = exited.unwrap();
+    let [first, second] = trainers;
+    let (fenced, mut other) = if index == 0 { (first, second) } else { (second, first) };
+    let log = fenced.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("the candidates' consumer failed fatally") && log.contains("FencedInstanceId"), "{log}");
+    assert!(other.terminate(Duration::from_secs(60)).success(), "the other trains on\n{}", other.log());
 }
 
 #[test]

@@ -382,7 +382,7 @@ fn score_batch(model: &EfficientAd, batch: Vec<PreparedFrame>) -> Vec<ScoredFram
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -425,7 +425,7 @@ mod tests {
         assert_eq!(collect_batch(&rx, 8, Duration::from_secs(30)), None);
     }
 
-    fn tiny_model(version: u64, side: i64) -> EfficientAd {
+    pub(crate) fn tiny_model(version: u64, side: i64) -> EfficientAd {
         use crate::model::config::{Preset, Recipe};
         let recipe = Recipe { image_size: side, channels: 8, ..Recipe::preset(Preset::Dfsc) };
         let mut model = EfficientAd::new(recipe, Device::Cpu).unwrap();

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use rdkafka::ClientContext;
 
 use crate::service::frame::{HEADER_CAMERA, HEADER_CAPTURED_AT, HEADER_LINE};
 use crate::service::settings::KafkaSettings;
@@ -61,6 +62,28 @@ pub fn consumer_config(kafka: &KafkaSettings, group_id: &str) -> ClientConfig {
         config.set(key, value);
     }
     with_secrets(config, kafka)
+}
+
+/// Whether a consumer's error is fatal, and why. librdkafka raises a fatal error when, for example, a
+/// static group member is fenced by another started with the same `group.instance.id`; it reaches us as
+/// `MessageConsumptionFatal` carrying the broker's code (`FencedInstanceId`), not as the generic `Fatal`
+/// code. Matching that code alone missed it: a fenced line logged three warnings, then consumed nothing
+/// while its process stayed healthy (tests/pipeline.rs). The client's own record is asked first, since it
+/// holds the original cause.
+pub fn fatal_reason<C: ClientContext>(client: &Client<C>, err: &KafkaError) -> Option<String> {
+    if let Some((code, reason)) = client.fatal_error() {
+        let hint = match code {
+            RDKafkaErrorCode::FencedInstanceId => {
+                "; another consumer joined the group with this group.instance.id ([kafka.consumer]): give each \
+                 replica its own"
+            }
+            _ => "",
+        };
+        return Some(format!("{reason} ({code:?}){hint}"));
+    }
+    let fatal = matches!(err, KafkaError::MessageConsumptionFatal(_))
+        || err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
+    fatal.then(|| err.to_string())
 }
 
 pub fn to_owned_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {

@@ -165,11 +165,13 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
                 let (ended, line_name) = (ended_tx.clone(), name.clone());
                 let on_exit = move |result: &Result<(), String>| match result {
                     Err(reason) if role == Role::Trainer => {
-                        log::error!("{reason}");
+                        log::error!("line {line_name}: {reason}");
                         let _ = ended.send(line_name);
                     }
                     Err(reason) => {
-                        log::error!("{reason}; inference continues without retraining, /healthz reports it");
+                        log::error!(
+                            "line {line_name}: {reason}; inference continues without retraining, /healthz reports it"
+                        );
                         line_health.stage_dead.store(true, Ordering::Relaxed);
                     }
                     Ok(()) => {}

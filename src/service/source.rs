@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -166,7 +166,7 @@ impl Source {
                             }
                         }
                     }
-                    Err(err) => match fatal_reason(&consumer, &err) {
+                    Err(err) => match crate::service::kafka::fatal_reason(consumer.client(), &err) {
                         // A fatal error never clears: end the line, which stops the process, so the
                         // orchestrator starts a fresh one.
                         Some(reason) => {
@@ -204,21 +204,6 @@ impl Source {
         consumer.unsubscribe();
         failure.map_or(Ok(()), Err)
     }
-}
-
-/// Whether a consumer error is fatal, and why. librdkafka raises a fatal error when, for example, a
-/// static group member is fenced by another started with the same `group.instance.id`; it reaches us as
-/// `MessageConsumptionFatal` carrying the broker's code (`FencedInstanceId`), not as the generic `Fatal`
-/// code. Matching that code alone missed it: the fenced line logged three warnings, then consumed nothing
-/// while its process stayed healthy (tests/pipeline.rs). The client's own record is asked first, since it
-/// holds the original cause.
-fn fatal_reason(consumer: &StreamConsumer<SourceContext>, err: &KafkaError) -> Option<String> {
-    if let Some((code, reason)) = consumer.client().fatal_error() {
-        return Some(format!("{reason} ({code:?})"));
-    }
-    let fatal = matches!(err, KafkaError::MessageConsumptionFatal(_))
-        || err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
-    fatal.then(|| err.to_string())
 }
 
 fn set_paused(consumer: &StreamConsumer<SourceContext>, metrics: &LineMetrics, paused: &mut bool, pause: bool) {

@@ -112,6 +112,13 @@ impl Service {
         }
     }
 
+    /// The exit status if the process has ended by itself, without waiting.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut().expect("running").try_wait().unwrap()?;
+        self.child = None;
+        Some(status)
+    }
+
     /// SIGKILL: no drain, no last commit (a crash).
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");

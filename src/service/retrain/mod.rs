@@ -58,4 +58,6 @@ pub enum RetrainError {
     Train(#[from] TrainError),
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("the candidates' consumer failed fatally: {0}")]
+    FatalConsumer(String),
 }

@@ -380,6 +380,19 @@ impl ModelFeed {
     }
 }
 
+/// Where a follower reads the line's publications: the models topic ([`ModelFeed`]) or a unit test's
+/// stand-in.
+pub trait Publications: Send + 'static {
+    /// The next complete publication, waiting at most `timeout`.
+    fn next_publication(&mut self, timeout: Duration) -> Option<Published>;
+}
+
+impl Publications for ModelFeed {
+    fn next_publication(&mut self, timeout: Duration) -> Option<Published> {
+        self.poll(timeout)
+    }
+}
+
 /// Runs a replica's follower until `stop`: every newer publication of the line is loaded onto `device`
 /// and handed to the inference stage, which swaps it in between batches. When several publications
 /// arrived meanwhile, only the newest is loaded. The thread ends only when stopped, or on a panic, which
@@ -387,7 +400,7 @@ impl ModelFeed {
 /// leaving it silently on an old model; its result type is the other stages'.
 pub fn follow(
     line: String,
-    mut feed: ModelFeed,
+    mut feed: impl Publications,
     swapper: ModelSwapper,
     serving_version: u64,
     device: Device,
@@ -410,7 +423,7 @@ pub fn follow(
 
 fn follow_until_stopped(
     line: &str,
-    feed: &mut ModelFeed,
+    feed: &mut impl Publications,
     swapper: &ModelSwapper,
     mut serving_version: u64,
     device: Device,
@@ -418,8 +431,8 @@ fn follow_until_stopped(
 ) {
     let mut pending: Option<EfficientAd> = None;
     while !stop.load(Ordering::Relaxed) {
-        let mut newest = feed.poll(Duration::from_millis(200));
-        while let Some(next) = feed.poll(Duration::ZERO) {
+        let mut newest = feed.next_publication(Duration::from_millis(200));
+        while let Some(next) = feed.next_publication(Duration::ZERO) {
             newest = Some(next);
         }
         if let Some(Published { manifest, model }) = newest {
@@ -566,5 +579,62 @@ mod tests {
         corrupt[0].2[0] ^= 1;
         assert_eq!(feed(&mut assembler, &corrupt), Vec::<u64>::new());
         assert_eq!(feed(&mut assembler, &records("trays", b"fine", "p5", 5)), vec![5]);
+    }
+
+    /// A stand-in for the models topic: hands out its publications (`None`: nothing new), then panics.
+    struct ThenPanics(std::collections::VecDeque<Option<Published>>);
+
+    impl Publications for ThenPanics {
+        fn next_publication(&mut self, _timeout: Duration) -> Option<Published> {
+            self.0.pop_front().unwrap_or_else(|| panic!("injected failure"))
+        }
+    }
+
+    /// The follower hands a publication to the inference stage; a panic in it (nothing in lineguard is
+    /// known to panic there, so one is injected) ends the thread with a reason that names the line and
+    /// marks the line's stage dead, which turns `/healthz` to 503, instead of leaving the replica
+    /// silently on its model of the moment.
+    #[test]
+    fn the_follower_swaps_in_publications_and_a_panic_in_it_marks_the_line_s_stage_dead() {
+        use crate::service::infer::{Batching, StageConfig};
+        let model = crate::service::infer::tests::tiny_model(2, 128).to_bytes().unwrap();
+        let mut assembler = Assembler::new("trays", None);
+        let published = records("trays", &model, "p2", 2)
+            .iter()
+            .find_map(|(k, p, v)| assembler.offer(k.as_bytes(), p.as_ref().map(|p| p.as_bytes()), v));
+        assert!(published.is_some());
+
+        let (_to_infer, input) = crossbeam_channel::bounded(1);
+        let (to_sink, _output) = tokio::sync::mpsc::channel(1);
+        let metrics = crate::service::metrics::Metrics::new().unwrap().line("trays");
+        let config = StageConfig {
+            precision: crate::model::Precision::F32,
+            batching: Batching { max_batch: 1, max_wait: Duration::from_millis(1) },
+            cpu_threads: 1,
+        };
+        let health = Arc::new(LineHealth::default());
+        let serving = crate::service::infer::tests::tiny_model(1, 128);
+        let (_stage, swapper) = crate::service::infer::spawn(
+            vec![serving],
+            config,
+            input,
+            to_sink,
+            metrics,
+            health.clone(),
+            Box::new(|_| {}),
+        )
+        .unwrap();
+
+        let feed = ThenPanics([published, None].into());
+        let stop = Arc::new(AtomicBool::new(false));
+        let follower = follow("trays".into(), feed, swapper.clone(), 1, Device::Cpu, stop, health.clone()).unwrap();
+        let reason = follower.join().unwrap().unwrap_err();
+        assert!(reason.contains("models follower of line trays panicked (injected failure)"), "{reason}");
+        assert!(health.stage_dead.load(Ordering::Relaxed));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while swapper.serving_version() != 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(swapper.serving_version(), 2, "the publication before the panic was swapped in");
     }
 }

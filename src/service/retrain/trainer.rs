@@ -110,10 +110,8 @@ pub fn spawn(
 ) -> std::io::Result<JoinHandle<Result<(), String>>> {
     let name = format!("retrain-{}", stage.line);
     std::thread::Builder::new().name(name).spawn(move || {
-        let line = stage.line.clone();
-        let result = Running::start(stage)
-            .and_then(|mut running| running.run(&stop))
-            .map_err(|err| format!("line {line}: trainer: {err}"));
+        let result =
+            Running::start(stage).and_then(|mut running| running.run(&stop)).map_err(|err| format!("trainer: {err}"));
         on_exit(&result);
         result
     })
@@ -381,6 +379,11 @@ impl Running {
             let message = match self.candidates.poll(wait) {
                 None => break,
                 Some(Err(err)) => {
+                    // A fatal error never clears: without this the trainer would go on training on what
+                    // it has, never hearing of a new frame.
+                    if let Some(reason) = crate::service::kafka::fatal_reason(self.candidates.client(), &err) {
+                        return Err(RetrainError::FatalConsumer(reason));
+                    }
                     log::warn!("line {}: reading candidates: {err}", self.stage.line);
                     break;
                 }
