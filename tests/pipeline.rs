@@ -753,10 +753,11 @@ fn a_killed_instance_loses_no_frame_its_successor_may_repeat_some() {
 
 /// The broker restarts and, with nisshi's in-memory engine, loses its topics, committed offsets and
 /// idempotent-producer state. Measured: the consumer rejoins by itself, but the idempotent producer
-/// either stays stuck on the old broker's producer id or fails fatally (out-of-order sequence), so the
-/// line stalls. What must hold: no crash, `/healthz`
-/// turns 503 after `stalled_after_secs` (Kubernetes restarts the pod), and the restarted process scores
-/// every frame sent after the broker came back, from the start of the new topics.
+/// either stays stuck on the old broker's producer id (it had not recovered 240 s later) or fails
+/// fatally (out-of-order sequence). What must hold: a fatal failure stops the process with status 2
+/// and the cause; a stuck one turns `/healthz` 503 after `stalled_after_secs` (Kubernetes restarts the
+/// pod); either way the restarted process scores every frame sent after the broker came back, from the
+/// start of the new topics.
 #[test]
 fn a_broker_that_restarts_empty_stalls_the_line_visibly_and_a_restart_scores_every_new_frame() {
     let mut harness = Harness::new("restart");
@@ -777,18 +778,29 @@ fn a_broker_that_restarts_empty_stalls_the_line_visibly_and_a_restart_scores_eve
     // More frames than before: a consumer that kept its old position would skip the first ones.
     let frames: Vec<PathBuf> = fixture().frames.iter().cycle().take(10).cloned().collect();
     harness.produce(&topics.frames, &frames, "after");
-    wait_for("/healthz to report the stalled line", Duration::from_secs(120), &[&service], || {
-        http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 503"))
-    });
-    assert!(service.child.as_mut().unwrap().try_wait().unwrap().is_none(), "no crash\n{}", service.log());
     // Which of the two depends on timing: the producer keeps retrying on its stale producer id (the
-    // stall detector speaks), or the broker answers with an out-of-order sequence, a fatal error for an
-    // idempotent producer (the sink says the output cannot succeed).
+    // stall detector speaks, /healthz turns 503), or the broker answers with an out-of-order sequence, a
+    // fatal error for an idempotent producer, which stops the line and the process (exit status 2).
+    let mut exited = None;
+    wait_for("the line to stop or report itself stuck", Duration::from_secs(120), &[], || {
+        exited = service.try_exit();
+        exited.is_some()
+            || (http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 503"))
+                && service.log().contains("the line is stuck"))
+    });
     let log = service.log();
-    assert!(log.contains("the line is stuck") || log.contains("cannot succeed"), "{log}");
-
-    // What Kubernetes does on a failing liveness probe.
-    service.kill();
+    match exited {
+        Some(status) => {
+            assert_eq!(status.code(), Some(2), "{log}");
+            assert!(log.contains("error: line line: the producer failed fatally"), "{log}");
+            eprintln!("the producer failed fatally; the process stopped");
+        }
+        None => {
+            eprintln!("the producer stayed stuck; /healthz reported it");
+            // What Kubernetes does on a failing liveness probe.
+            service.kill();
+        }
+    }
     let mut restarted = harness.run(&pipeline);
     let results = read_topic(&harness.brokers(), &topics.results, 10, Duration::from_secs(120));
     let counts = count_by_key(&results);

@@ -10,7 +10,7 @@ use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::ClientContext;
 
@@ -151,8 +151,11 @@ pub enum Permanent {
     /// The record is larger than the producer's `message.max.bytes` or the topic's `max.message.bytes`:
     /// a smaller record (a dead letter without its payload) may still pass.
     TooLarge,
-    /// Authorisation, an invalid topic or record, a fatal producer: nothing passes until an operator acts.
+    /// Authorisation, an invalid topic or record: nothing passes until an operator acts.
     Refused,
+    /// The producer failed fatally (an idempotent producer whose sequence the broker no longer accepts):
+    /// this client instance publishes nothing more, a fresh one may.
+    Fatal,
 }
 
 impl Permanent {
@@ -171,8 +174,8 @@ impl Permanent {
             | Code::InvalidTopic
             | Code::InvalidRecord
             | Code::InvalidRequiredAcks
-            | Code::PolicyViolation
-            | Code::Fatal => Some(Permanent::Refused),
+            | Code::PolicyViolation => Some(Permanent::Refused),
+            Code::Fatal => Some(Permanent::Fatal),
             _ => None,
         }
     }
@@ -207,7 +210,10 @@ pub async fn send_until_delivered(
             Ok(_) => return Ok(()),
             Err((err, _)) => {
                 on_error(&err);
-                if let Some(kind) = Permanent::classify(&err) {
+                // The record's own error may be a transient-looking one (a purged queue) while the
+                // producer behind it is done for: the client's state says so.
+                let fatal = producer.client().fatal_error().is_some().then_some(Permanent::Fatal);
+                if let Some(kind) = fatal.or_else(|| Permanent::classify(&err)) {
                     return Err(PublishError { topic: topic.into(), key: key.into(), kind, source: err });
                 }
                 log::warn!("publishing {key} to {topic} failed ({err}); retrying in {backoff:?}");
@@ -333,11 +339,10 @@ mod tests {
         let produce = |code| KafkaError::MessageProduction(code);
         assert_eq!(Permanent::classify(&produce(RDKafkaErrorCode::MessageSizeTooLarge)), Some(Permanent::TooLarge));
         assert_eq!(Permanent::classify(&produce(RDKafkaErrorCode::MessageBatchTooLarge)), Some(Permanent::TooLarge));
-        for refused in
-            [RDKafkaErrorCode::TopicAuthorizationFailed, RDKafkaErrorCode::InvalidTopic, RDKafkaErrorCode::Fatal]
-        {
+        for refused in [RDKafkaErrorCode::TopicAuthorizationFailed, RDKafkaErrorCode::InvalidTopic] {
             assert_eq!(Permanent::classify(&produce(refused)), Some(Permanent::Refused), "{refused:?}");
         }
+        assert_eq!(Permanent::classify(&produce(RDKafkaErrorCode::Fatal)), Some(Permanent::Fatal));
         for transient in [
             RDKafkaErrorCode::MessageTimedOut,
             RDKafkaErrorCode::BrokerTransportFailure,

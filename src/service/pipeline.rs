@@ -450,9 +450,14 @@ async fn start_line(
     let (drained_tx, drained) = oneshot::channel();
     let sink_metrics = line_metrics.clone();
     let sink_health = health.clone();
+    let (failed, line_name) = (ended.clone(), name.to_string());
     tokio::spawn(async move {
-        crate::service::sink::run(sink_config, producer, sink_queue, sink_metrics, sink_health).await;
-        let _ = drained_tx.send(());
+        let published = crate::service::sink::run(sink_config, producer, sink_queue, sink_metrics, sink_health).await;
+        if let Err(reason) = &published {
+            log::error!("line {line_name}: {reason}; the line stops");
+            let _ = failed.send(line_name);
+        }
+        let _ = drained_tx.send(published);
     });
 
     // Queue depths are reported by the stages that read them; nothing else may hold a queue end, or a

@@ -12,7 +12,8 @@
 //!
 //! A publish error that no retry clears costs an optional output (map, accepted frame) only that output;
 //! for a required one (result, dead letter) the frame stays uncommitted and the line reports itself
-//! unable to progress (`/healthz`).
+//! unable to progress (`/healthz`), or, when the producer failed fatally, the sink ends with the error,
+//! which ends the line.
 //!
 //! Records are keyed by frame id, so a frame processed twice (after a crash or a rebalance, the price of
 //! at-least-once without transactions) produces the same key twice and consumers can keep the last.
@@ -21,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -29,7 +30,7 @@ use tokio::task::JoinSet;
 use crate::service::frame::{
     CameraInfo, RejectReason, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings,
 };
-use crate::service::kafka::{send_until_delivered, to_owned_headers, Permanent, PublishError};
+use crate::service::kafka::{fatal_reason, send_until_delivered, to_owned_headers, Permanent, PublishError};
 use crate::service::metrics::{LineHealth, LineMetrics, Output, Queue};
 use crate::service::settings::MapFormat;
 
@@ -170,11 +171,24 @@ pub async fn run(
     mut input: mpsc::Receiver<SinkItem>,
     metrics: LineMetrics,
     health: Arc<LineHealth>,
-) {
+) -> Result<(), String> {
     let config = Arc::new(config);
     let mut pacer = config.acceptance.as_ref().map(|acceptance| AcceptancePacer::new(acceptance.per_minute));
     let mut publishing = JoinSet::new();
-    while let Some(item) = input.recv().await {
+    loop {
+        let item = tokio::select! {
+            item = input.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            // Reaped as they finish, so the set does not grow with the stream and a fatal producer error
+            // ends the sink at once (dropping the set aborts the other publishes; their frames stay
+            // uncommitted).
+            Some(done) = publishing.join_next() => {
+                finished(done)?;
+                continue;
+            }
+        };
         metrics.queue_depth(Queue::Sink, input.len());
         // Decided here, in arrival order, so the pacer needs no lock.
         let accept = match (&item, &config.acceptance, pacer.as_mut()) {
@@ -194,19 +208,22 @@ pub async fn run(
                 SinkItem::Rejected(frame) => publish_rejected(&config, &producer, frame, &metrics, &health).await,
             }
         });
-        // Reap finished publishes so the set does not grow with the stream.
-        while let Some(done) = publishing.try_join_next() {
-            report_panic(done);
-        }
     }
     while let Some(done) = publishing.join_next().await {
-        report_panic(done);
+        finished(done)?;
     }
+    Ok(())
 }
 
-fn report_panic(done: Result<(), tokio::task::JoinError>) {
-    if let Err(err) = done {
-        log::error!("a publish task failed: {err}; its frame stays uncommitted and will be consumed again");
+/// A publish's outcome: a panic costs its frame only (uncommitted, consumed again); a fatal producer error
+/// ends the sink.
+fn finished(done: Result<Result<(), String>, tokio::task::JoinError>) -> Result<(), String> {
+    match done {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            log::error!("a publish task failed: {err}; its frame stays uncommitted and will be consumed again");
+            Ok(())
+        }
     }
 }
 
@@ -217,7 +234,7 @@ async fn publish_scored(
     accept: bool,
     metrics: &LineMetrics,
     health: &LineHealth,
-) {
+) -> Result<(), String> {
     let started = Instant::now();
     let judged = frame.is_judged();
     let ScoredFrame {
@@ -324,7 +341,7 @@ async fn publish_scored(
     let (result, accepted, map) = tokio::join!(result, accepted, map);
     if let Err(err) = result {
         // Without its result the frame must not be committed; the line cannot go on (see `refused`).
-        return refused(health, err);
+        return refused(producer, health, err);
     }
     // Maps and accepted frames are optional outputs: a permanent failure costs that output only.
     for failed in [accepted, map].into_iter().filter_map(Result::err) {
@@ -337,6 +354,7 @@ async fn publish_scored(
     }
     metrics.frame_done(meta.received_at.elapsed(), capture_latency(captured_at_ms));
     ack.delivered();
+    Ok(())
 }
 
 /// A dead letter holds the original payload when it fits; when the producer or the topic refuses the
@@ -350,7 +368,7 @@ async fn publish_rejected(
     frame: RejectedFrame,
     metrics: &LineMetrics,
     health: &LineHealth,
-) {
+) -> Result<(), String> {
     let RejectedFrame { meta, payload, reason, detail, ack } = frame;
     let SourcePosition { topic, partition, offset } = &meta.source;
     let (partition, offset, size) = (partition.to_string(), offset.to_string(), payload.len().to_string());
@@ -382,18 +400,26 @@ async fn publish_rejected(
         .await;
     }
     if let Err(err) = published {
-        return refused(health, err);
+        return refused(producer, health, err);
     }
     metrics.frame_done(meta.received_at.elapsed(), None);
     ack.delivered();
+    Ok(())
 }
 
 /// A required output (a result, a dead letter) that no retry can publish: the frame stays uncommitted,
 /// so nothing is lost, and the line is marked broken, which turns `/healthz` to 503 so the orchestrator
 /// restarts the process and the operator sees why in its log (authorisation, a missing or invalid topic).
-fn refused(health: &LineHealth, err: PublishError) {
-    log::error!("{err}; the frame stays uncommitted and this line cannot make progress until that is fixed");
+/// A producer that failed fatally will publish nothing more, whatever an operator fixes: that ends the
+/// sink (the error), and the line with it, rather than wait for a liveness probe.
+fn refused(producer: &FutureProducer, health: &LineHealth, err: PublishError) -> Result<(), String> {
     health.publish_refused.store(true, Ordering::Relaxed);
+    if err.kind == Permanent::Fatal {
+        let reason = fatal_reason(producer.client(), &err.source).unwrap_or_else(|| err.source.to_string());
+        return Err(format!("the producer failed fatally: {reason}"));
+    }
+    log::error!("{err}; the frame stays uncommitted and this line cannot make progress until that is fixed");
+    Ok(())
 }
 
 fn capture_latency(captured_at_ms: i64) -> Option<Duration> {
@@ -476,5 +502,65 @@ mod tests {
     fn capture_latency_ignores_clocks_ahead_of_ours() {
         assert!(capture_latency(now_ms() + 60_000).is_none());
         assert!(capture_latency(now_ms() - 1_000).unwrap() >= Duration::from_millis(1_000));
+    }
+
+    /// librdkafka's own test hook puts a real producer in the state that an idempotent producer reaches
+    /// when the broker refuses its sequence (the broker restarted without its state). Before, the sink
+    /// marked the line unable to publish and waited, with the process up, for a liveness probe; now it
+    /// ends with the cause, which ends the line. The frame stays unacknowledged: consumed again later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_producer_that_failed_fatally_ends_the_sink_and_its_frame_stays_uncommitted() {
+        use crate::service::ack::{OffsetTracker, TopicPartition};
+        use crate::service::frame::FrameMeta;
+        use rdkafka::types::RDKafkaRespErr;
+
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("dead-letter", 1, 1).unwrap();
+        let kafka = crate::service::settings::KafkaSettings::for_brokers(&cluster.bootstrap_servers(), "test");
+        let producer: FutureProducer = crate::service::kafka::producer_config(&kafka).create().unwrap();
+        let reason = std::ffi::CString::new("injected by the test").unwrap();
+        let code = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
+        // SAFETY: a live client handle and a NUL-terminated reason, which the function only reads.
+        let raised = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(producer.client().native_ptr(), code, reason.as_ptr())
+        };
+        assert_eq!(raised, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+
+        let tracker = OffsetTracker::new();
+        let tp = TopicPartition { topic: "frames".into(), partition: 0 };
+        tracker.assign(tp.clone());
+        let meta = FrameMeta {
+            frame_id: "f0".into(),
+            line: "l".into(),
+            source: SourcePosition { topic: "frames".into(), partition: 0, offset: 0 },
+            headers: vec![],
+            received_at: Instant::now(),
+            timings: StageTimings::default(),
+        };
+        let ack = tracker.register(tp, 0, None);
+        let rejected =
+            RejectedFrame { meta, payload: b"bytes".to_vec(), reason: RejectReason::Empty, detail: "".into(), ack };
+        let (to_sink, input) = mpsc::channel(1);
+        to_sink.send(SinkItem::Rejected(rejected)).await.unwrap();
+        drop(to_sink);
+        let config = SinkConfig {
+            line: "l".into(),
+            results_topic: "results".into(),
+            maps_topic: None,
+            dead_letter_topic: "dead-letter".into(),
+            threshold: 0.5,
+            map_format: MapFormat::None,
+            acceptance: None,
+        };
+        let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
+        let health = Arc::new(LineHealth::default());
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(60), run(config, producer, input, metrics, health.clone()))
+                .await
+                .expect("the sink ends");
+        let reason = outcome.unwrap_err();
+        assert!(reason.contains("the producer failed fatally") && reason.contains("injected by the test"), "{reason}");
+        assert!(health.publish_refused.load(Ordering::Relaxed));
+        assert_eq!(tracker.in_flight(), 1, "the frame is not acknowledged");
     }
 }

@@ -121,9 +121,13 @@ pub struct Source {
 
 impl Source {
     /// Consumes until `stop` turns true (or the pool is gone, or the consumer fails fatally), then commits
-    /// until `drained` fires, then commits a last time synchronously. A fatal consumer error is returned
-    /// after the drain: it is why the line stopped.
-    pub async fn run(self, mut stop: watch::Receiver<bool>, drained: oneshot::Receiver<()>) -> Result<(), String> {
+    /// until `drained` brings the sink's outcome, then commits a last time synchronously. Returns why the
+    /// line failed, if it did: a fatal consumer error, else the sink's error.
+    pub async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        drained: oneshot::Receiver<Result<(), String>>,
+    ) -> Result<(), String> {
         let Source { line, consumer, tracker, permits, to_preprocess, metrics, commit_interval } = self;
         let mut commits = tokio::time::interval(commit_interval);
         commits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -187,12 +191,14 @@ impl Source {
         let started = Instant::now();
         log::info!("line {line}: consumption stopped; draining {} in-flight frames", tracker.in_flight());
         tokio::pin!(drained);
-        loop {
+        let published = loop {
             tokio::select! {
-                _ = &mut drained => break,
+                published = &mut drained => {
+                    break published.unwrap_or_else(|_| Err("the sink ended without an outcome (it panicked)".into()))
+                }
                 _ = commits.tick() => commit_changed(&consumer, &tracker),
             }
-        }
+        };
         let drained_in = started.elapsed().as_secs_f64();
         match commit_all(&consumer, &tracker) {
             Ok(()) => log::info!("line {line}: drained in {drained_in:.1}s; offsets committed"),
@@ -202,7 +208,7 @@ impl Source {
             ),
         }
         consumer.unsubscribe();
-        failure.map_or(Ok(()), Err)
+        failure.map_or(published, Err)
     }
 }
 
@@ -359,7 +365,7 @@ mod tests {
         for frame in frames.try_iter() {
             frame.ack.delivered();
         }
-        drained_tx.send(()).unwrap();
+        drained_tx.send(Ok(())).unwrap();
         tokio::time::timeout(Duration::from_secs(30), running).await.unwrap().unwrap().unwrap();
         assert_eq!(tracker.in_flight(), 0);
         let page = metrics.render();
