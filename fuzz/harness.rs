@@ -108,6 +108,7 @@ pub fn raw_frame(payload: Vec<u8>, headers: Vec<(String, Vec<u8>)>, tracker: &Of
             timings: StageTimings::default(),
         },
         payload,
+        oversized_key: None,
         ack: tracker.register(TopicPartition { topic: "frames".into(), partition: 0 }, offset, None),
     }
 }

@@ -259,6 +259,60 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_the_line_keeps
     assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
 }
 
+/// Fields that the result repeats (the key as `frame_id`, the camera headers) are bounded: a frame whose
+/// key or camera header is hundreds of kilobytes long would make a result larger than a topic takes (a
+/// camera id of control characters grows sixfold as JSON), and a result that cannot be published keeps
+/// its frame uncommitted: the line stood still on it, and after a restart on it again. Such frames go to
+/// the dead letter topic, keyed by their source position, and the line goes on.
+#[test]
+fn a_frame_with_an_oversized_key_or_camera_header_is_a_dead_letter_and_the_line_keeps_going() {
+    let harness = Harness::new("longfields");
+    let topics = harness.topics("line", 1);
+    // Kafka's default limit (nisshi sets none).
+    let results_topic = topic_with_max_message_bytes(&harness, "default-results", 1_048_588);
+    let port = free_port();
+    let pipeline = harness.pipeline("longfields.toml", port, &[("line", &topics, "")]);
+    edit_pipeline(&pipeline, &pipeline, &format!("\"{}\"", topics.results), &format!("\"{results_topic}\""));
+    let mut service = harness.run(&pipeline);
+    let frames = &fixture().frames;
+    let good = std::fs::read(&frames[0]).unwrap();
+    let long_key = "k".repeat(600_000);
+    let control_characters = "\u{1}".repeat(200_000);
+    // (key, camera id, expected reason)
+    let cases = [(long_key.as_str(), "cam", "bad_key"), ("control-camera", control_characters.as_str(), "bad_header")];
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();
+    for (key, camera, _) in &cases {
+        let headers = [("camera_id", camera.as_bytes()), ("captured_at_ms", b"1700000000000".as_slice())];
+        let owned = lineguard::service::kafka::to_owned_headers(headers);
+        producer
+            .send(BaseRecord::<str, [u8]>::to(&topics.frames).key(*key).payload(good.as_slice()).headers(owned))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    harness.produce(&topics.frames, &frames[1..4], "after");
+
+    let results = read_topic(&harness.brokers(), &results_topic, 3, Duration::from_secs(120));
+    assert_eq!(keys_with_prefix(&count_by_key(&results), "after"), 3, "the line goes on\n{}", service.log());
+    assert_eq!(results.len(), 3, "no result for the frames with oversized ids");
+    let dead = read_topic(&harness.brokers(), &topics.dead_letter, cases.len(), Duration::from_secs(30));
+    assert_eq!(dead.len(), cases.len(), "one dead letter per frame\n{}", service.log());
+    for (offset, (_, _, reason)) in cases.iter().enumerate() {
+        let position = format!("{}/0/{offset}", topics.frames);
+        let record = dead.iter().find(|r| r.headers[HEADER_SOURCE_OFFSET] == offset.to_string().as_bytes());
+        let record = record.unwrap_or_else(|| panic!("no dead letter for offset {offset}"));
+        assert_eq!(record.headers[HEADER_ERROR_REASON], reason.as_bytes(), "{offset}");
+        assert!(record.key.len() < 1000, "the dead letter is keyed by something short: {}", record.key.len());
+        if *reason == "bad_key" {
+            assert_eq!(record.key, position);
+        }
+        assert_eq!(record.payload, good, "the original bytes are kept for replay");
+    }
+    assert!(http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")), "the line can progress");
+    assert!(service.terminate(Duration::from_secs(60)).success(), "{}", service.log());
+}
+
 /// A model whose output is NaN (its teacher statistics are NaN, as after a diverged training) must never
 /// call a frame normal nor let it become training data: every frame gets an error result, the failure is
 /// counted, no map is published, and readiness goes false.

@@ -8,10 +8,10 @@
 //!
 //! ## The input message contract
 //! - value: one encoded image (JPEG or PNG);
-//! - key: the frame id, UTF-8 (without a key the frame id is `<topic>/<partition>/<offset>`, which is
-//!   stable across redeliveries, so results stay idempotent);
+//! - key: the frame id, UTF-8, at most [`MAX_ID_BYTES`] (without a key the frame id is
+//!   `<topic>/<partition>/<offset>`, which is stable across redeliveries, so results stay idempotent);
 //! - headers: `camera_id` (required, UTF-8), `captured_at_ms` (required, Unix epoch milliseconds, decimal),
-//!   `line_id` (optional, defaults to the pipeline's line name).
+//!   `line_id` (optional, defaults to the pipeline's line name); ids at most [`MAX_ID_BYTES`].
 
 use std::time::Instant;
 
@@ -20,6 +20,11 @@ use crate::service::ack::Ack;
 pub const HEADER_CAMERA: &str = "camera_id";
 pub const HEADER_CAPTURED_AT: &str = "captured_at_ms";
 pub const HEADER_LINE: &str = "line_id";
+
+/// The longest frame id (the key), `camera_id` or `line_id`, in bytes. The result repeats them, and a
+/// result that no topic takes would hold its frame uncommitted, stopping the line on it: longer ones make
+/// the frame a dead letter instead. Real ids are tens of bytes.
+pub const MAX_ID_BYTES: usize = 256;
 
 /// Where a frame was consumed from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -64,6 +69,9 @@ pub struct StageTimings {
 pub struct RawFrame {
     pub meta: FrameMeta,
     pub payload: Vec<u8>,
+    /// The length of a key too long to be the frame id ([`MAX_ID_BYTES`]): the frame id is then the
+    /// source position, and the frame a dead letter.
+    pub oversized_key: Option<usize>,
     pub ack: Ack,
 }
 
@@ -133,6 +141,8 @@ pub enum RejectReason {
     Oversized,
     MissingHeader,
     BadHeader,
+    /// The key, which is the frame id, is longer than [`MAX_ID_BYTES`].
+    BadKey,
     Decode,
     /// The image's header declares more pixels than the line's limits: refused before decoding.
     TooLarge,
@@ -142,11 +152,12 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::Empty,
         RejectReason::Oversized,
         RejectReason::MissingHeader,
         RejectReason::BadHeader,
+        RejectReason::BadKey,
         RejectReason::Decode,
         RejectReason::TooLarge,
         RejectReason::WrongSize,
@@ -159,6 +170,7 @@ impl RejectReason {
             RejectReason::Oversized => "oversized",
             RejectReason::MissingHeader => "missing_header",
             RejectReason::BadHeader => "bad_header",
+            RejectReason::BadKey => "bad_key",
             RejectReason::Decode => "decode",
             RejectReason::TooLarge => "too_large",
             RejectReason::WrongSize => "wrong_size",

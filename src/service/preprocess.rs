@@ -13,7 +13,7 @@ use crate::data::preprocess::{decode_within, DecodeLimits};
 use crate::error::ImageError;
 use crate::service::frame::{
     CameraInfo, PreparedFrame, RawFrame, RejectReason, RejectedFrame, SinkItem, HEADER_CAMERA, HEADER_CAPTURED_AT,
-    HEADER_LINE,
+    HEADER_LINE, MAX_ID_BYTES,
 };
 use crate::service::metrics::{LineMetrics, Queue};
 
@@ -75,9 +75,9 @@ pub fn spawn(
 /// Checks, decodes and resizes one frame.
 pub fn prepare(config: &PoolConfig, frame: RawFrame) -> Result<PreparedFrame, Box<RejectedFrame>> {
     let started = Instant::now();
-    let RawFrame { mut meta, payload, ack } = frame;
+    let RawFrame { mut meta, payload, oversized_key, ack } = frame;
     meta.timings.queue = started.duration_since(meta.received_at).as_secs_f64();
-    let checked = check_contract(config, &meta.headers, &payload, &meta.line).and_then(|camera| {
+    let checked = check_contract(config, &meta.headers, &payload, oversized_key, &meta.line).and_then(|camera| {
         let image = decode_within(&payload, &meta.frame_id, &config.decode_limits).map_err(|err| {
             let reason = match err {
                 ImageError::TooLarge { .. } => RejectReason::TooLarge,
@@ -116,8 +116,15 @@ fn check_contract(
     config: &PoolConfig,
     headers: &[(String, Vec<u8>)],
     payload: &[u8],
+    oversized_key: Option<usize>,
     default_line: &str,
 ) -> Result<CameraInfo, (RejectReason, String)> {
+    if let Some(len) = oversized_key {
+        return Err((
+            RejectReason::BadKey,
+            format!("the key (the frame id) is {len} bytes, over the limit of {MAX_ID_BYTES}; this frame's id is its source position"),
+        ));
+    }
     if payload.is_empty() {
         return Err((RejectReason::Empty, "empty message (no image bytes)".into()));
     }
@@ -135,9 +142,17 @@ fn check_contract(
     let text = |name: &str| -> Result<Option<String>, (RejectReason, String)> {
         header(name)
             .map(|value| {
-                std::str::from_utf8(value)
-                    .map(|s| s.trim().to_string())
-                    .map_err(|_| (RejectReason::BadHeader, format!("header {name} is not UTF-8")))
+                let value = std::str::from_utf8(value)
+                    .map(str::trim)
+                    .map_err(|_| (RejectReason::BadHeader, format!("header {name} is not UTF-8")))?;
+                if value.len() > MAX_ID_BYTES {
+                    let len = value.len();
+                    return Err((
+                        RejectReason::BadHeader,
+                        format!("header {name} is {len} bytes, over the limit of {MAX_ID_BYTES}"),
+                    ));
+                }
+                Ok(value.to_string())
             })
             .transpose()
     };
@@ -202,6 +217,7 @@ mod tests {
                 timings: StageTimings::default(),
             },
             payload,
+            oversized_key: None,
             ack,
         }
     }
@@ -244,6 +260,27 @@ mod tests {
             assert_eq!(reason, expected, "{detail}");
             assert!(detail.contains(needle), "{detail:?} should mention {needle:?}");
         }
+    }
+
+    /// The result repeats the frame id and the camera ids: bounded, so that no frame can make a result too
+    /// large to publish (which would hold the line on that frame).
+    #[test]
+    fn ids_longer_than_the_limit_are_rejected_and_ids_at_the_limit_pass() {
+        let at_limit = "c".repeat(MAX_ID_BYTES);
+        let over = "c".repeat(MAX_ID_BYTES + 1);
+        let with_ids = |camera: &str, line: &str| {
+            frame(png(40, 40), &[("camera_id", camera), ("line_id", line), ("captured_at_ms", "1")])
+        };
+        assert!(prepare(&config(), with_ids(&at_limit, &at_limit)).is_ok());
+        for (input, needle) in [(with_ids(&over, "l"), "camera_id"), (with_ids("c", &over), "line_id")] {
+            let (reason, detail) = reason(prepare(&config(), input));
+            assert_eq!(reason, RejectReason::BadHeader, "{detail}");
+            assert!(detail.contains(needle) && detail.contains("257 bytes, over the limit of 256"), "{detail}");
+        }
+        let long_key = RawFrame { oversized_key: Some(600_000), ..frame(png(40, 40), GOOD_HEADERS) };
+        let (reason, detail) = reason(prepare(&config(), long_key));
+        assert_eq!(reason, RejectReason::BadKey, "{detail}");
+        assert!(detail.contains("600000 bytes"), "{detail}");
     }
 
     #[test]

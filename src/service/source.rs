@@ -23,7 +23,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::service::ack::{OffsetTracker, TopicPartition};
-use crate::service::frame::{FrameMeta, RawFrame, SourcePosition, StageTimings};
+use crate::service::frame::{FrameMeta, RawFrame, SourcePosition, StageTimings, MAX_ID_BYTES};
 use crate::service::metrics::{LineHealth, LineMetrics};
 
 /// Receives librdkafka's callbacks for this line's consumer.
@@ -267,8 +267,10 @@ fn to_frame(
 ) -> RawFrame {
     let source =
         SourcePosition { topic: message.topic().to_string(), partition: message.partition(), offset: message.offset() };
+    let oversized_key = message.key().map(<[u8]>::len).filter(|len| *len > MAX_ID_BYTES);
     let frame_id = message
         .key()
+        .filter(|_| oversized_key.is_none())
         .and_then(|key| std::str::from_utf8(key).ok())
         .filter(|key| !key.is_empty())
         .map(str::to_string)
@@ -288,6 +290,7 @@ fn to_frame(
             timings: StageTimings::default(),
         },
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        oversized_key,
         ack,
     }
 }
