@@ -423,9 +423,11 @@ fn refused(producer: &FutureProducer, health: &LineHealth, err: PublishError) ->
 }
 
 fn capture_latency(captured_at_ms: i64) -> Option<Duration> {
-    let age = now_ms() - captured_at_ms;
     // A camera clock ahead of ours would give nonsense: report nothing rather than a negative latency.
-    (age >= 0).then(|| Duration::from_millis(age as u64))
+    // The header is the camera's word: a value near i64::MIN must not overflow (a panic here, after the
+    // result went out, would leave the frame unacknowledged and hold the line's commits on it).
+    let age = now_ms().checked_sub(captured_at_ms)?;
+    u64::try_from(age).ok().map(Duration::from_millis)
 }
 
 /// The map as the configured format: a colourised PNG (values from `range.0` transparent-dark to
@@ -501,6 +503,8 @@ mod tests {
     #[test]
     fn capture_latency_ignores_clocks_ahead_of_ours() {
         assert!(capture_latency(now_ms() + 60_000).is_none());
+        assert!(capture_latency(i64::MAX).is_none());
+        assert!(capture_latency(i64::MIN).is_none(), "no overflow");
         assert!(capture_latency(now_ms() - 1_000).unwrap() >= Duration::from_millis(1_000));
     }
 
