@@ -805,36 +805,58 @@ fn marked_frame_location(frame_id: &str, payload: &[u8], input_topics: &[String]
     Some(feedback.source)
 }
 
-/// The frame at `location`, read back from its input topic; None (logged) when it is no longer retained.
+/// The frame at `location`, read back from its input topic; None (logged) when it cannot be.
 fn fetch_frame(fetcher: Option<&BaseConsumer>, frame_id: &str, location: &FrameLocation) -> Option<Vec<u8>> {
-    let fetcher = fetcher?;
     let FrameLocation { topic, partition, offset } = location;
-    let mut wanted = TopicPartitionList::new();
-    wanted.add_partition_offset(topic, *partition, Offset::Offset(*offset)).ok()?;
-    if let Err(err) = fetcher.assign(&wanted) {
-        log::warn!("feedback for {frame_id}: cannot read {topic}/{partition}@{offset}: {err}");
-        return None;
+    read_back(fetcher?, location)
+        .map_err(|why| log::warn!("feedback for {frame_id}: cannot read {topic}/{partition}@{offset}: {why}"))
+        .ok()
+}
+
+/// Why a frame that feedback names could not be read back.
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum Unreadable {
+    #[error("the partition holds offsets {low}..{high} (the frame expired, or never was)")]
+    NotOnBroker { low: i64, high: i64 },
+    #[error("{0}")]
+    Broker(String),
+    #[error("not delivered within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Reads one record. The partition's bounds are asked first: feedback may name a partition that does
+/// not exist or an offset past the end (a typo, another cluster's record), and the trainer, which trains
+/// nothing while it waits here, must not wait for a record that cannot come.
+fn read_back(fetcher: &BaseConsumer, location: &FrameLocation) -> Result<Vec<u8>, Unreadable> {
+    const DEADLINE: Duration = Duration::from_secs(10);
+    let FrameLocation { topic, partition, offset } = location;
+    let (low, high) =
+        fetcher.fetch_watermarks(topic, *partition, DEADLINE).map_err(|err| Unreadable::Broker(err.to_string()))?;
+    if !(low..high).contains(offset) {
+        return Err(Unreadable::NotOnBroker { low, high });
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut wanted = TopicPartitionList::new();
+    wanted
+        .add_partition_offset(topic, *partition, Offset::Offset(*offset))
+        .and_then(|()| fetcher.assign(&wanted))
+        .map_err(|err| Unreadable::Broker(err.to_string()))?;
+    let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
         match fetcher.poll(Duration::from_millis(200)) {
             Some(Ok(message)) if message.topic() == topic && message.partition() == *partition => {
                 if message.offset() == *offset {
-                    return message.payload().map(<[u8]>::to_vec);
+                    return Ok(message.payload().unwrap_or_default().to_vec());
                 }
                 if message.offset() > *offset {
-                    break; // the frame is gone (retention or compaction)
+                    // Removed between the bounds and the read (retention or compaction).
+                    return Err(Unreadable::NotOnBroker { low: message.offset(), high });
                 }
             }
-            Some(Err(err)) => {
-                log::warn!("feedback for {frame_id}: {err}");
-                return None;
-            }
+            Some(Err(err)) => return Err(Unreadable::Broker(err.to_string())),
             _ => {}
         }
     }
-    log::warn!("feedback for {frame_id}: {topic}/{partition}@{offset} is no longer on the broker");
-    None
+    Err(Unreadable::TimedOut(DEADLINE))
 }
 
 fn load_folder(folder: &Path, side: u32) -> Result<Tensor, RetrainError> {
@@ -883,6 +905,34 @@ mod tests {
         let elsewhere = br#"{"verdict":"normal","source":{"topic":"payroll","partition":0,"offset":1}}"#;
         assert!(marked_frame_location("f1", elsewhere, &["frames".to_string()]).is_none());
         assert!(marked_frame_location("f1", elsewhere, &["frames".to_string(), "payroll".to_string()]).is_some());
+    }
+
+    /// Feedback may name a partition that does not exist or an offset past the end (a typo, a record
+    /// from another cluster): the trainer must not wait for it. Before, each such record held the trainer
+    /// for the fetch deadline (10 s; up to 64 per round), training nothing meanwhile; now the partition's
+    /// bounds answer at once (and the wait for a record, when it comes, is the only timed-out case).
+    #[test]
+    fn feedback_for_a_frame_that_is_not_on_the_broker_is_refused_without_waiting() {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("frames", 1, 1).unwrap();
+        let kafka = crate::service::settings::KafkaSettings::for_brokers(&cluster.bootstrap_servers(), "test");
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            crate::service::kafka::producer_config(&kafka).create().unwrap();
+        for payload in [b"frame 0", b"frame 1"] {
+            producer.send(BaseRecord::<str, [u8]>::to("frames").key("f").payload(payload)).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let fetcher: BaseConsumer = crate::service::kafka::consumer_config(&kafka, "fetch").create().unwrap();
+        let at = |partition, offset| FrameLocation { topic: "frames".into(), partition, offset };
+
+        assert_eq!(read_back(&fetcher, &at(0, 1)), Ok(b"frame 1".to_vec()));
+        for bogus in [at(0, 2), at(0, 1_000_000_000), at(0, -2), at(0, -1)] {
+            assert_eq!(read_back(&fetcher, &bogus), Err(Unreadable::NotOnBroker { low: 0, high: 2 }), "{bogus:?}");
+        }
+        let missing_partition = read_back(&fetcher, &at(7, 0));
+        assert!(matches!(&missing_partition, Err(Unreadable::Broker(_))), "{missing_partition:?}");
+        assert_eq!(read_back(&fetcher, &at(0, 0)), Ok(b"frame 0".to_vec()));
     }
 
     #[test]
