@@ -16,8 +16,6 @@ use common::{lineguard_ok, path_str};
 use lineguard::service::sink::{
     ResultRecord, HEADER_ERROR, HEADER_ERROR_REASON, HEADER_MAP_FORMAT, HEADER_PAYLOAD_OMITTED, HEADER_SOURCE_OFFSET,
 };
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::ClientConfig;
 
 /// A small model and test frames, made once per test binary by the real CLI.
 struct Fixture {
@@ -231,16 +229,13 @@ fn bad_messages_go_to_the_dead_letter_topic_with_their_reason_and_the_line_keeps
         ("wrong-size", png_bytes(64, 64), headers.to_vec(), "wrong_size"),
         ("bomb", decompression_bomb_png(16384), headers.to_vec(), "too_large"),
     ];
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();
-    for (key, payload, headers, _) in &cases {
-        let owned = lineguard::service::kafka::to_owned_headers(headers.iter().map(|(k, v)| (*k, v.as_bytes())));
-        producer
-            .send(BaseRecord::<str, [u8]>::to(&topics.frames).key(*key).payload(payload.as_slice()).headers(owned))
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    let records: Vec<_> = cases
+        .iter()
+        .map(|(key, payload, headers, _)| {
+            (*key, payload.as_slice(), headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect())
+        })
+        .collect();
+    harness.produce_records(&topics.frames, &records);
     harness.produce(&topics.frames, &frames[3..6], "after");
 
     let dead = read_topic(&harness.brokers(), &topics.dead_letter, cases.len(), Duration::from_secs(120));
@@ -280,17 +275,17 @@ fn a_frame_with_an_oversized_key_or_camera_header_is_a_dead_letter_and_the_line_
     let control_characters = "\u{1}".repeat(200_000);
     // (key, camera id, expected reason)
     let cases = [(long_key.as_str(), "cam", "bad_key"), ("control-camera", control_characters.as_str(), "bad_header")];
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();
-    for (key, camera, _) in &cases {
-        let headers = [("camera_id", camera.as_bytes()), ("captured_at_ms", b"1700000000000".as_slice())];
-        let owned = lineguard::service::kafka::to_owned_headers(headers);
-        producer
-            .send(BaseRecord::<str, [u8]>::to(&topics.frames).key(*key).payload(good.as_slice()).headers(owned))
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    let records: Vec<_> = cases
+        .iter()
+        .map(|(key, camera, _)| {
+            (
+                *key,
+                good.as_slice(),
+                vec![("camera_id", camera.as_bytes()), ("captured_at_ms", b"1700000000000".as_slice())],
+            )
+        })
+        .collect();
+    harness.produce_records(&topics.frames, &records);
     harness.produce(&topics.frames, &frames[1..4], "after");
 
     let results = read_topic(&harness.brokers(), &results_topic, 3, Duration::from_secs(120));
@@ -376,16 +371,9 @@ fn a_dead_letter_too_large_for_its_topic_goes_without_its_payload_and_the_line_k
     edit_pipeline(&pipeline, &pipeline, &topics.dead_letter, &small_dead_letter);
     let mut service = harness.run(&pipeline);
 
-    let headers = [("camera_id", "cam"), ("captured_at_ms", "1700000000000")];
-    let owned = lineguard::service::kafka::to_owned_headers(headers.iter().map(|(k, v)| (*k, v.as_bytes())));
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        ClientConfig::new().set("bootstrap.servers", harness.brokers()).create().unwrap();
     let garbage = vec![7u8; 200_000];
-    producer
-        .send(BaseRecord::<str, [u8]>::to(&topics.frames).key("big").payload(garbage.as_slice()).headers(owned))
-        .map_err(|(e, _)| e)
-        .unwrap();
-    producer.flush(Duration::from_secs(10)).unwrap();
+    let headers = vec![("camera_id", b"cam".as_slice()), ("captured_at_ms", b"1700000000000".as_slice())];
+    harness.produce_records(&topics.frames, &[("big", garbage.as_slice(), headers)]);
     harness.produce(&topics.frames, &fixture().frames[..3], "after");
 
     let dead = read_topic(&harness.brokers(), &small_dead_letter, 1, Duration::from_secs(120));

@@ -80,7 +80,23 @@ impl Harness {
         args.extend(frames.iter().map(|p| path_str(p)));
         lineguard_ok(&args);
     }
+
+    /// Sends records as a camera might, hostile ones included, and waits until the broker has them.
+    pub fn produce_records(&self, topic: &str, records: &[RawRecord]) {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            ClientConfig::new().set("bootstrap.servers", self.brokers()).create().unwrap();
+        for (key, payload, headers) in records {
+            let headers = lineguard::service::kafka::to_owned_headers(headers.iter().copied());
+            let record = BaseRecord::<str, [u8]>::to(topic).key(*key).payload(*payload).headers(headers);
+            producer.send(record).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
 }
+
+/// A record as `Harness::produce_records` sends it: key, value, headers.
+pub type RawRecord<'a> = (&'a str, &'a [u8], Vec<(&'a str, &'a [u8])>);
 
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
