@@ -50,6 +50,20 @@ impl FrameMeta {
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_slice())
     }
+
+    /// A frame of line `line` consumed from partition 0 of `frames` at `offset`, without headers: what one
+    /// stage's unit tests feed it.
+    #[cfg(test)]
+    pub(crate) fn for_test(frame_id: &str, line: &str, offset: i64) -> FrameMeta {
+        FrameMeta {
+            frame_id: frame_id.into(),
+            line: line.into(),
+            source: SourcePosition { topic: "frames".into(), partition: 0, offset },
+            headers: vec![],
+            received_at: Instant::now(),
+            timings: StageTimings::default(),
+        }
+    }
 }
 
 /// Seconds spent in each stage (filled as the frame moves on).

@@ -435,17 +435,10 @@ pub(crate) mod tests {
     }
 
     fn prepared(tracker: &crate::service::ack::OffsetTracker, offset: i64) -> PreparedFrame {
-        use crate::service::frame::{CameraInfo, FrameMeta, SourcePosition, StageTimings};
+        use crate::service::frame::{CameraInfo, FrameMeta};
         let tp = crate::service::ack::TopicPartition { topic: "frames".into(), partition: 0 };
         PreparedFrame {
-            meta: FrameMeta {
-                frame_id: format!("f{offset}"),
-                line: "l".into(),
-                source: SourcePosition { topic: "frames".into(), partition: 0, offset },
-                headers: vec![],
-                received_at: Instant::now(),
-                timings: StageTimings::default(),
-            },
+            meta: FrameMeta::for_test(&format!("f{offset}"), "l", offset),
             camera: CameraInfo { camera_id: "c".into(), line_id: "l".into(), captured_at_ms: 0 },
             input: vec![26; 3 * 128 * 128],
             original_size: (128, 128),

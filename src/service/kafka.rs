@@ -317,6 +317,26 @@ pub async fn send_files(
     Ok(count)
 }
 
+/// librdkafka's in-process mock cluster with `topic` (one partition) holding `records` (key, value), and
+/// the settings that reach it: what one stage's unit tests use for a broker (tests/ use the real one).
+#[cfg(test)]
+pub(crate) fn mock_cluster_with(
+    topic: &str,
+    records: &[(&str, &[u8])],
+) -> (rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>, KafkaSettings) {
+    use rdkafka::producer::{BaseRecord, ThreadedProducer};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic(topic, 1, 1).unwrap();
+    let kafka = KafkaSettings::for_brokers(&cluster.bootstrap_servers(), "test");
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        producer_config(&kafka).create().unwrap();
+    for (key, payload) in records {
+        producer.send(BaseRecord::<str, [u8]>::to(topic).key(*key).payload(*payload)).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    (cluster, kafka)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

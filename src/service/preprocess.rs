@@ -175,7 +175,7 @@ fn check_contract(
 mod tests {
     use super::*;
     use crate::service::ack::{OffsetTracker, TopicPartition};
-    use crate::service::frame::{FrameMeta, SourcePosition, StageTimings};
+    use crate::service::frame::FrameMeta;
 
     fn config() -> PoolConfig {
         PoolConfig {
@@ -209,12 +209,8 @@ mod tests {
         let ack = tracker.register(TopicPartition { topic: "frames".into(), partition: 0 }, 0, None);
         RawFrame {
             meta: FrameMeta {
-                frame_id: "f1".into(),
-                line: "juice".into(),
-                source: SourcePosition { topic: "frames".into(), partition: 0, offset: 0 },
                 headers: headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
-                received_at: Instant::now(),
-                timings: StageTimings::default(),
+                ..FrameMeta::for_test("f1", "juice", 0)
             },
             payload,
             oversized_key: None,

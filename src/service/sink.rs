@@ -518,9 +518,7 @@ mod tests {
         use crate::service::frame::FrameMeta;
         use rdkafka::types::RDKafkaRespErr;
 
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("dead-letter", 1, 1).unwrap();
-        let kafka = crate::service::settings::KafkaSettings::for_brokers(&cluster.bootstrap_servers(), "test");
+        let (_cluster, kafka) = crate::service::kafka::mock_cluster_with("dead-letter", &[]);
         let producer: FutureProducer = crate::service::kafka::producer_config(&kafka).create().unwrap();
         let reason = std::ffi::CString::new("injected by the test").unwrap();
         let code = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
@@ -533,14 +531,7 @@ mod tests {
         let tracker = OffsetTracker::new();
         let tp = TopicPartition { topic: "frames".into(), partition: 0 };
         tracker.assign(tp.clone());
-        let meta = FrameMeta {
-            frame_id: "f0".into(),
-            line: "l".into(),
-            source: SourcePosition { topic: "frames".into(), partition: 0, offset: 0 },
-            headers: vec![],
-            received_at: Instant::now(),
-            timings: StageTimings::default(),
-        };
+        let meta = FrameMeta::for_test("f0", "l", 0);
         let ack = tracker.register(tp, 0, None);
         let rejected =
             RejectedFrame { meta, payload: b"bytes".to_vec(), reason: RejectReason::Empty, detail: "".into(), ack };

@@ -299,29 +299,19 @@ fn to_frame(
 mod tests {
     use super::*;
     use crate::service::metrics::Metrics;
-    use rdkafka::mocking::MockCluster;
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    use rdkafka::ClientConfig;
 
     /// librdkafka's in-process mock cluster stands in for the broker: this checks the source's own
     /// backpressure logic; tests/pipeline.rs covers the real broker.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_consumer_pauses_at_the_in_flight_limit_and_resumes_when_frames_finish() {
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("frames", 1, 1).unwrap();
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            ClientConfig::new().set("bootstrap.servers", cluster.bootstrap_servers()).create().unwrap();
-        for i in 0..10 {
-            let key = format!("frame-{i}");
-            producer.send(BaseRecord::<str, [u8]>::to("frames").key(&key).payload(b"bytes".as_slice())).unwrap();
-        }
-        producer.flush(Duration::from_secs(10)).unwrap();
+        let keys: Vec<String> = (0..10).map(|i| format!("frame-{i}")).collect();
+        let records: Vec<(&str, &[u8])> = keys.iter().map(|key| (key.as_str(), b"bytes".as_slice())).collect();
+        let (_cluster, kafka) = crate::service::kafka::mock_cluster_with("frames", &records);
 
         let metrics = Metrics::new().unwrap();
         let line = metrics.line("test");
         let tracker = OffsetTracker::new();
         let health = Arc::new(LineHealth::default());
-        let kafka = crate::service::settings::KafkaSettings::for_brokers(&cluster.bootstrap_servers(), "test");
         let context = SourceContext { tracker: tracker.clone(), metrics: line.clone(), health };
         let consumer: StreamConsumer<SourceContext> =
             crate::service::kafka::consumer_config(&kafka, "group").create_with_context(context).unwrap();

@@ -928,16 +928,8 @@ mod tests {
     /// bounds, asked after a second without the record, answer (a wait that runs out is `TimedOut`).
     #[test]
     fn feedback_for_a_frame_that_is_not_on_the_broker_is_refused_without_waiting() {
-        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-        cluster.create_topic("frames", 1, 1).unwrap();
-        let kafka = crate::service::settings::KafkaSettings::for_brokers(&cluster.bootstrap_servers(), "test");
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            crate::service::kafka::producer_config(&kafka).create().unwrap();
-        for payload in [b"frame 0", b"frame 1"] {
-            producer.send(BaseRecord::<str, [u8]>::to("frames").key("f").payload(payload)).map_err(|(e, _)| e).unwrap();
-        }
-        producer.flush(Duration::from_secs(10)).unwrap();
+        let records = [("f", b"frame 0".as_slice()), ("f", b"frame 1".as_slice())];
+        let (_cluster, kafka) = crate::service::kafka::mock_cluster_with("frames", &records);
         let fetcher: BaseConsumer = crate::service::kafka::consumer_config(&kafka, "fetch").create().unwrap();
         let at = |partition, offset| FrameLocation { topic: "frames".into(), partition, offset };
 
