@@ -37,10 +37,16 @@ fn the_demo_retrains_under_new_light_and_promotes_a_model_with_fewer_false_alarm
     reasons.sort();
     assert_eq!(reasons, ["decode", "empty", "missing_header"], "{text}");
 
-    // Act 2: a promotion came after the operator's verdicts, and the drifted trays were scored by the
-    // model before it and by the promoted one.
+    // Act 2: after the operator's verdicts a model with fewer false alarms on the gate's held-out frames
+    // was promoted (half of them, the act's early end, is a draw of the first model on 2 cores: README,
+    // "Known limitations"), and the fresh drifted trays were scored by the model before it and by the
+    // promoted one.
     let retraining = &summary["retraining"];
-    assert!(retraining["promotion_after_s"].is_f64(), "no promotion in the second act:\n{printed}");
+    assert!(
+        retraining["fewer_false_alarms_after_s"].is_f64(),
+        "no promotion with fewer false alarms in the second act:\n{printed}"
+    );
+    eprintln!("half the held-out false alarms after {} s", retraining["half_the_false_alarms_after_s"]);
     assert!(retraining["marked_normal"].as_u64().unwrap() > 0, "{text}");
     let drifted = rows(&summary, "brighter_light");
     let (before, after) = (drifted.first().unwrap(), drifted.last().unwrap());

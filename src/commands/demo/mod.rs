@@ -353,7 +353,8 @@ async fn stream(
         promoted: retrain.promoted,
         rejected: retrain.rejected,
         marked_normal: act_two.marked_normal,
-        promotion_after_s: act_two.promotion_after.map(|d| d.as_secs_f64()),
+        fewer_false_alarms_after_s: act_two.promotions.fewer.map(|d| d.as_secs_f64()),
+        half_the_false_alarms_after_s: act_two.promotions.half.map(|d| d.as_secs_f64()),
         gates,
     };
     let summary = tally.summary(sent, elapsed, retraining);
@@ -371,8 +372,8 @@ async fn stream(
 struct ActTwo {
     /// False alarms the operator marked normal.
     marked_normal: usize,
-    /// How long the trainer took to promote a model with half the false alarms, when it did in time.
-    promotion_after: Option<Duration>,
+    /// How long the trainer took to promote models with fewer and with half the false alarms.
+    promotions: Promotions,
 }
 
 /// The light changes: drifted trays scored by the serving model, the operator's verdicts on its false
@@ -406,22 +407,25 @@ async fn play_act_two(
         act.marked_normal, line.topics.feedback
     );
     let ended;
-    (ended, act.promotion_after) =
-        line.wait_for_fewer_false_alarms(Duration::from_secs_f64(drift_minutes * 60.0)).await?;
+    (ended, act.promotions) = line.wait_for_fewer_false_alarms(Duration::from_secs_f64(drift_minutes * 60.0)).await?;
     if let Ended::Interrupted = ended {
         return Ok((ended, act));
     }
-    match act.promotion_after {
-        Some(after) => println!(
+    let fresh = trays.after.len();
+    match act.promotions {
+        Promotions { half: Some(after), .. } => println!(
             "a model with at most half the false alarms on held-out frames was promoted after {:.0} s; the next \
-             {} trays under the same light go to it",
+             {fresh} trays under the same light go to it",
             after.as_secs_f64(),
-            trays.after.len()
         ),
-        None => println!(
-            "no model with half the false alarms was promoted within {drift_minutes} min; the next {} trays go to \
-             the serving model",
-            trays.after.len()
+        Promotions { fewer: Some(after), .. } => println!(
+            "a model with fewer false alarms on held-out frames was promoted after {:.0} s, but none with half \
+             of them within {drift_minutes} min; the next {fresh} trays go to the last promoted model",
+            after.as_secs_f64(),
+        ),
+        Promotions { fewer: None, .. } => println!(
+            "no model with fewer false alarms on held-out frames was promoted within {drift_minutes} min; the \
+             next {fresh} trays go to the serving model",
         ),
     }
     let ended = line.stream_batch(&drifted(2, trays.after)).await?;
@@ -518,16 +522,18 @@ impl DemoLine<'_> {
         Ok(false_alarms.len())
     }
 
-    /// Keeps reading outputs and reporting until the trainer has promoted a model that raises at most half
-    /// the false alarms on held-out frames that the model serving at the light change raised, and the line
-    /// serves it; or until `limit` passes. (A first promotion often clears one held-out frame, or only
-    /// gains headroom, which changes few verdicts on new trays.) Returns how long the wait took when such
-    /// a model came.
-    async fn wait_for_fewer_false_alarms(&mut self, limit: Duration) -> anyhow::Result<(Ended, Option<Duration>)> {
+    /// Keeps reading outputs and reporting while the trainer learns the new light, until it has promoted a
+    /// model that raises at most half the false alarms on held-out frames that the model serving at the
+    /// light change raised, and the line serves it; or until `limit` passes, and then until the line
+    /// serves the last promotion. (Whether half comes within minutes on 2 cores is a draw of the first
+    /// model: a first promotion often clears one held-out frame, or only gains headroom, which changes few
+    /// verdicts on new trays; so the act waits for half, and reports what the window gave when it did
+    /// not come.)
+    async fn wait_for_fewer_false_alarms(&mut self, limit: Duration) -> anyhow::Result<(Ended, Promotions)> {
         let earlier_gates = self.gates.refresh().len();
         let at_light_change = self.pipeline.swapper(LINE).map_or(0, |s| s.serving_version());
         let waiting = Instant::now();
-        let mut promoted_at = None;
+        let mut promotions = Promotions::default();
         let mut check = tokio::time::interval(Duration::from_secs(1));
         let mut checks = 0u64;
         loop {
@@ -538,7 +544,7 @@ impl DemoLine<'_> {
                     continue;
                 }
                 _ = check.tick() => {}
-                _ = super::termination() => return Ok((Ended::Interrupted, None)),
+                _ = super::termination() => return Ok((Ended::Interrupted, promotions)),
             }
             checks += 1;
             let retrain = self.pipeline.metrics().retrain_summary(LINE);
@@ -550,11 +556,18 @@ impl DemoLine<'_> {
                 .filter(|gate| gate.current_version == at_light_change)
                 .map(|gate| gate.current.false_positive_rate)
                 .fold(0.0, f64::max);
-            let fewer_false_alarms = since_light_change().any(|gate| {
-                gate.outcome == GateOutcome::Promoted && gate.candidate.false_positive_rate <= baseline / 2.0
-            });
-            if fewer_false_alarms && promoted_at.is_none() {
-                promoted_at = Some(waiting.elapsed());
+            let promoted = |better: &dyn Fn(f64) -> bool| {
+                baseline > 0.0
+                    && since_light_change()
+                        .any(|gate| gate.outcome == GateOutcome::Promoted && better(gate.candidate.false_positive_rate))
+            };
+            // Rates on the gate's few frames are multiples of 1/n: "fewer" needs a whole frame less, and
+            // a rate equal to half is not lost to rounding.
+            if promotions.fewer.is_none() && promoted(&|rate| rate < baseline - 1e-9) {
+                promotions.fewer = Some(waiting.elapsed());
+            }
+            if promotions.half.is_none() && promoted(&|rate| rate <= baseline / 2.0 + 1e-9) {
+                promotions.half = Some(waiting.elapsed());
             }
             if checks.is_multiple_of(3) {
                 println!("{}", self.tally.live_line(Scene::BrighterLight, self.started.elapsed(), &retrain));
@@ -563,15 +576,28 @@ impl DemoLine<'_> {
             // The promoted model reaches the line's inference through the models topic, as it reaches
             // every replica: the act goes on once it scores frames.
             let serving = self.pipeline.swapper(LINE).map_or(0, |s| s.serving_version());
-            if let Some(took) = promoted_at.filter(|_| serving >= retrain.model_version) {
+            let serves_the_last = serving >= retrain.model_version;
+            let window_over = waiting.elapsed() > limit;
+            if serves_the_last && (promotions.half.is_some() || window_over) {
                 self.gates.print_new();
-                return Ok((Ended::Done, Some(took)));
+                return Ok((Ended::Done, promotions));
             }
-            if waiting.elapsed() > limit + promoted_at.map_or(Duration::ZERO, |_| Duration::from_secs(60)) {
-                return Ok((Ended::Done, promoted_at));
+            // A promotion made just before the window closed gets a minute to reach the line.
+            if waiting.elapsed() > limit + Duration::from_secs(60) {
+                return Ok((Ended::Done, promotions));
             }
         }
     }
+}
+
+/// When, counted from the operator's verdicts, the trainer promoted models that raised fewer false
+/// alarms on the gate's held-out frames than the model serving at the light change.
+#[derive(Default, Clone, Copy)]
+struct Promotions {
+    /// The first with fewer.
+    fewer: Option<Duration>,
+    /// The first with at most half.
+    half: Option<Duration>,
 }
 
 /// Three broken messages, as cameras and networks produce them: each must reach the dead-letter topic

@@ -105,10 +105,12 @@ pub struct RetrainingSummary {
     pub rejected: u64,
     /// Operator verdicts the demo sent (false alarms on normal trays marked normal).
     pub marked_normal: usize,
-    /// Seconds from the operator's verdicts to the promotion of a model that raised at most half the
-    /// false alarms on held-out frames of the model serving at the light change; None when none came in
-    /// time.
-    pub promotion_after_s: Option<f64>,
+    /// Seconds from the operator's verdicts to the first promotion of a model that raised fewer false
+    /// alarms on the gate's held-out frames than the model serving at the light change; None when none
+    /// came within the act's window.
+    pub fewer_false_alarms_after_s: Option<f64>,
+    /// The same for at most half of them, the act's early end.
+    pub half_the_false_alarms_after_s: Option<f64>,
     /// Every gate decision of the run, in order.
     pub gates: Vec<GateReport>,
 }
