@@ -1,5 +1,5 @@
 //! The embedded demo exactly as a newcomer runs it (`lineguard demo` with its defaults: its own broker and
-//! data, the 600-step model, 3 frames/s; about 8 minutes on 2 cores). Both acts must tell their story,
+//! data, the 600-step model, 3 frames/s; 8 to 13 minutes on 2 cores). Both acts must tell their story,
 //! read from the demo's `summary.json`: the first act scores every tray and dead-letters the broken
 //! messages; in the second the light changes, false alarms rise, the trainer promotes a model, and that
 //! model raises fewer false alarms on fresh drifted trays while still catching anomalies.
