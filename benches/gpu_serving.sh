@@ -25,9 +25,10 @@
 #   RESULTS        where results go                            ($OUT, else runs/gpu-serving)
 #   REQUIRE_CUDA   stop at once unless CUDA is used            (1)
 #   LIBTORCH_LIB   libtorch's lib folder                       (Python torch's, when importable)
+#   TRAINER_ROUNDS rounds of the trainer-sharing measurement in run 1 (bench-serving's default, 3)
 #   SERVING_ARGS   extra flags for both runs (not --precisions or --trainer-rounds). The CPU rehearsal
-#     that CI runs (tests/bench_serving.rs) at toy sizes:
-#     REQUIRE_CUDA=0 PRECISIONS=f32,bf16 PRECISION=f32 FRAMES=<a few images> \
+#     that CI runs (tests/bench_serving.rs) at toy sizes (bf16 only where the CPU computes it natively):
+#     REQUIRE_CUDA=0 PRECISIONS=f32,bf16 PRECISION=f32 TRAINER_ROUNDS=1 FRAMES=<a few images> \
 #     SERVING_ARGS="--cpu --side 128 --channels 8 --batches 1,2 --seconds 0.2 ..." benches/gpu_serving.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +64,8 @@ keep() { grep -E "bench_serving|ERROR|WARN|rror" | tee -a "$LOG" || true; }
 cuda=(); [ "$REQUIRE_CUDA" = 1 ] && cuda=(--require-cuda)
 
 stamp "run 1: synthetic trays, model only, end to end, beside a trainer"
-if ! "$LINEGUARD" bench-serving "${cuda[@]}" --precisions "$PRECISIONS" --out-dir "$RESULTS/synthetic" \
+rounds=(); [ -n "${TRAINER_ROUNDS:-}" ] && rounds=(--trainer-rounds "$TRAINER_ROUNDS")
+if ! "$LINEGUARD" bench-serving "${cuda[@]}" --precisions "$PRECISIONS" "${rounds[@]}" --out-dir "$RESULTS/synthetic" \
     ${SERVING_ARGS:-} 2>&1 | keep; then
     stamp "run 1 failed"
     # Nothing measured (no CUDA, no broker): the second run would fail the same way.

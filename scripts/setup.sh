@@ -122,8 +122,11 @@ install_audit() {
     elif [ ! -d "$ADVISORY_DB" ]; then
         say "no advisory database at $ADVISORY_DB: cargo-audit not installed (see README, Tests)"
     else
-        say "installing cargo-audit ${CARGO_AUDIT_VERSION} into .tools/ (about 5 minutes on 2 cores, once) ..."
-        cargo install --quiet --root .tools --locked "cargo-audit@${CARGO_AUDIT_VERSION}"
+        # A debug build, as for the test broker: 2 min 21 s instead of about 5 minutes on 2 cores, and an
+        # audit of our lock files takes 1.3 s instead of 0.3 s (measured on a 2-core AMD EPYC).
+        say "installing cargo-audit ${CARGO_AUDIT_VERSION} into .tools/ (2-3 minutes on 2 cores, once) ..."
+        CARGO_PROFILE_DEV_DEBUG=0 cargo install --quiet --root .tools --locked --debug \
+            "cargo-audit@${CARGO_AUDIT_VERSION}"
         say "cargo-audit installed: $(.tools/bin/cargo-audit --version 2>&1 | head -1)"
     fi
 }

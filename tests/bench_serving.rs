@@ -6,6 +6,7 @@ mod common;
 
 use std::path::Path;
 
+use lineguard::model::Precision;
 use serde_json::Value;
 
 fn report(path: &Path) -> Value {
@@ -19,6 +20,11 @@ fn number(value: &Value) -> f64 {
 
 #[test]
 fn gpu_serving_script_rehearses_on_the_cpu() {
+    // bf16 beside f32 where the CPU computes it natively. Emulated (AVX2 only) it runs 20-60 times slower
+    // than f32 and took 2.7 of this rehearsal's 4 minutes; its rounding in the service is unit-tested
+    // either way (service::infer).
+    let bf16 = Precision::Bf16.native_on_this_cpu() == Some(true);
+    let precisions: &[&str] = if bf16 { &["f32", "bf16"] } else { &["f32"] };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("synth");
     common::synth_small(&data, 1, 1, 2);
@@ -28,8 +34,9 @@ fn gpu_serving_script_rehearses_on_the_cpu() {
         .env("LINEGUARD", env!("CARGO_BIN_EXE_lineguard"))
         .env("NISSHI", common::kafka::nisshi())
         .env("REQUIRE_CUDA", "0")
-        .env("PRECISIONS", "f32,bf16")
+        .env("PRECISIONS", precisions.join(","))
         .env("PRECISION", "f32")
+        .env("TRAINER_ROUNDS", "1")
         .env("FRAMES", data.join("test"))
         .env(
             "SERVING_ARGS",
@@ -52,13 +59,11 @@ fn gpu_serving_script_rehearses_on_the_cpu() {
             .map(|r| (r["precision"].as_str().unwrap().to_string(), r["batch"].as_i64().unwrap()))
             .collect()
     };
-    let expected = [("f32", 1), ("f32", 2), ("bf16", 1), ("bf16", 2)].map(|(p, b)| (p.to_string(), b));
+    let expected: Vec<(String, i64)> =
+        precisions.iter().flat_map(|p| [1, 2].map(|batch| (p.to_string(), batch))).collect();
     assert_eq!(cases(true), expected, "every precision and batch, as the service feeds the model");
-    assert_eq!(
-        cases(false),
-        [("f32", 2), ("bf16", 2)].map(|(p, b)| (p.to_string(), b)),
-        "the largest batch, channel-major"
-    );
+    let largest: Vec<(String, i64)> = precisions.iter().map(|p| (p.to_string(), 2)).collect();
+    assert_eq!(cases(false), largest, "the largest batch, channel-major");
     for row in rows {
         assert!(number(&row["images_per_second"]) > 0.0, "{row}");
         assert!(row["pinned_host_memory"].is_null(), "pinned or pageable is a GPU's question: {row}");
@@ -78,7 +83,7 @@ fn gpu_serving_script_rehearses_on_the_cpu() {
     assert!(side_by_side.iter().all(|row| number(&row["images_per_second"]) > 0.0), "{side_by_side:?}");
     assert!(rows.iter().all(|row| row["workers"] == 1), "run 1 measures one worker: {rows:?}");
 
-    for (report, precisions) in [(&synthetic, &["f32", "bf16"][..]), (&frames, &["f32"])] {
+    for (report, precisions) in [(&synthetic, precisions), (&frames, &["f32"])] {
         let steps = report["end_to_end"].as_array().unwrap();
         for precision in precisions {
             let mine: Vec<&Value> = steps.iter().filter(|s| s["precision"] == *precision).collect();

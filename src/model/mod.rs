@@ -122,6 +122,29 @@ impl Precision {
             Precision::F16 => Kind::Half,
         }
     }
+
+    /// Whether this machine's CPU computes in this precision natively, from the instruction-set flags
+    /// of `/proc/cpuinfo` (AVX-512 or AMX bf16/fp16 on x86, `bf16`/`fphp` on Arm); `None` where they
+    /// cannot be read. Without them libtorch emulates the format: on a 2-core AMD EPYC with AVX2 only,
+    /// `bench-serving` measured 0.2-0.7 images/s in bf16 and 0.1 in f16 against 11-15 in f32 (128 px).
+    pub fn native_on_this_cpu(self) -> Option<bool> {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        Some(self.native_with_flags(&cpuinfo))
+    }
+
+    /// [`Precision::native_on_this_cpu`] for the flag lines of a `/proc/cpuinfo` text.
+    fn native_with_flags(self, cpuinfo: &str) -> bool {
+        let native: &[&str] = match self {
+            Precision::F32 => return true,
+            Precision::Bf16 => &["avx512_bf16", "amx_bf16", "bf16"],
+            Precision::F16 => &["avx512_fp16", "amx_fp16", "fphp"],
+        };
+        cpuinfo
+            .lines()
+            .filter(|line| line.starts_with("flags") || line.starts_with("Features"))
+            .filter_map(|line| line.split_once(':'))
+            .any(|(_, flags)| flags.split_whitespace().any(|flag| native.contains(&flag)))
+    }
 }
 
 impl std::fmt::Display for Precision {
@@ -533,5 +556,25 @@ mod tests {
         file.save(&path).unwrap();
         let err = EfficientAd::load(&path, Device::Cpu).err().unwrap().to_string();
         assert!(err.contains("not a lineguard model"), "{err}");
+    }
+
+    #[test]
+    fn native_reduced_precision_is_read_from_the_cpu_flags() {
+        let epyc_avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n";
+        let sapphire_rapids = "flags\t\t: avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16\n";
+        let neoverse_v1 = "Features\t: fp asimd fphp asimdhp bf16\n";
+        let bf16_without_f16 = "flags\t\t: avx512f avx512_bf16\n";
+        for (cpuinfo, bf16, f16) in [
+            (epyc_avx2, false, false),
+            (sapphire_rapids, true, true),
+            (neoverse_v1, true, true),
+            (bf16_without_f16, true, false),
+        ] {
+            assert!(Precision::F32.native_with_flags(cpuinfo), "{cpuinfo}");
+            assert_eq!(Precision::Bf16.native_with_flags(cpuinfo), bf16, "{cpuinfo}");
+            assert_eq!(Precision::F16.native_with_flags(cpuinfo), f16, "{cpuinfo}");
+        }
+        // f16c (conversion only) is not f16 arithmetic, and a flag in another line's value does not count.
+        assert!(!Precision::F16.native_with_flags("model name\t: avx512_fp16 lookalike\nflags\t: f16c\n"));
     }
 }

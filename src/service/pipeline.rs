@@ -348,6 +348,13 @@ async fn start_line(
         if workers == 1 { "" } else { "s" },
         crate::torch::describe_threads(device, cpu_threads),
     );
+    if device == Device::Cpu && line.precision.native_on_this_cpu() == Some(false) {
+        log::warn!(
+            "line {name}: precision {} on a CPU that does not compute it natively: libtorch emulates it, many \
+             times slower than f32 (see `lineguard bench-serving`); use precision = \"f32\" on this machine",
+            line.precision
+        );
+    }
     health.model_loaded.store(true, Ordering::Relaxed);
     let side = model.recipe.image_size as u32;
     let serving_version = model.info.model_version;
