@@ -23,6 +23,17 @@ pub fn init() {
     });
 }
 
+/// The instruction-set extensions a `/proc/cpuinfo` text lists (`flags` on x86, `Features` on Arm): which
+/// of libtorch's CPU kernels can run, e.g. whether bf16 is computed or emulated.
+pub fn cpu_extensions(cpuinfo: &str) -> std::collections::BTreeSet<&str> {
+    cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("flags") || line.starts_with("Features"))
+        .filter_map(|line| line.split_once(':'))
+        .flat_map(|(_, flags)| flags.split_whitespace())
+        .collect()
+}
+
 /// CUDA device 0 when available and not refused, else the CPU.
 pub fn select_device(force_cpu: bool) -> Device {
     init();

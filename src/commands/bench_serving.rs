@@ -194,10 +194,10 @@ fn cpu_description() -> String {
             .map(|(_, value)| value.trim().to_string())
             .unwrap_or_default()
     };
-    let flags = field("flags");
+    let extensions = lineguard::torch::cpu_extensions(&info);
     let present: Vec<&str> = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"]
         .into_iter()
-        .filter(|wanted| flags.split_whitespace().any(|flag| flag == *wanted))
+        .filter(|wanted| extensions.contains(wanted))
         .collect();
     format!(
         "{} ({} cores; {})",

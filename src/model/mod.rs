@@ -139,11 +139,8 @@ impl Precision {
             Precision::Bf16 => &["avx512_bf16", "amx_bf16", "bf16"],
             Precision::F16 => &["avx512_fp16", "amx_fp16", "fphp"],
         };
-        cpuinfo
-            .lines()
-            .filter(|line| line.starts_with("flags") || line.starts_with("Features"))
-            .filter_map(|line| line.split_once(':'))
-            .any(|(_, flags)| flags.split_whitespace().any(|flag| native.contains(&flag)))
+        let present = crate::torch::cpu_extensions(cpuinfo);
+        native.iter().any(|flag| present.contains(flag))
     }
 }
 
