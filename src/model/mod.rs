@@ -480,7 +480,8 @@ mod tests {
     fn reduced_precision_maps_stay_close_to_f32() {
         let mut model = EfficientAd::new(small_recipe(), Device::Cpu).unwrap();
         model.map_quantiles = Some(MapQuantiles { student_teacher: (0.1, 0.5), autoencoder: (0.2, 0.9) });
-        let x = Tensor::rand([2, 3, 128, 128], (Kind::Float, Device::Cpu));
+        // One image: on CPUs without native bf16/f16 (AVX2 only) libtorch emulates them, 0.1-0.7 images/s.
+        let x = Tensor::rand([1, 3, 128, 128], (Kind::Float, Device::Cpu));
         let reference = model.anomaly_maps(&x, 128, 128).unwrap();
         let range = (reference.max() - reference.min()).double_value(&[]);
         assert!(range > 0.0);
