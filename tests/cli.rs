@@ -304,4 +304,45 @@ fn model_compact_writes_a_checked_half_size_copy_or_nothing() {
     for (a, b) in original.iter().zip(&compacted) {
         assert!((a - b).abs() <= 1e-3, "{a} vs {b}");
     }
+
+    // The copy keeps the record of what the model learnt from.
+    let shown = stdout(&lineguard_ok(&["model", "show", "--model", path_str(&compact), "--data", path_str(&data)]));
+    assert!(shown.contains("weights stored in f16") && shown.contains(": yes"), "{shown}");
+}
+
+/// `model show` says what a model file is and which images it learnt from; `--data` answers whether
+/// those are a dataset's training images, with exit status 1 when they are not.
+#[test]
+fn model_show_names_the_training_images_and_checks_them_against_a_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, other) = (dir.path().join("data"), dir.path().join("other"));
+    common::synth_small(&data, 3, 2, 1);
+    common::synth_small(&other, 4, 2, 1);
+    let model = dir.path().join("model.safetensors");
+    common::train_tiny(&data, &model);
+    let show = |extra: &[&str]| {
+        let mut args = vec!["model", "show", "--model", path_str(&model)];
+        args.extend(extra);
+        lineguard(&args)
+    };
+
+    let plain = show(&[]);
+    let text = stdout(&plain);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    assert!(text.contains("weights stored in f32") && text.contains("16 teacher channels"), "{text}");
+    assert!(text.contains("3 steps") && text.contains("images      3 train / 2 validation, sha256 "), "{text}");
+
+    let same = show(&["--data", path_str(&data)]);
+    assert!(same.status.success() && stdout(&same).contains(": yes"), "{}", stdout(&same));
+    let differ = show(&["--data", path_str(&other)]);
+    assert_eq!(differ.status.code(), Some(1), "{}", stderr(&differ));
+    assert!(stdout(&differ).contains(": no (there: 4 train / 2 validation images"), "{}", stdout(&differ));
+
+    let json: serde_json::Value = serde_json::from_str(&stdout(&show(&["--json", "--data", path_str(&data)]))).unwrap();
+    assert_eq!(json["trained_on_data"], true, "{json}");
+    assert_eq!(
+        (json["info"]["trained_on"]["train"].as_u64(), json["weights_storage"].as_str()),
+        (Some(3), Some("f32"))
+    );
+    assert_eq!(json["recipe"]["channels"], 16, "{json}");
 }

@@ -502,6 +502,24 @@ pub enum ModelAction {
     /// Write a copy of a model file with its weights in f16 (half the size), after checking on images that
     /// every score stays within --tolerance of the original's; refused, and nothing written, otherwise.
     Compact(CompactArgs),
+    /// Say what a model file is: its network, how and when it was trained, how DFSC acted, and which
+    /// images it learnt from; with --data, whether those were that dataset's (exit status 1 if not).
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The model file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A dataset in MVTec LOCO layout: check that the model was trained on its train/good and
+    /// validation/good images (names and bytes).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Print one JSON object (recipe, info, map_quantiles, weights_storage, file_bytes, and with --data
+    /// trained_on_data) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

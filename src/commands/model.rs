@@ -1,5 +1,6 @@
 //! `lineguard model list | rollback`: the versions a line's trainer keeps, and going back to one;
-//! `lineguard model compact`: a half-size copy of a model file, checked on images.
+//! `lineguard model compact`: a half-size copy of a model file, checked on images;
+//! `lineguard model show`: what a model file says about itself.
 
 use std::process::ExitCode;
 
@@ -8,12 +9,17 @@ use lineguard::service::retrain::gate::GateReport;
 use lineguard::service::retrain::store::VersionStore;
 use lineguard::service::settings::{RetrainSettings, Settings};
 
-use super::cli::{CompactArgs, ModelAction, ModelArgs, ModelLineArgs};
+use lineguard::data::loco::LocoDataset;
+use lineguard::model::weights::TensorFile;
+use lineguard::model::EfficientAd;
+
+use super::cli::{CompactArgs, ModelAction, ModelArgs, ModelLineArgs, ShowArgs};
 
 pub fn run(args: &ModelArgs) -> anyhow::Result<ExitCode> {
     match &args.action {
         ModelAction::List(target) => list(target),
         ModelAction::Compact(compact_args) => compact(compact_args),
+        ModelAction::Show(show_args) => show(show_args),
         ModelAction::Rollback(rollback) => {
             let (settings, retrain, store) = open(&rollback.target)?;
             let line = &rollback.target.line;
@@ -125,7 +131,8 @@ fn compact(args: &CompactArgs) -> anyhow::Result<ExitCode> {
             let _ = std::fs::remove_file(&staged);
             let largest = other?;
             anyhow::bail!(
-                "in f16 a score moved by {largest:.2e} on the {} check images, more than the tolerance {:.0e};                  {} not written",
+                "in f16 a score moved by {largest:.2e} on the {} check images, more than the tolerance {:.0e}; \
+                 {} not written",
                 images.len(),
                 args.tolerance,
                 args.out.display()
@@ -144,4 +151,106 @@ fn compact(args: &CompactArgs) -> anyhow::Result<ExitCode> {
         args.tolerance
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the model file's own account of itself; with `--data`, exit status 1 unless it records that it
+/// was trained on exactly that dataset's training and validation images.
+fn show(args: &ShowArgs) -> anyhow::Result<ExitCode> {
+    let path = &args.model;
+    let file = TensorFile::load(path, tch::Device::Cpu)?;
+    let storage = file.metadata.get("weights_storage").cloned().unwrap_or_else(|| "f32".into());
+    drop(file);
+    let model = EfficientAd::load(path, tch::Device::Cpu)?;
+    let file_bytes = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let data_check = match &args.data {
+        Some(folder) => {
+            let dataset = LocoDataset::open(folder)?;
+            Some(
+                dataset
+                    .training_fingerprint()
+                    .with_context(|| format!("reading the images of {}", folder.display()))?,
+            )
+        }
+        None => None,
+    };
+    let matches = data_check.as_ref().map(|images| model.info.trained_on.as_ref() == Some(images));
+    if args.json {
+        let mut report = serde_json::json!({
+            "recipe": model.recipe,
+            "info": model.info,
+            "map_quantiles": model.map_quantiles,
+            "weights_storage": storage,
+            "file_bytes": file_bytes,
+        });
+        if let Some(matches) = matches {
+            report["trained_on_data"] = matches.into();
+        }
+        println!("{report}");
+    } else {
+        print_model(path, &model, &storage, file_bytes);
+        if let (Some(folder), Some(images), Some(matches)) = (&args.data, &data_check, matches) {
+            match (matches, &model.info.trained_on) {
+                (true, _) => println!("trained on the images of {}: yes", folder.display()),
+                (false, None) => println!(
+                    "trained on the images of {}: unknown, the file does not record its training images",
+                    folder.display()
+                ),
+                (false, Some(_)) => println!(
+                    "trained on the images of {}: no (there: {} train / {} validation images, sha256 {})",
+                    folder.display(),
+                    images.train,
+                    images.validation,
+                    images.sha256
+                ),
+            }
+        }
+    }
+    Ok(if matches == Some(false) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn print_model(path: &std::path::Path, model: &EfficientAd, storage: &str, file_bytes: u64) {
+    let (recipe, info) = (&model.recipe, &model.info);
+    println!("{} ({:.1} MB, weights stored in {storage})", path.display(), file_bytes as f64 / 1e6);
+    println!(
+        "  network     {} preset, {} px, {} teacher channels, {:?} autoencoder",
+        recipe.preset, recipe.image_size, recipe.channels, recipe.autoencoder
+    );
+    let teacher = recipe.teacher.as_ref().map_or_else(
+        || format!("random, from seed {} (no distilled teacher)", recipe.train.seed),
+        |teacher| teacher.display().to_string(),
+    );
+    println!("  teacher     {teacher}");
+    println!(
+        "  trained     {} steps, learning rate {:.0e}, {} (version {}, lineguard {}, {})",
+        info.trained_steps,
+        recipe.train.learning_rate,
+        recipe.train.precision,
+        info.model_version,
+        info.lineguard_version,
+        jiff::Timestamp::from_second(info.created_unix as i64).map_or_else(
+            |_| format!("created at Unix time {}", info.created_unix),
+            |t| t.strftime("%Y-%m-%d %H:%M UTC").to_string()
+        )
+    );
+    match (&info.dfsc_activity, recipe.dfsc.enabled) {
+        (_, false) => println!("  DFSC        off"),
+        (None, true) => println!("  DFSC        margin {}, activity not recorded", recipe.dfsc.margin),
+        (Some(activity), true) => println!("  DFSC        margin {}; {}", recipe.dfsc.margin, activity.describe()),
+    }
+    match &info.trained_on {
+        Some(images) => println!(
+            "  images      {} train / {} validation, sha256 {}",
+            images.train, images.validation, images.sha256
+        ),
+        None => {
+            println!("  images      not recorded (retrained on a stream, or written before lineguard recorded them)")
+        }
+    }
+    match &model.map_quantiles {
+        Some(q) => println!(
+            "  map scale   student-teacher {:.4}..{:.4}, autoencoder {:.4}..{:.4} (validation quantiles)",
+            q.student_teacher.0, q.student_teacher.1, q.autoencoder.0, q.autoencoder.1
+        ),
+        None => println!("  map scale   none (maps are not normalised)"),
+    }
 }

@@ -122,7 +122,8 @@ pub fn train(
     if steps_run > 0 {
         log::info!("{steps_run} steps in {elapsed:.1} s ({:.1} ms/step)", 1e3 * elapsed / steps_run as f64);
     }
-    let model = trainer.finish(&validation, 1)?;
+    let mut model = trainer.finish(&validation, 1)?;
+    model.info.trained_on = Some(dataset.training_fingerprint()?);
     if let Some(activity) = &model.info.dfsc_activity {
         log::info!("{}", activity.describe());
     }

@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tch::Tensor;
 
 use crate::data::preprocess;
@@ -94,6 +96,37 @@ impl LocoDataset {
     pub fn defects_config(&self) -> PathBuf {
         self.root.join("defects_config.json")
     }
+
+    /// What training reads of this dataset (train/good and validation/good, names and bytes), in one
+    /// digest: a model file records it, so a stored model can be recognised as trained on these very
+    /// images wherever the folder lies.
+    pub fn training_fingerprint(&self) -> Result<TrainingImages, ImageError> {
+        let mut digest = Sha256::new();
+        for (folder, images) in [("train/good", &self.train), ("validation/good", &self.validation)] {
+            for path in images {
+                let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+                let bytes = std::fs::read(path).map_err(|source| ImageError::Read { path: path.clone(), source })?;
+                // Lengths first, so that no two different sequences of names and contents hash alike.
+                for part in [folder.as_bytes(), name.as_bytes(), &bytes] {
+                    digest.update((part.len() as u64).to_le_bytes());
+                    digest.update(part);
+                }
+            }
+        }
+        Ok(TrainingImages {
+            train: self.train.len(),
+            validation: self.validation.len(),
+            sha256: format!("{:x}", digest.finalize()),
+        })
+    }
+}
+
+/// The images a model was trained on, as [`LocoDataset::training_fingerprint`] digests them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainingImages {
+    pub train: usize,
+    pub validation: usize,
+    pub sha256: String,
 }
 
 fn required(root: &Path, split: Split) -> Result<Vec<PathBuf>, DatasetError> {
@@ -191,5 +224,26 @@ mod tests {
         std::fs::write(&bad, b"definitely not a png").unwrap();
         let err = load_inputs(&[bad], 128, &|| {}).unwrap_err().to_string();
         assert!(err.contains("000.png"), "{err}");
+    }
+
+    #[test]
+    fn the_training_fingerprint_follows_training_images_not_their_folder_or_the_test_split() {
+        let make = |root: &Path, train_byte: u8| {
+            for (folder, byte) in [("train/good", train_byte), ("validation/good", 2), ("test/good", 3)] {
+                std::fs::create_dir_all(root.join(folder)).unwrap();
+                std::fs::write(root.join(folder).join("000.png"), [byte; 8]).unwrap();
+            }
+            LocoDataset::open(root).unwrap()
+        };
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = make(one.path(), 1).training_fingerprint().unwrap();
+        assert_eq!((first.train, first.validation, first.sha256.len()), (1, 1, 64));
+        assert_eq!(make(two.path(), 1).training_fingerprint().unwrap(), first, "another folder, same images");
+        std::fs::write(two.path().join("test/good/000.png"), [9u8; 8]).unwrap();
+        assert_eq!(make(two.path(), 1).training_fingerprint().unwrap(), first, "the test split is not training's");
+        assert_ne!(make(two.path(), 7).training_fingerprint().unwrap(), first, "one training image changed");
+        std::fs::rename(two.path().join("train/good/000.png"), two.path().join("train/good/001.png")).unwrap();
+        std::fs::write(two.path().join("train/good/001.png"), [1u8; 8]).unwrap();
+        assert_ne!(LocoDataset::open(two.path()).unwrap().training_fingerprint().unwrap(), first, "renamed");
     }
 }

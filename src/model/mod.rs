@@ -82,6 +82,10 @@ pub struct ModelInfo {
     /// written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dfsc_activity: Option<activity::DfscActivitySummary>,
+    /// The dataset images `lineguard train` learned from (absent for models retrained on a stream, and in
+    /// files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained_on: Option<crate::data::loco::TrainingImages>,
 }
 
 impl ModelInfo {
@@ -92,6 +96,7 @@ impl ModelInfo {
             created_unix: unix_seconds(),
             lineguard_version: env!("CARGO_PKG_VERSION").to_string(),
             dfsc_activity: None,
+            trained_on: None,
         }
     }
 }
