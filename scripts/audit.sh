@@ -14,6 +14,12 @@ if [ ! -d "$db" ]; then
 fi
 audit=.tools/bin/cargo-audit
 command -v "$audit" >/dev/null 2>&1 || audit=cargo-audit
+# The yanked check reads cargo's local copy of the crates.io index, which holds only crates fetched
+# before: on a fresh machine it lacked the fuzz targets' libfuzzer-sys, and cargo-audit then skipped the
+# check with an error line but a success status. Fetching both lock files first makes the check whole,
+# and --locked fails here if either lock file no longer matches its manifest.
+cargo fetch --locked --quiet
+cargo fetch --locked --quiet --manifest-path fuzz/Cargo.toml
 "$audit" audit --db "$db" --no-fetch --deny warnings
 # The fuzz targets' own lock file (fuzz/ is a workspace of its own, built only by scripts/fuzz.sh).
 "$audit" audit --db "$db" --no-fetch --deny warnings --file fuzz/Cargo.lock
