@@ -2,6 +2,7 @@
 //! `lineguard model compact`: a half-size copy of a model file, checked on images;
 //! `lineguard model show`: what a model file says about itself.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -10,7 +11,7 @@ use lineguard::service::retrain::store::VersionStore;
 use lineguard::service::settings::{RetrainSettings, Settings};
 
 use lineguard::data::loco::LocoDataset;
-use lineguard::model::weights::TensorFile;
+use lineguard::error::WeightsError;
 use lineguard::model::EfficientAd;
 
 use super::cli::{CompactArgs, ModelAction, ModelArgs, ModelLineArgs, ShowArgs};
@@ -157,11 +158,14 @@ fn compact(args: &CompactArgs) -> anyhow::Result<ExitCode> {
 /// was trained on exactly that dataset's training and validation images.
 fn show(args: &ShowArgs) -> anyhow::Result<ExitCode> {
     let path = &args.model;
-    let file = TensorFile::load(path, tch::Device::Cpu)?;
-    let storage = file.metadata.get("weights_storage").cloned().unwrap_or_else(|| "f32".into());
-    drop(file);
-    let model = EfficientAd::load(path, tch::Device::Cpu)?;
-    let file_bytes = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    // One read and one decoding: the model from the bytes, the storage note from their header alone.
+    let bytes = std::fs::read(path).map_err(|source| WeightsError::Read { path: path.clone(), source })?;
+    let model = EfficientAd::from_bytes(&bytes, path, tch::Device::Cpu)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("reading the header of {}", path.display()))?;
+    let storage = header.metadata().as_ref().and_then(|m| m.get("weights_storage")).cloned();
+    let storage = storage.unwrap_or_else(|| "f32".into());
+    let file_bytes = bytes.len() as u64;
     let data_check = match &args.data {
         Some(folder) => {
             let dataset = LocoDataset::open(folder)?;
@@ -174,6 +178,8 @@ fn show(args: &ShowArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let matches = data_check.as_ref().map(|images| model.info.trained_on.as_ref() == Some(images));
+    // Written, not printed: `lineguard model show … | head` ends quietly (see main's broken-pipe check).
+    let mut out = std::io::stdout().lock();
     if args.json {
         let mut report = serde_json::json!({
             "recipe": model.recipe,
@@ -185,42 +191,52 @@ fn show(args: &ShowArgs) -> anyhow::Result<ExitCode> {
         if let Some(matches) = matches {
             report["trained_on_data"] = matches.into();
         }
-        println!("{report}");
+        writeln!(out, "{report}")?;
     } else {
-        print_model(path, &model, &storage, file_bytes);
+        print_model(&mut out, path, &model, &storage, file_bytes)?;
         if let (Some(folder), Some(images), Some(matches)) = (&args.data, &data_check, matches) {
             match (matches, &model.info.trained_on) {
-                (true, _) => println!("trained on the images of {}: yes", folder.display()),
-                (false, None) => println!(
+                (true, _) => writeln!(out, "trained on the images of {}: yes", folder.display()),
+                (false, None) => writeln!(
+                    out,
                     "trained on the images of {}: unknown, the file does not record its training images",
                     folder.display()
                 ),
-                (false, Some(_)) => println!(
+                (false, Some(_)) => writeln!(
+                    out,
                     "trained on the images of {}: no (there: {} train / {} validation images, sha256 {})",
                     folder.display(),
                     images.train,
                     images.validation,
                     images.sha256
                 ),
-            }
+            }?;
         }
     }
     Ok(if matches == Some(false) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
-fn print_model(path: &std::path::Path, model: &EfficientAd, storage: &str, file_bytes: u64) {
+fn print_model(
+    out: &mut impl Write,
+    path: &std::path::Path,
+    model: &EfficientAd,
+    storage: &str,
+    file_bytes: u64,
+) -> std::io::Result<()> {
     let (recipe, info) = (&model.recipe, &model.info);
-    println!("{} ({:.1} MB, weights stored in {storage})", path.display(), file_bytes as f64 / 1e6);
-    println!(
+    writeln!(out, "{} ({:.1} MB, weights stored in {storage})", path.display(), file_bytes as f64 / 1e6)?;
+    writeln!(
+        out,
         "  network     {} preset, {} px, {} teacher channels, {:?} autoencoder",
         recipe.preset, recipe.image_size, recipe.channels, recipe.autoencoder
-    );
+    )?;
     let teacher = recipe.teacher.as_ref().map_or_else(
         || format!("random, from seed {} (no distilled teacher)", recipe.train.seed),
         |teacher| teacher.display().to_string(),
     );
-    println!("  teacher     {teacher}");
-    println!(
+    writeln!(out, "  teacher     {teacher}")?;
+    writeln!(
+        out,
         "  trained     {} steps, learning rate {:.0e}, {} (version {}, lineguard {}, {})",
         info.trained_steps,
         recipe.train.learning_rate,
@@ -231,26 +247,31 @@ fn print_model(path: &std::path::Path, model: &EfficientAd, storage: &str, file_
             |_| format!("created at Unix time {}", info.created_unix),
             |t| t.strftime("%Y-%m-%d %H:%M UTC").to_string()
         )
-    );
+    )?;
     match (&info.dfsc_activity, recipe.dfsc.enabled) {
-        (_, false) => println!("  DFSC        off"),
-        (None, true) => println!("  DFSC        margin {}, activity not recorded", recipe.dfsc.margin),
-        (Some(activity), true) => println!("  DFSC        margin {}; {}", recipe.dfsc.margin, activity.describe()),
-    }
+        (_, false) => writeln!(out, "  DFSC        off"),
+        (None, true) => writeln!(out, "  DFSC        margin {}, activity not recorded", recipe.dfsc.margin),
+        (Some(activity), true) => writeln!(out, "  DFSC        margin {}; {}", recipe.dfsc.margin, activity.describe()),
+    }?;
     match &info.trained_on {
-        Some(images) => println!(
+        Some(images) => writeln!(
+            out,
             "  images      {} train / {} validation, sha256 {}",
             images.train, images.validation, images.sha256
         ),
         None => {
-            println!("  images      not recorded (retrained on a stream, or written before lineguard recorded them)")
+            writeln!(
+                out,
+                "  images      not recorded (retrained on a stream, or written before lineguard recorded them)"
+            )
         }
-    }
+    }?;
     match &model.map_quantiles {
-        Some(q) => println!(
+        Some(q) => writeln!(
+            out,
             "  map scale   student-teacher {:.4}..{:.4}, autoencoder {:.4}..{:.4} (validation quantiles)",
             q.student_teacher.0, q.student_teacher.1, q.autoencoder.0, q.autoencoder.1
         ),
-        None => println!("  map scale   none (maps are not normalised)"),
+        None => writeln!(out, "  map scale   none (maps are not normalised)"),
     }
 }
