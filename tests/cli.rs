@@ -345,4 +345,15 @@ fn model_show_names_the_training_images_and_checks_them_against_a_dataset() {
         (Some(3), Some("f32"))
     );
     assert_eq!(json["recipe"]["channels"], 16, "{json}");
+
+    // A reader that goes away (`… | head`) ends the command quietly, not with a panic.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lineguard"))
+        .args(["model", "show", "--model", path_str(&model)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().unwrap();
+    assert!(closed.status.success() && !stderr(&closed).contains("panicked"), "{}", stderr(&closed));
 }
