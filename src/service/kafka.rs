@@ -1,6 +1,7 @@
 //! Kafka client plumbing shared by the pipeline stages and the `produce`/`tail` commands: client
-//! configuration, header conversion, topic creation, publishing until the broker acknowledges, and
-//! sending image files as camera frames (`produce`, the demo, the benchmarks).
+//! configuration, header conversion, topic creation, the publish errors that retrying cannot clear, and
+//! sending image files as camera frames (`produce`, the demo, the benchmarks). The sink's publishing
+//! until the broker acknowledges is `sink::publisher`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::ClientContext;
 
@@ -191,39 +192,6 @@ pub struct PublishError {
     pub source: KafkaError,
 }
 
-/// Publishes one record, retrying transient errors with backoff until the broker acknowledges it: the
-/// frame's offset must not be committed before, and giving up would lose it. An error that retrying
-/// cannot clear ([`Permanent`]) returns at once, for the caller to decide (a smaller record, skipping an
-/// optional output, or stopping the line visibly). `on_error` is called for every failed attempt.
-pub async fn send_until_delivered(
-    producer: &FutureProducer,
-    topic: &str,
-    key: &str,
-    payload: &[u8],
-    headers: &OwnedHeaders,
-    mut on_error: impl FnMut(&KafkaError),
-) -> Result<(), PublishError> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers.clone());
-        match producer.send(record, Timeout::After(Duration::from_secs(5))).await {
-            Ok(_) => return Ok(()),
-            Err((err, _)) => {
-                on_error(&err);
-                // The record's own error may be a transient-looking one (a purged queue) while the
-                // producer behind it is done for: the client's state says so.
-                let fatal = producer.client().fatal_error().is_some().then_some(Permanent::Fatal);
-                if let Some(kind) = fatal.or_else(|| Permanent::classify(&err)) {
-                    return Err(PublishError { topic: topic.into(), key: key.into(), kind, source: err });
-                }
-                log::warn!("publishing {key} to {topic} failed ({err}); retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
 /// What to send and how.
 pub struct Sending<'a> {
     pub topic: &'a str,
@@ -324,7 +292,7 @@ pub(crate) fn mock_cluster_with(
     topic: &str,
     records: &[(&str, &[u8])],
 ) -> (rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>, KafkaSettings) {
-    use rdkafka::producer::{BaseRecord, ThreadedProducer};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     cluster.create_topic(topic, 1, 1).unwrap();
     let kafka = KafkaSettings::for_brokers(&cluster.bootstrap_servers(), "test");

@@ -11,8 +11,9 @@
 //! - [`preprocess`]: the CPU pool that checks the message contract, decodes and resizes (with
 //!   [`crate::data::preprocess`], the code that prepares training images);
 //! - [`infer`]: dynamic batching and the model on CUDA or CPU, hot-swappable;
-//! - [`sink`]: results, anomaly maps and dead letters to Kafka, then the frame's [`ack`], which moves
-//!   the committable offset only past frames whose outputs were delivered.
+//! - [`sink`]: results, anomaly maps and dead letters to Kafka (through a producer that is replaced by a
+//!   fresh client when it stalls or fails fatally), then the frame's [`ack`], which moves the committable
+//!   offset only past frames whose outputs were delivered.
 //!
 //! A line with `[lines.<name>.retrain]` also publishes confidently normal frames to its accepted topic,
 //! follows its models topic (a thread that hot-swaps every newly promoted model into `infer`), and, in

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use tch::Device;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -26,6 +25,7 @@ use crate::service::metrics::{LineHealth, LineMetrics, Metrics};
 use crate::service::preprocess::PoolConfig;
 use crate::service::retrain::models_topic::{FeedError, ModelFeed, Published};
 use crate::service::settings::{DeviceChoice, LineSettings, Settings};
+use crate::service::sink::publisher::Publisher;
 use crate::service::sink::SinkConfig;
 use crate::service::source::{Source, SourceContext};
 
@@ -128,6 +128,7 @@ pub async fn start_as(settings: &Settings, role: Role) -> Result<RunningPipeline
     })?;
     if role != Role::Trainer {
         warn_of_oversubscription(settings)?;
+        warn_of_late_producer_replacement(settings);
     }
     let (ended_tx, line_ended) = mpsc::unbounded_channel();
     let mut lines = Vec::new();
@@ -368,9 +369,13 @@ async fn start_line(
         log::warn!("line {name}: cannot reach Kafka at {} yet ({err}); retrying", settings.kafka.brokers);
     }
     let kafka_error = |what| move |source| PipelineError::Kafka { line: name.into(), what, source };
-    let producer: FutureProducer = crate::service::kafka::producer_config(&settings.kafka)
-        .create()
-        .map_err(kafka_error("creating the producer"))?;
+    let publisher = Publisher::new(
+        crate::service::kafka::producer_config(&settings.kafka),
+        name,
+        line_metrics.clone(),
+        settings.producer_stall(),
+    )
+    .map_err(kafka_error("creating the producer"))?;
     let tracker = OffsetTracker::new();
     let context = SourceContext { tracker: tracker.clone(), metrics: line_metrics.clone(), health: health.clone() };
     let consumer: StreamConsumer<SourceContext> =
@@ -459,7 +464,7 @@ async fn start_line(
     let sink_health = health.clone();
     let (failed, line_name) = (ended.clone(), name.to_string());
     tokio::spawn(async move {
-        let published = crate::service::sink::run(sink_config, producer, sink_queue, sink_metrics, sink_health).await;
+        let published = crate::service::sink::run(sink_config, publisher, sink_queue, sink_metrics, sink_health).await;
         if let Err(reason) = &published {
             log::error!("line {line_name}: {reason}; the line stops");
             let _ = failed.send(line_name);
@@ -608,6 +613,18 @@ fn warn_of_oversubscription(settings: &Settings) -> Result<(), PipelineError> {
         );
     }
     Ok(())
+}
+
+/// A stalled producer is replaced after `kafka.producer_stall_secs`; when that is not before
+/// `metrics.stalled_after_secs`, `/healthz` asks for a restart first, which is allowed but rarely meant.
+fn warn_of_late_producer_replacement(settings: &Settings) {
+    let (replace, stalled) = (settings.kafka.producer_stall_secs, settings.metrics.stalled_after_secs);
+    if replace >= stalled {
+        log::warn!(
+            "kafka.producer_stall_secs = {replace} is not below metrics.stalled_after_secs = {stalled}: a line whose \
+             producer stalls turns /healthz to 503 (a restart) before its producer is replaced"
+        );
+    }
 }
 
 fn choose_device(line: &str, choice: DeviceChoice) -> Result<Device, PipelineError> {

@@ -62,6 +62,13 @@ pub struct KafkaSettings {
     /// dropped. A property in both takes the file's value.
     #[serde(default)]
     pub secret_files: BTreeMap<String, PathBuf>,
+    /// A line's producer whose records have waited this long without a single delivery is replaced by a
+    /// fresh client, and the records go again through it (0: never). What it clears: librdkafka's
+    /// idempotent producer retries forever when a broker lost its producer state (see
+    /// `sink::publisher`). Below `metrics.stalled_after_secs`, so it acts before `/healthz` asks for a
+    /// restart.
+    #[serde(default = "default_producer_stall_secs")]
+    pub producer_stall_secs: u64,
 }
 
 /// A credential: its value is never printed (`Debug` and serialisation show `<redacted>`), only handed
@@ -476,6 +483,9 @@ impl RetrainSettings {
 fn default_client_id() -> String {
     "lineguard".into()
 }
+fn default_producer_stall_secs() -> u64 {
+    30
+}
 fn default_stalled_after_secs() -> u64 {
     120
 }
@@ -717,6 +727,11 @@ impl Settings {
     pub fn commit_interval(&self) -> Duration {
         Duration::from_millis(self.shutdown.commit_interval_ms)
     }
+
+    /// How long a line's producer may leave records undelivered before it is replaced; `None`: never.
+    pub fn producer_stall(&self) -> Option<Duration> {
+        (self.kafka.producer_stall_secs > 0).then(|| Duration::from_secs(self.kafka.producer_stall_secs))
+    }
 }
 
 impl KafkaSettings {
@@ -729,6 +744,7 @@ impl KafkaSettings {
             producer: BTreeMap::new(),
             secrets: BTreeMap::new(),
             secret_files: BTreeMap::new(),
+            producer_stall_secs: default_producer_stall_secs(),
         }
     }
 }

@@ -98,6 +98,27 @@ pub enum Output {
     Accepted,
 }
 
+/// Why a line's producer was replaced by a fresh client (`reason` label of
+/// `lineguard_producer_replacements_total`; see `sink::publisher`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProducerReplacement {
+    /// Records waited `kafka.producer_stall_secs` without a single delivery.
+    Stalled,
+    /// librdkafka raised a fatal error: that client publishes nothing more.
+    Fatal,
+}
+
+impl ProducerReplacement {
+    pub const ALL: [ProducerReplacement; 2] = [ProducerReplacement::Stalled, ProducerReplacement::Fatal];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProducerReplacement::Stalled => "stalled",
+            ProducerReplacement::Fatal => "fatal",
+        }
+    }
+}
+
 /// Where a retraining candidate came from (`source` label of `lineguard_retrain_frames_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CandidateSource {

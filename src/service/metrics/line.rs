@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 
-use super::{Metrics, Output, Queue, Stage};
+use super::{Metrics, Output, ProducerReplacement, Queue, Stage};
 use crate::service::frame::{RejectReason, StageTimings};
 
 impl Metrics {
@@ -18,6 +18,9 @@ impl Metrics {
         }
         for output in Output::ALL {
             self.publish_errors.with_label_values(&[line, output.as_str()]);
+        }
+        for reason in ProducerReplacement::ALL {
+            self.producer_replacements.with_label_values(&[line, reason.as_str()]);
         }
         for result in ["ok", "error"] {
             self.offset_commits.with_label_values(&[line, result]);
@@ -152,5 +155,9 @@ impl LineMetrics {
 
     pub fn publish_failed(&self, output: Output) {
         self.metrics.publish_errors.with_label_values(&[self.line.as_str(), output.as_str()]).inc();
+    }
+
+    pub fn producer_replaced(&self, reason: ProducerReplacement) {
+        self.metrics.producer_replacements.with_label_values(&[self.line.as_str(), reason.as_str()]).inc();
     }
 }

@@ -49,6 +49,7 @@ pub struct Metrics {
     consumer_paused: IntGaugeVec,
     offset_commits: IntCounterVec,
     publish_errors: IntCounterVec,
+    producer_replacements: IntCounterVec,
     model_created: IntGaugeVec,
     model_age: IntGaugeVec,
     frames_accepted: IntCounterVec,
@@ -193,6 +194,12 @@ impl Metrics {
                 "lineguard_publish_errors_total",
                 "Failed publish attempts (retried), by output.",
                 &["line", "output"],
+            )?,
+            producer_replacements: counter(
+                r,
+                "lineguard_producer_replacements_total",
+                "Times the line's producer was replaced by a fresh client, by reason (stalled, fatal).",
+                &["line", "reason"],
             )?,
             model_created: gauge(
                 r,

@@ -10,10 +10,12 @@
 //!   headers saying why, keyed by the frame id (nothing is lost: the record can be fixed and replayed);
 //!   without the bytes when the topic refuses them as too large (see `publish_rejected`).
 //!
-//! A publish error that no retry clears costs an optional output (map, accepted frame) only that output;
-//! for a required one (result, dead letter) the frame stays uncommitted and the line reports itself
-//! unable to progress (`/healthz`), or, when the producer failed fatally, the sink ends with the error,
-//! which ends the line.
+//! Every record goes through the line's [`publisher::Publisher`], which retries until the broker
+//! acknowledges and replaces a producer that stalled or failed fatally with a fresh client. A publish
+//! error that no retry clears costs an optional output (map, accepted frame) only that output; for a
+//! required one (result, dead letter) the frame stays uncommitted and the line reports itself unable to
+//! progress (`/healthz`), or, when fresh producers failed fatally again and again, the sink ends with the
+//! error, which ends the line.
 //!
 //! Records are keyed by frame id, so a frame processed twice (after a crash or a rebalance, the price of
 //! at-least-once without transactions) produces the same key twice and consumers can keep the last.
@@ -22,7 +24,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::producer::{FutureProducer, Producer};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -30,9 +31,13 @@ use tokio::task::JoinSet;
 use crate::service::frame::{
     CameraInfo, RejectReason, RejectedFrame, ScoredFrame, SinkItem, SourcePosition, StageTimings,
 };
-use crate::service::kafka::{fatal_reason, send_until_delivered, to_owned_headers, Permanent, PublishError};
+use crate::service::kafka::{to_owned_headers, Permanent, PublishError};
 use crate::service::metrics::{LineHealth, LineMetrics, Output, Queue};
 use crate::service::settings::MapFormat;
+
+pub mod publisher;
+
+use publisher::Publisher;
 
 pub const RESULT_SCHEMA: &str = "lineguard.result.v1";
 pub const HEADER_ERROR_REASON: &str = "lineguard_error_reason";
@@ -167,12 +172,19 @@ fn now_ms() -> i64 {
 /// is acknowledged.
 pub async fn run(
     config: SinkConfig,
-    producer: FutureProducer,
+    publisher: Publisher,
     mut input: mpsc::Receiver<SinkItem>,
     metrics: LineMetrics,
     health: Arc<LineHealth>,
 ) -> Result<(), String> {
     let config = Arc::new(config);
+    let publisher = Arc::new(publisher);
+    // Dropped (aborted) with the sink, whichever way it ends.
+    let mut watchdog = JoinSet::new();
+    watchdog.spawn({
+        let publisher = publisher.clone();
+        async move { publisher.watch_for_stalls().await }
+    });
     let mut pacer = config.acceptance.as_ref().map(|acceptance| AcceptancePacer::new(acceptance.per_minute));
     let mut publishing = JoinSet::new();
     loop {
@@ -201,11 +213,11 @@ pub async fn run(
             }
             _ => false,
         };
-        let (config, producer, metrics, health) = (config.clone(), producer.clone(), metrics.clone(), health.clone());
+        let (config, publisher, metrics, health) = (config.clone(), publisher.clone(), metrics.clone(), health.clone());
         publishing.spawn(async move {
             match item {
-                SinkItem::Scored(frame) => publish_scored(&config, &producer, frame, accept, &metrics, &health).await,
-                SinkItem::Rejected(frame) => publish_rejected(&config, &producer, frame, &metrics, &health).await,
+                SinkItem::Scored(frame) => publish_scored(&config, &publisher, frame, accept, &metrics, &health).await,
+                SinkItem::Rejected(frame) => publish_rejected(&config, &publisher, frame, &metrics, &health).await,
             }
         });
     }
@@ -215,8 +227,8 @@ pub async fn run(
     Ok(())
 }
 
-/// A publish's outcome: a panic costs its frame only (uncommitted, consumed again); a fatal producer error
-/// ends the sink.
+/// A publish's outcome: a panic costs its frame only (uncommitted, consumed again); producers that keep
+/// failing fatally end the sink.
 fn finished(done: Result<Result<(), String>, tokio::task::JoinError>) -> Result<(), String> {
     match done {
         Ok(outcome) => outcome,
@@ -229,7 +241,7 @@ fn finished(done: Result<Result<(), String>, tokio::task::JoinError>) -> Result<
 
 async fn publish_scored(
     config: &SinkConfig,
-    producer: &FutureProducer,
+    publisher: &Publisher,
     frame: ScoredFrame,
     accept: bool,
     metrics: &LineMetrics,
@@ -292,7 +304,7 @@ async fn publish_scored(
     let version = model_version.to_string();
     let result_headers = to_owned_headers([(HEADER_MODEL_VERSION, version.as_bytes())]);
     let key = meta.frame_id.as_str();
-    let result = send_until_delivered(producer, &config.results_topic, key, &json, &result_headers, |_| {
+    let result = publisher.send_until_delivered(&config.results_topic, key, &json, &result_headers, |_| {
         metrics.publish_failed(Output::Results)
     });
     let accepted = async {
@@ -308,10 +320,9 @@ async fn publish_scored(
         ];
         let original = meta.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
         let headers = to_owned_headers(original.chain(context));
-        send_until_delivered(producer, &acceptance.topic, key, image, &headers, |_| {
-            metrics.publish_failed(Output::Accepted)
-        })
-        .await?;
+        publisher
+            .send_until_delivered(&acceptance.topic, key, image, &headers, |_| metrics.publish_failed(Output::Accepted))
+            .await?;
         metrics.frame_accepted();
         Ok(())
     };
@@ -335,13 +346,14 @@ async fn publish_scored(
             (HEADER_MAP_HEIGHT, side.as_bytes()),
             (HEADER_MODEL_VERSION, version.as_bytes()),
         ]);
-        send_until_delivered(producer, maps_topic, key, &bytes, &map_headers, |_| metrics.publish_failed(Output::Maps))
+        publisher
+            .send_until_delivered(maps_topic, key, &bytes, &map_headers, |_| metrics.publish_failed(Output::Maps))
             .await
     };
     let (result, accepted, map) = tokio::join!(result, accepted, map);
     if let Err(err) = result {
         // Without its result the frame must not be committed; the line cannot go on (see `refused`).
-        return refused(producer, health, err);
+        return refused(publisher, health, err);
     }
     // Maps and accepted frames are optional outputs: a permanent failure costs that output only.
     for failed in [accepted, map].into_iter().filter_map(Result::err) {
@@ -364,7 +376,7 @@ async fn publish_scored(
 /// stop the line.
 async fn publish_rejected(
     config: &SinkConfig,
-    producer: &FutureProducer,
+    publisher: &Publisher,
     frame: RejectedFrame,
     metrics: &LineMetrics,
     health: &LineHealth,
@@ -381,8 +393,8 @@ async fn publish_rejected(
     ];
     let original = || meta.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
     let headers = to_owned_headers(original().chain(context));
-    let mut published =
-        send_until_delivered(producer, &config.dead_letter_topic, &meta.frame_id, &payload, &headers, |_| {
+    let mut published = publisher
+        .send_until_delivered(&config.dead_letter_topic, &meta.frame_id, &payload, &headers, |_| {
             metrics.publish_failed(Output::DeadLetter)
         })
         .await;
@@ -394,13 +406,14 @@ async fn publish_rejected(
             payload.len()
         );
         let headers = to_owned_headers(original().chain(context).chain([(HEADER_PAYLOAD_OMITTED, size.as_bytes())]));
-        published = send_until_delivered(producer, &config.dead_letter_topic, &meta.frame_id, &[], &headers, |_| {
-            metrics.publish_failed(Output::DeadLetter)
-        })
-        .await;
+        published = publisher
+            .send_until_delivered(&config.dead_letter_topic, &meta.frame_id, &[], &headers, |_| {
+                metrics.publish_failed(Output::DeadLetter)
+            })
+            .await;
     }
     if let Err(err) = published {
-        return refused(producer, health, err);
+        return refused(publisher, health, err);
     }
     metrics.frame_done(meta.received_at.elapsed(), None);
     ack.delivered();
@@ -410,12 +423,13 @@ async fn publish_rejected(
 /// A required output (a result, a dead letter) that no retry can publish: the frame stays uncommitted,
 /// so nothing is lost, and the line is marked broken, which turns `/healthz` to 503 so the orchestrator
 /// restarts the process and the operator sees why in its log (authorisation, a missing or invalid topic).
-/// A producer that failed fatally will publish nothing more, whatever an operator fixes: that ends the
-/// sink (the error), and the line with it, rather than wait for a liveness probe.
-fn refused(producer: &FutureProducer, health: &LineHealth, err: PublishError) -> Result<(), String> {
+/// Producers that failed fatally one after the other, fresh ones included, will publish nothing more,
+/// whatever an operator fixes: that ends the sink (the error), and the line with it, rather than wait for
+/// a liveness probe.
+fn refused(publisher: &Publisher, health: &LineHealth, err: PublishError) -> Result<(), String> {
     health.publish_refused.store(true, Ordering::Relaxed);
     if err.kind == Permanent::Fatal {
-        let reason = fatal_reason(producer.client(), &err.source).unwrap_or_else(|| err.source.to_string());
+        let reason = publisher.fatal_reason(&err.source).unwrap_or_else(|| err.source.to_string());
         return Err(format!("the producer failed fatally: {reason}"));
     }
     log::error!("{err}; the frame stays uncommitted and this line cannot make progress until that is fixed");
@@ -508,25 +522,20 @@ mod tests {
         assert!(capture_latency(now_ms() - 1_000).unwrap() >= Duration::from_millis(1_000));
     }
 
-    /// librdkafka's own test hook puts a real producer in the state that an idempotent producer reaches
-    /// when the broker refuses its sequence (the broker restarted without its state). Before, the sink
-    /// marked the line unable to publish and waited, with the process up, for a liveness probe; now it
-    /// ends with the cause, which ends the line. The frame stays unacknowledged: consumed again later.
+    /// A real producer in the state that an idempotent producer reaches when the broker refuses its
+    /// sequence (the broker restarted without its state). Before, the line stopped (and earlier still, it
+    /// waited, unable to publish, for a liveness probe); now a fresh producer publishes the dead letter and
+    /// the frame is acknowledged.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_producer_that_failed_fatally_ends_the_sink_and_its_frame_stays_uncommitted() {
+    async fn a_producer_that_failed_fatally_is_replaced_and_the_frame_is_published_and_acknowledged() {
         use crate::service::ack::{OffsetTracker, TopicPartition};
         use crate::service::frame::FrameMeta;
-        use rdkafka::types::RDKafkaRespErr;
 
         let (_cluster, kafka) = crate::service::kafka::mock_cluster_with("dead-letter", &[]);
-        let producer: FutureProducer = crate::service::kafka::producer_config(&kafka).create().unwrap();
-        let reason = std::ffi::CString::new("injected by the test").unwrap();
-        let code = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
-        // SAFETY: a live client handle and a NUL-terminated reason, which the function only reads.
-        let raised = unsafe {
-            rdkafka::bindings::rd_kafka_test_fatal_error(producer.client().native_ptr(), code, reason.as_ptr())
-        };
-        assert_eq!(raised, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+        let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
+        let config = crate::service::kafka::producer_config(&kafka);
+        let publisher = Publisher::new(config, "l", metrics.clone(), Some(Duration::from_secs(30))).unwrap();
+        publisher.fail_fatally();
 
         let tracker = OffsetTracker::new();
         let tp = TopicPartition { topic: "frames".into(), partition: 0 };
@@ -547,15 +556,13 @@ mod tests {
             map_format: MapFormat::None,
             acceptance: None,
         };
-        let metrics = crate::service::metrics::Metrics::new().unwrap().line("l");
         let health = Arc::new(LineHealth::default());
         let outcome =
-            tokio::time::timeout(Duration::from_secs(60), run(config, producer, input, metrics, health.clone()))
+            tokio::time::timeout(Duration::from_secs(60), run(config, publisher, input, metrics, health.clone()))
                 .await
                 .expect("the sink ends");
-        let reason = outcome.unwrap_err();
-        assert!(reason.contains("the producer failed fatally") && reason.contains("injected by the test"), "{reason}");
-        assert!(health.publish_refused.load(Ordering::Relaxed));
-        assert_eq!(tracker.in_flight(), 1, "the frame is not acknowledged");
+        assert_eq!(outcome, Ok(()));
+        assert!(!health.publish_refused.load(Ordering::Relaxed));
+        assert_eq!(tracker.in_flight(), 0, "the frame is acknowledged");
     }
 }
