@@ -829,7 +829,9 @@ fn a_broker_that_restarts_empty_is_survived_by_a_fresh_producer_and_every_new_fr
     assert_eq!(keys_with_prefix(&counts, "after"), 10, "every frame after the restart, same process\n{log}");
     assert!(log.contains("line line: replacing the producer with a fresh client"), "{log}");
     let replaced = |reason: &str| {
-        metric(port, &format!("lineguard_producer_replacements_total{{line=\"line\",reason=\"{reason}\"}}"))
+        let series =
+            format!("lineguard_producer_replacements_total{{client=\"outputs\",line=\"line\",reason=\"{reason}\"}}");
+        metric(port, &series)
     };
     let (stalled, fatal) = (replaced("stalled").unwrap_or(0.0), replaced("fatal").unwrap_or(0.0));
     assert!(stalled + fatal >= 1.0, "stalled {stalled}, fatal {fatal}");

@@ -305,6 +305,20 @@ pub(crate) fn mock_cluster_with(
     (cluster, kafka)
 }
 
+/// librdkafka's own test hook puts `producer` in the state that an idempotent producer reaches when the
+/// broker refuses its sequence: a fatal error, after which that client publishes nothing more.
+#[cfg(test)]
+pub(crate) fn fail_fatally(producer: &FutureProducer) {
+    use rdkafka::producer::Producer;
+    use rdkafka::types::RDKafkaRespErr;
+    let reason = std::ffi::CString::new("injected by the test").unwrap();
+    let code = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
+    // SAFETY: a live client handle and a NUL-terminated reason, which the function only reads.
+    let raised =
+        unsafe { rdkafka::bindings::rd_kafka_test_fatal_error(producer.client().native_ptr(), code, reason.as_ptr()) };
+    assert_eq!(raised, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,11 +98,12 @@ pub enum Output {
     Accepted,
 }
 
-/// Why a line's producer was replaced by a fresh client (`reason` label of
-/// `lineguard_producer_replacements_total`; see `sink::publisher`).
+/// Why a producer was replaced by a fresh client (`reason` label of
+/// `lineguard_producer_replacements_total`; see `sink::publisher` and `retrain::models_topic`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProducerReplacement {
-    /// Records waited `kafka.producer_stall_secs` without a single delivery.
+    /// Records waited without a single delivery: `kafka.producer_stall_secs` for a line's outputs, a
+    /// publication's timeout for the trainer's models.
     Stalled,
     /// librdkafka raised a fatal error: that client publishes nothing more.
     Fatal,

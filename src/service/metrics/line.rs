@@ -20,7 +20,7 @@ impl Metrics {
             self.publish_errors.with_label_values(&[line, output.as_str()]);
         }
         for reason in ProducerReplacement::ALL {
-            self.producer_replacements.with_label_values(&[line, reason.as_str()]);
+            self.producer_replacements.with_label_values(&[line, "outputs", reason.as_str()]);
         }
         for result in ["ok", "error"] {
             self.offset_commits.with_label_values(&[line, result]);
@@ -157,7 +157,8 @@ impl LineMetrics {
         self.metrics.publish_errors.with_label_values(&[self.line.as_str(), output.as_str()]).inc();
     }
 
+    /// The producer of the line's outputs was replaced (see `sink::publisher`).
     pub fn producer_replaced(&self, reason: ProducerReplacement) {
-        self.metrics.producer_replacements.with_label_values(&[self.line.as_str(), reason.as_str()]).inc();
+        self.metrics.producer_replacements.with_label_values(&[self.line.as_str(), "outputs", reason.as_str()]).inc();
     }
 }

@@ -198,8 +198,9 @@ impl Metrics {
             producer_replacements: counter(
                 r,
                 "lineguard_producer_replacements_total",
-                "Times the line's producer was replaced by a fresh client, by reason (stalled, fatal).",
-                &["line", "reason"],
+                "Times a producer of the line was replaced by a fresh client, by client (outputs: results, maps, \
+                 dead letters and accepted frames; models: the trainer's publications) and reason (stalled, fatal).",
+                &["line", "client", "reason"],
             )?,
             model_created: gauge(
                 r,

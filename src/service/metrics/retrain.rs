@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use crate::service::retrain::buffer::BufferCounts;
 
-use super::{CandidateOutcome, CandidateSource, GateOutcome, Metrics, RestartCause, StateWrite, WaitCause};
+use super::{
+    CandidateOutcome, CandidateSource, GateOutcome, Metrics, ProducerReplacement, RestartCause, StateWrite, WaitCause,
+};
 
 impl Metrics {
     /// Totals of a line's retraining so far, for progress lines (the demo's).
@@ -39,6 +41,9 @@ impl Metrics {
         for cause in RestartCause::ALL {
             self.retrain_restarts.with_label_values(&[line, cause.as_str()]);
         }
+        for reason in ProducerReplacement::ALL {
+            self.producer_replacements.with_label_values(&[line, "models", reason.as_str()]);
+        }
         RetrainMetrics { metrics: self.clone(), line: line.to_string() }
     }
 }
@@ -60,6 +65,11 @@ pub struct RetrainMetrics {
 }
 
 impl RetrainMetrics {
+    /// The trainer's producer for the models topic was replaced (see `retrain::models_topic`).
+    pub fn producer_replaced(&self, reason: ProducerReplacement) {
+        self.metrics.producer_replacements.with_label_values(&[self.line.as_str(), "models", reason.as_str()]).inc();
+    }
+
     pub fn candidate(&self, source: CandidateSource, outcome: CandidateOutcome) {
         let source = match source {
             CandidateSource::Auto => "auto",

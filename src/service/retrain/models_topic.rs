@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use super::buffer::fnv64;
 use crate::model::EfficientAd;
 use crate::service::infer::{ModelSwapper, SwapRefused};
-use crate::service::metrics::LineHealth;
+use crate::service::metrics::{LineHealth, ProducerReplacement};
 use crate::service::settings::{KafkaSettings, Secret};
 
 pub const CHUNK_BYTES: usize = 900 * 1024;
@@ -174,6 +174,90 @@ pub async fn publish(
         .await
         .map_err(|(err, _)| err)?;
     Ok(manifest)
+}
+
+/// The trainer's way to the models topic. A publication that fails, or has not been delivered within its
+/// timeout, is tried again later (after 5 s, doubling up to 5 min) while training goes on. When the client
+/// failed fatally or the publication timed out, the next try goes through a fresh client: librdkafka's
+/// idempotent producer can retry for ever against a broker that lost its producer state (see
+/// `sink::publisher`); before, every try after a broker restart waited out librdkafka's 5-minute delivery
+/// timeout on the stuck client, with training held. A timed-out publication's chunks are left on the
+/// topic without their manifest, which followers ignore; the next try is a new publication.
+pub struct ModelPublisher {
+    config: rdkafka::ClientConfig,
+    producer: FutureProducer,
+    timeout: Duration,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+}
+
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const LAST_RETRY: Duration = Duration::from_secs(300);
+
+/// A publication that did not go out, and what was done about it.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause}; trying again in {}s{}", retry_in.as_secs(), if replaced.is_some() { " through a fresh client" } else { "" })]
+pub struct PublishFailure {
+    pub cause: String,
+    /// Why the client was replaced, if it was.
+    pub replaced: Option<ProducerReplacement>,
+    pub retry_in: Duration,
+}
+
+impl ModelPublisher {
+    /// `timeout`: how long one publication may take (a model of 30 MB takes seconds on a healthy broker).
+    pub fn new(config: rdkafka::ClientConfig, timeout: Duration) -> rdkafka::error::KafkaResult<ModelPublisher> {
+        let producer = config.create()?;
+        Ok(ModelPublisher { config, producer, timeout, backoff: FIRST_RETRY, retry_at: None })
+    }
+
+    /// Whether a publication may be tried now: not before the retry time of a failed one.
+    pub fn ready(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// [`publish`] through the current client, within the timeout.
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        line: &str,
+        model: &[u8],
+        version: u64,
+        origin: &str,
+        key: Option<&Secret>,
+    ) -> Result<Manifest, PublishFailure> {
+        let attempt = publish(&self.producer, topic, line, model, version, origin, key);
+        let (cause, mut replaced) = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(manifest)) => {
+                (self.backoff, self.retry_at) = (FIRST_RETRY, None);
+                return Ok(manifest);
+            }
+            Ok(Err(err)) => match self.producer.client().fatal_error() {
+                Some((_, reason)) => {
+                    (format!("the producer failed fatally ({reason})"), Some(ProducerReplacement::Fatal))
+                }
+                // Refused, or a transient error: the same client may succeed next time.
+                None => (err.to_string(), None),
+            },
+            Err(_) => {
+                (format!("not delivered within {}s", self.timeout.as_secs_f64()), Some(ProducerReplacement::Stalled))
+            }
+        };
+        if replaced.is_some() {
+            match self.config.create() {
+                // Dropping the old client purges what it still holds (a second at most).
+                Ok(fresh) => drop(std::mem::replace(&mut self.producer, fresh)),
+                Err(err) => {
+                    log::error!("cannot create a fresh producer for the models topic: {err}");
+                    replaced = None;
+                }
+            }
+        }
+        let retry_in = self.backoff;
+        self.retry_at = Some(Instant::now() + retry_in);
+        self.backoff = (self.backoff * 2).min(LAST_RETRY);
+        Err(PublishFailure { cause, replaced, retry_in })
+    }
 }
 
 /// Reassembles publications of one line from the records of the models topic, in topic order.
@@ -579,6 +663,44 @@ mod tests {
         corrupt[0].2[0] ^= 1;
         assert_eq!(feed(&mut assembler, &corrupt), Vec::<u64>::new());
         assert_eq!(feed(&mut assembler, &records("trays", b"fine", "p5", 5)), vec![5]);
+    }
+
+    /// A client that failed fatally (librdkafka's own test hook) costs one try: the next goes through a
+    /// fresh client and the model reaches the topic. The retry waits, and the wait doubles.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_model_publication_whose_client_failed_fatally_goes_out_through_a_fresh_one() {
+        let (_cluster, kafka) = crate::service::kafka::mock_cluster_with("models", &[]);
+        let config = crate::service::kafka::producer_config(&kafka);
+        let mut publisher = ModelPublisher::new(config, Duration::from_secs(60)).unwrap();
+        crate::service::kafka::fail_fatally(&publisher.producer);
+        let model = vec![7u8; CHUNK_BYTES + 5];
+        let failure = publisher.publish("models", "trays", &model, 3, "promoted", None).await.unwrap_err();
+        assert_eq!(failure.replaced, Some(ProducerReplacement::Fatal), "{failure}");
+        assert!(failure.cause.contains("injected by the test"), "{failure}");
+        assert_eq!(failure.retry_in, FIRST_RETRY);
+        assert!(!publisher.ready(Instant::now()) && publisher.ready(Instant::now() + FIRST_RETRY));
+        assert!(publisher.producer.client().fatal_error().is_none(), "a fresh client");
+        let manifest = publisher.publish("models", "trays", &model, 3, "promoted", None).await.unwrap();
+        assert_eq!((manifest.model_version, manifest.chunks, manifest.bytes), (3, 2, model.len() as u64));
+        assert!(publisher.ready(Instant::now()), "a success clears the wait");
+    }
+
+    /// A publication not delivered within its timeout (what a client stuck on a lost producer id does)
+    /// is given up for now, and the next try goes through a fresh client.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_model_publication_that_times_out_is_retried_later_through_a_fresh_client() {
+        let (_cluster, kafka) = crate::service::kafka::mock_cluster_with("models", &[]);
+        let config = crate::service::kafka::producer_config(&kafka);
+        let mut publisher = ModelPublisher::new(config, Duration::ZERO).unwrap();
+        let mut waits = Vec::new();
+        for _ in 0..2 {
+            let failure = publisher.publish("models", "trays", b"model", 4, "promoted", None).await.unwrap_err();
+            assert_eq!(failure.replaced, Some(ProducerReplacement::Stalled), "{failure}");
+            waits.push(failure.retry_in);
+        }
+        assert_eq!(waits, [FIRST_RETRY, FIRST_RETRY * 2]);
+        publisher.timeout = Duration::from_secs(60);
+        assert!(publisher.publish("models", "trays", b"model", 4, "promoted", None).await.is_ok());
     }
 
     /// A stand-in for the models topic: hands out its publications (`None`: nothing new), then panics.

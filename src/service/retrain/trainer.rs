@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -122,7 +121,7 @@ struct Running {
     stage: TrainerStage,
     dir: PathBuf,
     store: VersionStore,
-    producer: FutureProducer,
+    models_out: models_topic::ModelPublisher,
     feed: ModelFeed,
     candidates: BaseConsumer,
     fetcher: Option<BaseConsumer>,
@@ -226,6 +225,9 @@ impl LineRecord {
 
 /// Far more publications than a feed can lag behind.
 const OWN_PUBLICATIONS_KEPT: usize = 64;
+/// How long one model publication may take before the trainer gives it up for now and replaces its client:
+/// a model file of 30 MB takes seconds on a healthy broker.
+const MODEL_PUBLICATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a serving model's gate measurements depend on.
 #[derive(Debug, Clone, PartialEq)]
@@ -245,7 +247,10 @@ impl Running {
         let settings = &stage.settings;
         let dir = settings.line_dir(&stage.line);
         let store = VersionStore::open(&dir, settings.keep_versions)?;
-        let producer: FutureProducer = crate::service::kafka::producer_config(&stage.kafka).create()?;
+        let models_out = models_topic::ModelPublisher::new(
+            crate::service::kafka::producer_config(&stage.kafka),
+            MODEL_PUBLICATION_TIMEOUT,
+        )?;
         if let Err(err) = stage.runtime.block_on(super::ensure_topics(&stage.kafka, settings)) {
             log::warn!("line {}: cannot create the retraining topics ({err}); they must exist", stage.line);
         }
@@ -314,7 +319,7 @@ impl Running {
         Ok(Running {
             dir: dir.clone(),
             store,
-            producer,
+            models_out,
             feed,
             candidates,
             fetcher,
@@ -647,8 +652,12 @@ impl Running {
         Ok(())
     }
 
-    /// Publishes the current model on the models topic; on failure, the next turn tries again.
+    /// Publishes the current model on the models topic; on failure, a later turn tries again, once the
+    /// retry time has come (see `ModelPublisher`).
     fn publish_current(&mut self) {
+        if !self.models_out.ready(Instant::now()) {
+            return;
+        }
         let bytes = match self.current.to_bytes() {
             Ok(bytes) => bytes,
             Err(err) => {
@@ -665,15 +674,8 @@ impl Running {
             .and_then(|records| records.into_iter().find(|r| r.version == version))
             .map_or_else(|| "promoted".to_string(), |r| r.origin);
         let key = self.stage.settings.signing_key.as_ref();
-        let published = self.stage.runtime.block_on(models_topic::publish(
-            &self.producer,
-            topic,
-            line,
-            &bytes,
-            version,
-            &origin,
-            key,
-        ));
+        let published =
+            self.stage.runtime.block_on(self.models_out.publish(topic, line, &bytes, version, &origin, key));
         match published {
             Ok(manifest) => {
                 log::info!(
@@ -688,7 +690,12 @@ impl Running {
                 self.publication = Some(manifest.publication);
                 self.unpublished = false;
             }
-            Err(err) => log::warn!("line {line}: publishing model version {version} failed ({err}); retrying"),
+            Err(failure) => {
+                log::warn!("line {line}: publishing model version {version} failed: {failure}");
+                if let Some(reason) = failure.replaced {
+                    self.stage.metrics.producer_replaced(reason);
+                }
+            }
         }
     }
 

@@ -210,18 +210,9 @@ impl Publisher {
 
 #[cfg(test)]
 impl Publisher {
-    /// librdkafka's own test hook puts the client in use in the state that an idempotent producer reaches
-    /// when the broker refuses its sequence.
+    /// Makes the client in use fail fatally (see `kafka::fail_fatally`).
     pub(crate) fn fail_fatally(&self) {
-        use rdkafka::types::RDKafkaRespErr;
-        let reason = std::ffi::CString::new("injected by the test").unwrap();
-        let code = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
-        let producer = self.current().1;
-        // SAFETY: a live client handle and a NUL-terminated reason, which the function only reads.
-        let raised = unsafe {
-            rdkafka::bindings::rd_kafka_test_fatal_error(producer.client().native_ptr(), code, reason.as_ptr())
-        };
-        assert_eq!(raised, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+        crate::service::kafka::fail_fatally(&self.current().1);
     }
 }
 
@@ -357,7 +348,8 @@ mod tests {
     }
 
     fn replacements(metrics: &Metrics, reason: &str) -> String {
-        let series = format!("lineguard_producer_replacements_total{{line=\"l\",reason=\"{reason}\"}} ");
+        let series =
+            format!("lineguard_producer_replacements_total{{client=\"outputs\",line=\"l\",reason=\"{reason}\"}} ");
         let page = metrics.render();
         page.lines().find_map(|line| line.strip_prefix(&series)).unwrap_or("missing").to_string()
     }
