@@ -232,10 +232,8 @@ impl ModelPublisher {
                 (self.backoff, self.retry_at) = (FIRST_RETRY, None);
                 return Ok(manifest);
             }
-            Ok(Err(err)) => match self.producer.client().fatal_error() {
-                Some((_, reason)) => {
-                    (format!("the producer failed fatally ({reason})"), Some(ProducerReplacement::Fatal))
-                }
+            Ok(Err(err)) => match crate::service::kafka::fatal_reason(self.producer.client(), &err) {
+                Some(reason) => (format!("the producer failed fatally ({reason})"), Some(ProducerReplacement::Fatal)),
                 // Refused, or a transient error: the same client may succeed next time.
                 None => (err.to_string(), None),
             },

@@ -115,15 +115,13 @@ impl Publisher {
             }
             // The record's own error may be a transient-looking one while the client behind it is done
             // for: the client's state says so.
-            let fatal = producer.client().fatal_error().map(|(_, reason)| reason);
-            let kind = fatal.as_ref().map(|_| Permanent::Fatal).or_else(|| Permanent::classify(&err));
-            match kind {
-                Some(Permanent::Fatal) => {
-                    let reason = fatal.unwrap_or_else(|| err.to_string());
-                    if !self.replace_after_fatal(generation, &reason) {
-                        return Err(failed(Permanent::Fatal, err));
-                    }
+            if let Some(reason) = fatal_reason(producer.client(), &err) {
+                if !self.replace_after_fatal(generation, &reason) {
+                    return Err(failed(Permanent::Fatal, err));
                 }
+                continue;
+            }
+            match Permanent::classify(&err) {
                 Some(kind) => return Err(failed(kind, err)),
                 None => {
                     log::warn!("publishing {key} to {topic} failed ({err}); retrying in {backoff:?}");
