@@ -10,10 +10,12 @@
 #   - Prometheus and promtool (tests of the alert rules and the dashboard's queries), taken out of Debian's
 #     `prometheus` package into .tools/ without installing the package (no service, no root needed);
 #   - a Python environment in .tools/chart-venv with Helm 4's engine (helm-python-sdk) and the
-#     Kubernetes schemas (kubernetes-validate), for the chart's checks (tests/chart.rs).
+#     Kubernetes schemas (kubernetes-validate), for the chart's checks (tests/chart.rs);
+#   - a local S3-compatible server (moto's) in .tools/s3-venv, where a test broker keeps its topics when
+#     a test restarts it and needs them back (tests/pipeline.rs).
 # Nothing here is needed at run time but the files it installs: no Python is used by lineguard itself.
 #
-# Usage: scripts/setup.sh [libtorch] [broker] [backbone] [audit] [monitoring] [chart]    (no argument: all)
+# Usage: scripts/setup.sh [libtorch] [broker] [backbone] [audit] [monitoring] [chart] [s3]   (no argument: all)
 #        scripts/setup.sh broker-release   (only on request: the broker built with optimisations, for the
 #                                           GPU serving window; see install_broker_release)
 set -euo pipefail
@@ -176,9 +178,28 @@ install_chart_tools() {
     say "chart tools installed ($(du -sh .tools/chart-venv | cut -f1))"
 }
 
+# moto's server with only its S3 part (the `server` extra would bring every AWS service's dependencies,
+# 320 MB instead of 140).
+S3_PACKAGES="moto[s3]==5.2.6 flask==3.1.3 flask-cors==6.0.5"
+
+install_s3() {
+    if [ -x .tools/s3-venv/bin/moto_server ] && .tools/s3-venv/bin/python -c "import moto, flask" >/dev/null 2>&1; then
+        say "the local S3 server found in .tools/s3-venv/"
+        return
+    fi
+    need python3 "python3 is needed for the local S3 server of the broker-restart test"
+    say "installing a local S3 server (moto) into .tools/s3-venv/ ..."
+    rm -rf .tools/s3-venv
+    python3 -m venv .tools/s3-venv
+    # shellcheck disable=SC2086
+    PIP_ROOT_USER_ACTION=ignore .tools/s3-venv/bin/pip install --quiet --disable-pip-version-check \
+        --no-cache-dir $S3_PACKAGES
+    say "local S3 server installed ($(du -sh .tools/s3-venv | cut -f1))"
+}
+
 need cargo "install Rust (https://rustup.rs) and run this again"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone audit monitoring chart)
+[ ${#parts[@]} -eq 0 ] && parts=(libtorch broker backbone audit monitoring chart s3)
 # Downloads run beside the builds: fetching is bound by the network, compiling nisshi and cargo-audit by
 # the CPU. On a 2-core AMD EPYC every download was done within the first 30 s of the 7.4 minutes that
 # the two compilations took (setup was 9.4 minutes one after the other).
@@ -186,9 +207,9 @@ fetches=()
 builds=()
 for part in "${parts[@]}"; do
     case "$part" in
-        libtorch | backbone | monitoring | chart) fetches+=("$part") ;;
+        libtorch | backbone | monitoring | chart | s3) fetches+=("$part") ;;
         broker | broker-release | audit) builds+=("$part") ;;
-        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit, monitoring, chart, broker-release)"; exit 2 ;;
+        *) say "unknown part '$part' (expected: libtorch, broker, backbone, audit, monitoring, chart, s3, broker-release)"; exit 2 ;;
     esac
 done
 install_part() {
@@ -200,6 +221,7 @@ install_part() {
         audit) install_audit ;;
         monitoring) install_monitoring ;;
         chart) install_chart_tools ;;
+        s3) install_s3 ;;
     esac
 }
 fetcher=

@@ -1,6 +1,6 @@
-//! A throwaway local Kafka-compatible broker (`nisshi`, in memory, loopback only) for the embedded demo
-//! and the integration tests. `scripts/setup.sh` installs it into `.tools/`. Production deployments use
-//! their own Kafka cluster; nothing else in lineguard depends on this module.
+//! A throwaway local Kafka-compatible broker (`nisshi`, loopback only; in memory unless told otherwise)
+//! for the embedded demo and the integration tests. `scripts/setup.sh` installs it into `.tools/`.
+//! Production deployments use their own Kafka cluster; nothing else in lineguard depends on this module.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,21 @@ pub enum BrokerError {
     NotReady { address: SocketAddr, waited: Duration, log_hint: String },
     #[error("the broker exited before accepting connections on {address}{log_hint}")]
     Exited { address: SocketAddr, log_hint: String },
+}
+
+/// How to start a [`LocalBroker`]; `Default` is a free port, the `nisshi` that [`find_nisshi`] finds, no
+/// log, in memory.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerOptions {
+    pub port: Option<u16>,
+    pub binary: Option<PathBuf>,
+    pub log: Option<PathBuf>,
+    /// nisshi's `--storage-engine` (`memory://nisshi/` when `None`). A store outside the process, e.g.
+    /// `s3://bucket/` with `AWS_ENDPOINT` and credentials in `env`, keeps topics, committed offsets and
+    /// producer state across a restart, as a Kafka broker's disks do.
+    pub storage: Option<String>,
+    /// Extra environment for the broker process.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running broker process, killed when dropped.
@@ -59,23 +74,35 @@ impl LocalBroker {
 
     /// [`LocalBroker::start`] on a given loopback port (`lineguard broker`), or a free one.
     pub fn start_on(port: Option<u16>, binary: Option<&Path>, log: Option<&Path>) -> Result<LocalBroker, BrokerError> {
-        let binary = binary.map(Path::to_path_buf).or_else(find_nisshi).ok_or(BrokerError::NotFound)?;
-        if let Some(port) = port {
-            return Self::spawn(port, &binary, log);
+        let options = BrokerOptions {
+            port,
+            binary: binary.map(Path::to_path_buf),
+            log: log.map(Path::to_path_buf),
+            ..BrokerOptions::default()
+        };
+        Self::start_with(&options)
+    }
+
+    /// Starts a broker as `options` say and waits until it accepts connections.
+    pub fn start_with(options: &BrokerOptions) -> Result<LocalBroker, BrokerError> {
+        let binary = options.binary.clone().or_else(find_nisshi).ok_or(BrokerError::NotFound)?;
+        if let Some(port) = options.port {
+            return Self::spawn(port, &binary, options);
         }
         // A port found free can be taken before the broker binds it (tests start brokers in parallel, and
         // outgoing connections draw from the same range): try a few fresh ones before giving up.
         let mut attempt = 0;
         loop {
             let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(BrokerError::Port)?.port();
-            match Self::spawn(port, &binary, log) {
+            match Self::spawn(port, &binary, options) {
                 Err(BrokerError::Port(_) | BrokerError::Exited { .. }) if attempt < 4 => attempt += 1,
                 started => return started,
             }
         }
     }
 
-    fn spawn(port: u16, binary: &Path, log: Option<&Path>) -> Result<LocalBroker, BrokerError> {
+    fn spawn(port: u16, binary: &Path, options: &BrokerOptions) -> Result<LocalBroker, BrokerError> {
+        let log = options.log.as_deref();
         if TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok() {
             return Err(BrokerError::Port(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
@@ -90,12 +117,13 @@ impl LocalBroker {
         };
         let child = Command::new(binary)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://nisshi/"])
+            .args(["--storage-engine", options.storage.as_deref().unwrap_or("memory://nisshi/")])
             // Without it every new consumer group waits 3 s for more members.
             .args(["--group-initial-rebalance-delay", "0ms"])
             // nisshi logs every request at info: inheriting a user's RUST_LOG=info costs it more than a
             // core formatting log lines.
             .env("RUST_LOG", "warn")
+            .envs(options.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(output())
             .stderr(output())

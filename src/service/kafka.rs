@@ -1,7 +1,7 @@
 //! Kafka client plumbing shared by the pipeline stages and the `produce`/`tail` commands: client
-//! configuration, header conversion, topic creation, the publish errors that retrying cannot clear, and
-//! sending image files as camera frames (`produce`, the demo, the benchmarks). The sink's publishing
-//! until the broker acknowledges is `sink::publisher`.
+//! configuration, header conversion, topic creation, the publish errors that retrying cannot clear, the
+//! consumer's asynchronous commit, and sending image files as camera frames (`produce`, the demo, the
+//! benchmarks). The sink's publishing until the broker acknowledges is `sink::publisher`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,11 +9,12 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, TopicPartitionList};
 
 use crate::service::frame::{HEADER_CAMERA, HEADER_CAPTURED_AT, HEADER_LINE};
 use crate::service::settings::KafkaSettings;
@@ -85,6 +86,36 @@ pub fn fatal_reason<C: ClientContext>(client: &Client<C>, err: &KafkaError) -> O
     let fatal = matches!(err, KafkaError::MessageConsumptionFatal(_))
         || err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal);
     fatal.then(|| err.to_string())
+}
+
+/// Commits `offsets` without waiting, with the outcome delivered to the consumer's
+/// `ConsumerContext::commit_callback` when `recv` next serves the consumer's queue.
+///
+/// rust-rdkafka's `commit(.., CommitMode::Async)` asks librdkafka for no reply at all, so that callback
+/// never runs for it (rust-rdkafka issue 856, open): lineguard's periodic commits were never counted in
+/// `lineguard_offset_commits_total` (the dashboard's commit-error panel stayed at 0 through a broker
+/// restart whose commits failed) and their failures were never logged. Handing librdkafka the consumer's
+/// queue makes it post the result there as an offset-commit event, which rust-rdkafka turns into the
+/// callback.
+pub fn commit_async<C: ConsumerContext>(consumer: &StreamConsumer<C>, offsets: &TopicPartitionList) -> KafkaResult<()> {
+    use rdkafka::bindings;
+    let client = consumer.client().native_ptr();
+    // SAFETY: `client` is the live consumer's handle for the whole call. rd_kafka_queue_get_consumer
+    // returns a new reference to the consumer's queue (null for a consumer without a group.id), released
+    // below once rd_kafka_commit_queue has taken its own; rd_kafka_commit_queue copies `offsets`.
+    let code = unsafe {
+        let queue = bindings::rd_kafka_queue_get_consumer(client);
+        if queue.is_null() {
+            return consumer.commit(offsets, CommitMode::Async);
+        }
+        let code = bindings::rd_kafka_commit_queue(client, offsets.ptr(), queue, None, std::ptr::null_mut());
+        bindings::rd_kafka_queue_destroy(queue);
+        code
+    };
+    match code {
+        bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
+        error => Err(KafkaError::ConsumerCommit(error.into())),
+    }
 }
 
 pub fn to_owned_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {

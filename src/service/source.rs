@@ -236,15 +236,16 @@ fn set_paused(consumer: &StreamConsumer<SourceContext>, metrics: &LineMetrics, p
     }
 }
 
-/// Periodic commits are asynchronous (their outcome arrives in `commit_callback`) and only send what
-/// changed since the last one.
+/// Periodic commits are asynchronous (their outcome arrives in `commit_callback`, see
+/// `kafka::commit_async`) and only send what changed since the last one.
 fn commit_changed(consumer: &StreamConsumer<SourceContext>, tracker: &OffsetTracker) {
     let offsets = tracker.take_committable();
     if offsets.is_empty() {
         return;
     }
-    if let Err(err) = consumer.commit(&to_list(&offsets), CommitMode::Async) {
+    if let Err(err) = crate::service::kafka::commit_async(consumer, &to_list(&offsets)) {
         log::warn!("offset commit failed: {err}");
+        consumer.context().metrics.offsets_committed(false);
     }
 }
 
@@ -354,6 +355,17 @@ mod tests {
             frame.ack.delivered();
         }
         wait("the next frames", &|| frames.len() == 3);
+        // The periodic (asynchronous) commits of the acknowledged frames are counted as they complete.
+        // Before, rust-rdkafka's asynchronous commit never reported back and this counter stayed at 0.
+        let counted = || {
+            metrics
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix("lineguard_offset_commits_total{line=\"test\",result=\"ok\"} "))
+                .and_then(|count| count.trim().parse::<f64>().ok())
+                .is_some_and(|count| count > 0.0)
+        };
+        wait("a periodic commit to be counted", &counted);
         stop.send(true).unwrap();
         for frame in frames.try_iter() {
             frame.ack.delivered();

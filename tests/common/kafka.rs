@@ -1,6 +1,6 @@
-//! A real Kafka-protocol broker for integration tests: each test starts its own in-memory `nisshi` on a
-//! free loopback port (killed when the test ends), runs the real `lineguard run` binary against it and
-//! reads output topics with a real consumer.
+//! A real Kafka-protocol broker for integration tests: each test starts its own `nisshi` (in memory unless
+//! it asks for storage that outlives it: `super::s3`) on a free loopback port (killed when the test ends),
+//! runs the real `lineguard run` binary against it and reads output topics with a real consumer.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lineguard::service::broker::LocalBroker;
+use lineguard::service::broker::{BrokerOptions, LocalBroker};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
@@ -28,15 +28,35 @@ pub fn nisshi() -> PathBuf {
 /// One broker, a scratch folder and unique topic names for one test.
 pub struct Harness {
     pub broker: LocalBroker,
+    /// How the broker was started, for [`Harness::restart_broker`].
+    broker_options: BrokerOptions,
     pub dir: tempfile::TempDir,
     pub name: String,
 }
 
 impl Harness {
+    /// An in-memory broker.
     pub fn new(name: &str) -> Harness {
+        Self::with_broker(name, BrokerOptions::default())
+    }
+
+    /// A broker started with `options` (its storage, say), from `.tools/`, logging into the scratch folder.
+    pub fn with_broker(name: &str, mut options: BrokerOptions) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let broker = LocalBroker::start(Some(&nisshi()), Some(&dir.path().join("broker.log"))).expect("nisshi starts");
-        Harness { broker, dir, name: name.to_string() }
+        options.binary = Some(nisshi());
+        options.log = Some(dir.path().join("broker.log"));
+        let broker = LocalBroker::start_with(&options).expect("nisshi starts");
+        options.port = Some(broker.bootstrap().rsplit(':').next().unwrap().parse().unwrap());
+        Harness { broker, broker_options: options, dir, name: name.to_string() }
+    }
+
+    /// SIGKILLs the broker and, after `pause`, starts it again on the same port and storage (an in-memory
+    /// one comes back empty), logging into `<log_name>` in the scratch folder.
+    pub fn restart_broker(&mut self, pause: Duration, log_name: &str) {
+        self.broker.stop();
+        std::thread::sleep(pause);
+        let options = BrokerOptions { log: Some(self.dir.path().join(log_name)), ..self.broker_options.clone() };
+        self.broker = LocalBroker::start_with(&options).expect("the broker restarts on its port");
     }
 
     pub fn brokers(&self) -> String {

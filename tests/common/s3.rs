@@ -1,0 +1,88 @@
+//! A local S3-compatible object store (moto's server, installed by `scripts/setup.sh s3`) for a broker
+//! whose storage must outlive it: nisshi's `s3://` engine keeps topics, committed offsets and producer
+//! state there, so a broker killed and started again finds them, as a Kafka broker finds its disks.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lineguard::service::broker::BrokerOptions;
+
+use super::kafka::free_port;
+use super::setup_tool;
+
+/// A running moto server on a loopback port, killed when dropped. Its data lives in its memory: it
+/// survives the broker, not itself.
+pub struct LocalS3 {
+    child: Child,
+    port: u16,
+    /// Holds the server's log.
+    pub dir: tempfile::TempDir,
+}
+
+impl LocalS3 {
+    /// Starts the server and creates `bucket`; `None` (with a note, or a failure in CI) when setup did not
+    /// install it.
+    pub fn start(bucket: &str) -> Option<LocalS3> {
+        let server = setup_tool("s3-venv/bin/moto_server", None, "s3")?;
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("s3.log")).unwrap();
+        let child = Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", server.display()));
+        let s3 = LocalS3 { child, port, dir };
+        let started = Instant::now();
+        // Python's start-up and moto's imports take a few seconds on 2 cores.
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(60), "moto did not listen on {port}:\n{}", s3.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let response = s3.request("PUT", &format!("/{bucket}"));
+        assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {response}\n{}", s3.log());
+        Some(s3)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("s3.log")).unwrap_or_default()
+    }
+
+    /// Options for a broker that keeps everything in `bucket` (moto takes any credentials).
+    pub fn broker_options(&self, bucket: &str) -> BrokerOptions {
+        let env = [
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("AWS_ACCESS_KEY_ID", "lineguard".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "lineguard".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+        ];
+        BrokerOptions {
+            storage: Some(format!("s3://{bucket}/")),
+            env: env.into_iter().map(|(key, value)| (key.to_string(), value)).collect(),
+            ..BrokerOptions::default()
+        }
+    }
+
+    fn request(&self, method: &str, path: &str) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    }
+}
+
+impl Drop for LocalS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
