@@ -163,19 +163,27 @@ install_monitoring() {
 
 CHART_PACKAGES="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.3"
 
-install_chart_tools() {
-    if .tools/chart-venv/bin/python -c "import helm_python, kubernetes_validate, yaml" >/dev/null 2>&1; then
-        say "chart tools found in .tools/chart-venv/"
+# A Python environment in .tools/<name> holding `packages`, unless `check` (a Python import line) already
+# runs there; `what` names it in the messages.
+install_venv() {
+    local name="$1" packages="$2" check="$3" what="$4"
+    if .tools/"$name"/bin/python -c "$check" >/dev/null 2>&1; then
+        say "$what found in .tools/$name/"
         return
     fi
-    need python3 "python3 is needed for the chart checks (Helm's engine comes as a Python package)"
-    say "installing Helm's engine and the Kubernetes schemas into .tools/chart-venv/ ..."
-    rm -rf .tools/chart-venv
-    python3 -m venv .tools/chart-venv
+    need python3 "python3 is needed for $what"
+    say "installing $what into .tools/$name/ ..."
+    rm -rf .tools/"$name"
+    python3 -m venv .tools/"$name"
     # shellcheck disable=SC2086
-    PIP_ROOT_USER_ACTION=ignore .tools/chart-venv/bin/pip install --quiet --disable-pip-version-check \
-        --no-cache-dir $CHART_PACKAGES
-    say "chart tools installed ($(du -sh .tools/chart-venv | cut -f1))"
+    PIP_ROOT_USER_ACTION=ignore .tools/"$name"/bin/pip install --quiet --disable-pip-version-check \
+        --no-cache-dir $packages
+    say "$what installed ($(du -sh .tools/"$name" | cut -f1))"
+}
+
+install_chart_tools() {
+    install_venv chart-venv "$CHART_PACKAGES" "import helm_python, kubernetes_validate, yaml" \
+        "Helm's engine and the Kubernetes schemas (the chart checks)"
 }
 
 # moto's server with only its S3 part (the `server` extra would bring every AWS service's dependencies,
@@ -183,18 +191,7 @@ install_chart_tools() {
 S3_PACKAGES="moto[s3]==5.2.6 flask==3.1.3 flask-cors==6.0.5"
 
 install_s3() {
-    if [ -x .tools/s3-venv/bin/moto_server ] && .tools/s3-venv/bin/python -c "import moto, flask" >/dev/null 2>&1; then
-        say "the local S3 server found in .tools/s3-venv/"
-        return
-    fi
-    need python3 "python3 is needed for the local S3 server of the broker-restart test"
-    say "installing a local S3 server (moto) into .tools/s3-venv/ ..."
-    rm -rf .tools/s3-venv
-    python3 -m venv .tools/s3-venv
-    # shellcheck disable=SC2086
-    PIP_ROOT_USER_ACTION=ignore .tools/s3-venv/bin/pip install --quiet --disable-pip-version-check \
-        --no-cache-dir $S3_PACKAGES
-    say "local S3 server installed ($(du -sh .tools/s3-venv | cut -f1))"
+    install_venv s3-venv "$S3_PACKAGES" "import moto, flask" "a local S3 server, moto (the broker-restart test)"
 }
 
 need cargo "install Rust (https://rustup.rs) and run this again"

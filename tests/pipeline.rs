@@ -349,6 +349,24 @@ fn edit_pipeline(from: &Path, to: &Path, old: &str, new: &str) {
     std::fs::write(to, text.replace(old, new)).unwrap();
 }
 
+/// Frames of the line named `line` scored so far (either verdict), from its metrics page.
+fn frames_scored(port: u16) -> f64 {
+    ["normal", "anomalous"]
+        .iter()
+        .map(|verdict| {
+            metric(port, &format!("lineguard_frames_scored_total{{line=\"line\",verdict=\"{verdict}\"}}"))
+                .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// Replacements of the outputs producer of the line named `line` for `reason` (`stalled`, `fatal`).
+fn producer_replacements(port: u16, reason: &str) -> f64 {
+    let series =
+        format!("lineguard_producer_replacements_total{{client=\"outputs\",line=\"line\",reason=\"{reason}\"}}");
+    metric(port, &series).unwrap_or(0.0)
+}
+
 /// A topic of one partition that stores records of at most `bytes` (a Kafka topic's default is 1 MiB).
 fn topic_with_max_message_bytes(harness: &Harness, suffix: &str, bytes: usize) -> String {
     let name = format!("{}.{suffix}", harness.name);
@@ -583,16 +601,9 @@ fn sigkills_at_random_points_lose_no_frame_and_repeat_only_the_in_flight_window(
     for kill in 0..KILLS {
         let mut service = harness.run_with(&pipeline, &format!("log{kill}"), &[], &[]);
         let point = rng.gen_range(20..FRAMES / (KILLS + 1)) as f64;
-        let scored = || {
-            ["normal", "anomalous"]
-                .iter()
-                .map(|verdict| {
-                    metric(port, &format!("lineguard_frames_scored_total{{line=\"line\",verdict=\"{verdict}\"}}"))
-                        .unwrap_or(0.0)
-                })
-                .sum::<f64>()
-        };
-        wait_for("frames to be scored before the kill", Duration::from_secs(180), &[&service], || scored() >= point);
+        wait_for("frames to be scored before the kill", Duration::from_secs(180), &[&service], || {
+            frames_scored(port) >= point
+        });
         service.kill();
         kill_points.push(point as usize);
     }
@@ -814,20 +825,8 @@ fn a_broker_restarted_on_its_storage_loses_no_frame_and_keeps_the_committed_offs
     let pipeline = harness.pipeline("durable.toml", port, &[("line", &topics, &extra)]);
     edit_pipeline(&pipeline, &pipeline, "[shutdown]\n", "[shutdown]\ncommit_interval_ms = 100\n");
     let frames = |n: usize| -> Vec<PathBuf> { fixture().frames.iter().cycle().take(n).cloned().collect() };
-    let scored = || {
-        ["normal", "anomalous"]
-            .iter()
-            .map(|verdict| {
-                metric(port, &format!("lineguard_frames_scored_total{{line=\"line\",verdict=\"{verdict}\"}}"))
-                    .unwrap_or(0.0)
-            })
-            .sum::<f64>()
-    };
-    let replaced = |reason: &str| {
-        let series =
-            format!("lineguard_producer_replacements_total{{client=\"outputs\",line=\"line\",reason=\"{reason}\"}}");
-        metric(port, &series).unwrap_or(0.0)
-    };
+    let scored = || frames_scored(port);
+    let replaced = |reason: &str| producer_replacements(port, reason);
     let started = std::time::Instant::now();
 
     // The broker alone crashes, 20 frames into 60.
@@ -920,12 +919,7 @@ fn a_broker_that_restarts_empty_is_survived_by_a_fresh_producer_and_every_new_fr
     let log = service.log();
     assert_eq!(keys_with_prefix(&counts, "after"), 10, "every frame after the restart, same process\n{log}");
     assert!(log.contains("line line: replacing the producer with a fresh client"), "{log}");
-    let replaced = |reason: &str| {
-        let series =
-            format!("lineguard_producer_replacements_total{{client=\"outputs\",line=\"line\",reason=\"{reason}\"}}");
-        metric(port, &series)
-    };
-    let (stalled, fatal) = (replaced("stalled").unwrap_or(0.0), replaced("fatal").unwrap_or(0.0));
+    let (stalled, fatal) = (producer_replacements(port, "stalled"), producer_replacements(port, "fatal"));
     assert!(stalled + fatal >= 1.0, "stalled {stalled}, fatal {fatal}");
     eprintln!("producer replacements: {stalled} stalled, {fatal} fatal");
     wait_for("/healthz to be green again", Duration::from_secs(30), &[&service], || {

@@ -153,6 +153,10 @@ impl LocalBroker {
         self.address.to_string()
     }
 
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

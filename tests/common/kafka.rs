@@ -46,7 +46,7 @@ impl Harness {
         options.binary = Some(nisshi());
         options.log = Some(dir.path().join("broker.log"));
         let broker = LocalBroker::start_with(&options).expect("nisshi starts");
-        options.port = Some(broker.bootstrap().rsplit(':').next().unwrap().parse().unwrap());
+        options.port = Some(broker.port());
         Harness { broker, broker_options: options, dir, name: name.to_string() }
     }
 

@@ -27,25 +27,35 @@ impl LocalS3 {
     pub fn start(bucket: &str) -> Option<LocalS3> {
         let server = setup_tool("s3-venv/bin/moto_server", None, "s3")?;
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("s3.log")).unwrap();
-        let child = Command::new(&server)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", server.display()));
-        let s3 = LocalS3 { child, port, dir };
-        let started = Instant::now();
-        // Python's start-up and moto's imports take a few seconds on 2 cores.
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(60), "moto did not listen on {port}:\n{}", s3.log());
-            std::thread::sleep(Duration::from_millis(100));
+        let log_path = dir.path().join("s3.log");
+        // A port found free can be taken before the server binds it (tests run in parallel): a server that
+        // exits before listening is tried again on a fresh port.
+        for _attempt in 0..4 {
+            let port = free_port();
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+            let mut child = Command::new(&server)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", server.display()));
+            let started = Instant::now();
+            // Python's start-up and moto's imports take a few seconds on 2 cores.
+            while TcpStream::connect(("127.0.0.1", port)).is_err() && child.try_wait().unwrap().is_none() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                assert!(started.elapsed() < Duration::from_secs(60), "moto did not listen on {port}:\n{log}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if child.try_wait().unwrap().is_some() {
+                continue;
+            }
+            let s3 = LocalS3 { child, port, dir };
+            let response = s3.request("PUT", &format!("/{bucket}"));
+            assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {response}\n{}", s3.log());
+            return Some(s3);
         }
-        let response = s3.request("PUT", &format!("/{bucket}"));
-        assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {response}\n{}", s3.log());
-        Some(s3)
+        panic!("moto exited before listening, 4 times:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
     }
 
     pub fn log(&self) -> String {
