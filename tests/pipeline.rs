@@ -809,7 +809,7 @@ fn a_killed_instance_loses_no_frame_its_successor_may_repeat_some() {
 /// survive. First the broker alone crashes: the same process scores every frame, those sent before and
 /// after. It may repeat more than its in-flight window here: while the group coordinator is away its
 /// commits fail but frames are still fetched and scored, and when the consumer rejoins it resumes from
-/// the last commit that went through (0–3 repeats in 8 runs, 15 in one). Then the broker and the process
+/// the last commit that went through (0–3 repeats in 10 runs, 15 in one). Then the broker and the process
 /// crash together (a node lost): a new process resumes from the offsets committed before the crash and
 /// may repeat only what was in flight or published since the last commit; offsets lost with the broker
 /// would repeat every frame scored before.

@@ -2,14 +2,13 @@
 //! whose storage must outlive it: nisshi's `s3://` engine keeps topics, committed offsets and producer
 //! state there, so a broker killed and started again finds them, as a Kafka broker finds its disks.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lineguard::service::broker::BrokerOptions;
 
-use super::kafka::free_port;
+use super::kafka::{free_port, http_request};
 use super::setup_tool;
 
 /// A running moto server on a loopback port, killed when dropped. Its data lives in its memory: it
@@ -51,7 +50,7 @@ impl LocalS3 {
                 continue;
             }
             let s3 = LocalS3 { child, port, dir };
-            let response = s3.request("PUT", &format!("/{bucket}"));
+            let response = http_request(port, "PUT", &format!("/{bucket}")).unwrap_or_default();
             assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {response}\n{}", s3.log());
             return Some(s3);
         }
@@ -76,17 +75,6 @@ impl LocalS3 {
             env: env.into_iter().map(|(key, value)| (key.to_string(), value)).collect(),
             ..BrokerOptions::default()
         }
-    }
-
-    fn request(&self, method: &str, path: &str) -> String {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let request =
-            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        response
     }
 }
 
